@@ -1,0 +1,97 @@
+"""megaemb checkpoints: megatron-core distributed checkpoints plus what rebuilds the model.
+
+Layout of a checkpoint directory (same for ``export --to_mcore`` and training saves)::
+
+    DIR/megaemb.json                     format marker and version
+    DIR/hf/                              HF config.json + tokenizer files (rebuild the model)
+    DIR/iter_0000100/                    megatron dist-checkpoint (torch_dist), layout-free
+    DIR/latest_checkpointed_iteration.txt
+
+Atomicity: an iteration is written to ``iter_XXXXXXX.tmp`` and renamed when every rank has
+finished; ``latest_checkpointed_iteration.txt`` is replaced (``os.replace``) only after that,
+so a crash mid-save leaves the previous iteration loadable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+FORMAT = {"format": "megaemb-mcore", "version": 1}
+TRACKER = "latest_checkpointed_iteration.txt"
+HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+            "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def iter_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def copy_hf_files(src: str, dst: str) -> None:
+    """Copy config and tokenizer files (not weights) from an HF model dir."""
+    os.makedirs(dst, exist_ok=True)
+    for name in HF_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, hf_source: str) -> str:
+    """Collective: every rank passes its sharded state dict. Returns the iteration directory."""
+    final, tmp = iter_dir(root, iteration), iter_dir(root, iteration) + ".tmp"
+    if _rank0():
+        os.makedirs(root, exist_ok=True)
+        if not os.path.isfile(os.path.join(root, "megaemb.json")):
+            write_atomic(os.path.join(root, "megaemb.json"), json.dumps(FORMAT))
+        if os.path.abspath(os.path.join(root, "hf")) != os.path.abspath(hf_source):
+            copy_hf_files(hf_source, os.path.join(root, "hf"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict, tmp)
+    _barrier()
+    if _rank0():
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_atomic(os.path.join(root, TRACKER), str(iteration))
+    _barrier()
+    return final
+
+
+def is_checkpoint(root: str) -> bool:
+    return os.path.isfile(os.path.join(root, "megaemb.json"))
+
+
+def latest_iteration(root: str) -> int:
+    if not is_checkpoint(root):
+        raise FileNotFoundError(f"{root}: not a megaemb checkpoint (no megaemb.json)")
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing; the checkpoint has no completed save")
+    return int(open(path).read().strip())
+
+
+def load_checkpoint(root: str, sharded_state_dict: dict, iteration: int | None = None) -> dict:
+    """Collective: load into this rank's shards (any TP/PP/EP layout). Returns the state dict."""
+    iteration = latest_iteration(root) if iteration is None else iteration
+    return dist_checkpointing.load(sharded_state_dict, iter_dir(root, iteration))

@@ -1,0 +1,166 @@
+"""Hugging Face safetensors -> this rank's megatron-core parameters, streamed.
+
+Each rank reads only the rows/columns of each HF tensor that its TP/PP/EP shard holds
+(``safe_open(...).get_slice``), merges them with the table's transform and copies into its
+parameter. Peak memory: this rank's shard + one HF tensor slice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import torch
+from megatron.core import parallel_state
+from safetensors import safe_open
+
+from megaemb.convert.mapping import find_mapping, hf_names_for, merge, qwen3_mappings
+from megaemb.model.qwen3 import Qwen3Shape
+
+
+class ConversionError(ValueError):
+    """A one-line, user-facing description of what is wrong with a checkpoint."""
+
+
+def read_hf_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise ConversionError(f"{model_dir}: no such model directory")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: missing (an HF model directory needs config.json)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: invalid JSON ({e})") from None
+
+
+class HFCheckpoint:
+    """Read-only view of an HF safetensors checkpoint (single file or sharded with index).
+
+    Accepts both spellings of tensor names: Qwen3-Embedding's (``layers.0...``) and
+    ``*ForCausalLM``'s (``model.layers.0...``); ``lm_head.weight`` is ignored.
+    """
+
+    def __init__(self, model_dir: str):
+        self.dir = model_dir
+        self.config = read_hf_config(model_dir)
+        self.shape = Qwen3Shape.from_hf(self.config, os.path.join(model_dir, "config.json"))
+        index = os.path.join(model_dir, "model.safetensors.index.json")
+        single = os.path.join(model_dir, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        elif os.path.isfile(single):
+            weight_map = {k: "model.safetensors" for k in _safetensors_keys(single)}
+        else:
+            raise ConversionError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+        self.prefix = "model." if any(k.startswith("model.layers.") for k in weight_map) else ""
+        self.weight_map = weight_map
+        missing = [n for n in hf_names_for(self.shape) if self.prefix + n not in weight_map]
+        if missing:
+            raise ConversionError(f"{model_dir}: {len(missing)} tensor(s) missing, first {missing[0]!r}")
+        self._handles: dict[str, object] = {}
+
+    def _open(self, name: str):
+        file = self.weight_map[self.prefix + name]
+        if file not in self._handles:
+            path = os.path.join(self.dir, file)
+            if not os.path.isfile(path):
+                raise ConversionError(f"{path}: missing shard (listed in the index for {name!r})")
+            _safetensors_keys(path)  # validates header and size before mmap
+            self._handles[file] = safe_open(path, framework="pt")
+        return self._handles[file]
+
+    def read(self, name: str, dim: int | None = None, part: int = 0, parts: int = 1) -> torch.Tensor:
+        """HF tensor ``name``, or its ``part``-th of ``parts`` equal chunks along ``dim``."""
+        sl = self._open(name).get_slice(self.prefix + name)
+        full = sl.get_shape()
+        if dim is None or parts == 1:
+            return sl[:]
+        if full[dim] % parts:
+            raise ConversionError(f"{name}: dim {dim} of size {full[dim]} not divisible by {parts}")
+        n = full[dim] // parts
+        index = [slice(None)] * len(full)
+        index[dim] = slice(part * n, (part + 1) * n)
+        return sl[tuple(index)]
+
+    def tensor_shape(self, name: str) -> list[int]:
+        return list(self._open(name).get_slice(self.prefix + name).get_shape())
+
+
+def _safetensors_keys(path: str) -> list[str]:
+    """Tensor names in a safetensors file, checking the file is complete (not truncated)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ConversionError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise ConversionError(f"{path}: truncated safetensors file (header says {n} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except json.JSONDecodeError:
+            raise ConversionError(f"{path}: corrupt safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, needs {8 + n + end})")
+    return [k for k in header if k != "__metadata__"]
+
+
+def _tp_of(param) -> tuple[int, int]:
+    """(rank, size) of the tensor-parallel group that splits ``param``."""
+    if not getattr(param, "allreduce", True):  # expert parameter: expert-TP group
+        return (parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_world_size())
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size())
+
+
+def global_index(model, name: str, local: dict[str, int]) -> dict[str, int]:
+    """Translate a stage-local layer / EP-local expert index to the checkpoint's global one."""
+    out = dict(local)
+    if "layer" in local:
+        out["layer"] = model.decoder.layers[local["layer"]].layer_number - 1
+    if "expert" in local:
+        per_rank = model.shape.num_experts // parallel_state.get_expert_model_parallel_world_size()
+        out["expert"] = parallel_state.get_expert_model_parallel_rank() * per_rank + local["expert"]
+    return out
+
+
+@torch.no_grad()
+def load_hf_into_model(model, ckpt: HFCheckpoint) -> None:
+    """Fill every parameter of this rank's ``EmbeddingModel`` from the HF checkpoint."""
+    shape = ckpt.shape
+    if shape != model.shape:
+        raise ConversionError(f"{ckpt.dir}: model shape differs from the one built")
+    table = qwen3_mappings(shape)
+    for name, param in model.named_parameters():
+        rule, local = find_mapping(table, name)
+        index = global_index(model, name, local)
+        hf_names = rule.hf_names(**index)
+        rank, size = _tp_of(param)
+        dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+        if rule.kind == "vocab":
+            value = _vocab_slice(ckpt, hf_names[0], shape, rank, size)
+        else:
+            value = merge(rule.kind, [ckpt.read(n, dim, rank, size) for n in hf_names], shape)
+        if tuple(value.shape) != tuple(param.shape):
+            raise ConversionError(f"{ckpt.dir}: {'+'.join(hf_names)} gives shape {tuple(value.shape)}, "
+                                  f"megatron-core {name} on this rank needs {tuple(param.shape)}")
+        param.copy_(value)
+
+
+def _vocab_slice(ckpt: HFCheckpoint, name: str, shape: Qwen3Shape, rank: int, size: int) -> torch.Tensor:
+    """Rows ``[rank*Vp/tp, (rank+1)*Vp/tp)`` of the zero-padded ``[Vp, h]`` embedding."""
+    v, h = ckpt.tensor_shape(name)
+    if v != shape.vocab_size:
+        raise ConversionError(f"{ckpt.dir}: {name} has {v} rows, config vocab_size is {shape.vocab_size}")
+    per = shape.padded_vocab_size // size
+    start, stop = rank * per, (rank + 1) * per
+    sl = ckpt._open(name).get_slice(ckpt.prefix + name)
+    out = torch.zeros(per, h, dtype=sl[0:1].dtype)
+    if start < v:
+        out[: min(stop, v) - start] = sl[start:min(stop, v)]
+    return out

@@ -1,0 +1,48 @@
+"""Build this rank's ``EmbeddingModel`` from an HF directory or a megaemb MCore checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from megaemb import checkpoint
+from megaemb.convert.hf_to_mcore import ConversionError, HFCheckpoint, load_hf_into_model, read_hf_config
+from megaemb.model.embedder import EmbeddingModel, build_model
+from megaemb.model.qwen3 import Qwen3Shape, transformer_config
+
+
+@dataclass
+class LoadedModel:
+    model: EmbeddingModel
+    shape: Qwen3Shape
+    hf_config: dict
+    hf_dir: str  # where config.json and the tokenizer live
+    is_mcore: bool
+
+
+def hf_files_dir(path: str) -> str:
+    """The HF config/tokenizer directory of a model path (HF dir, or a megaemb checkpoint's hf/)."""
+    return os.path.join(path, "hf") if checkpoint.is_checkpoint(path) else path
+
+
+def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "auto",
+               recompute_granularity: str | None = None, load_weights: bool = True) -> LoadedModel:
+    """Collective over all ranks. ``path``: HF model dir or megaemb checkpoint dir."""
+    is_mcore = checkpoint.is_checkpoint(path)
+    hf_dir = hf_files_dir(path)
+    hf_config = read_hf_config(hf_dir)
+    shape = Qwen3Shape.from_hf(hf_config, os.path.join(hf_dir, "config.json"))
+    hf = HFCheckpoint(path) if load_weights and not is_mcore else None
+    if shape.num_experts and shape.num_experts % parallel.expert_model_parallel_size:
+        raise ConversionError(f"{path}: {shape.num_experts} experts not divisible by "
+                              f"--expert_model_parallel_size {parallel.expert_model_parallel_size}")
+    config = transformer_config(shape, parallel, bf16=bf16, recompute_granularity=recompute_granularity)
+    pad_id = hf_config.get("pad_token_id") or 0
+    model = build_model(config, shape, attention=attention, pad_token_id=pad_id)
+    if load_weights:
+        if is_mcore:
+            state = checkpoint.load_checkpoint(path, model.sharded_state_dict())
+            model.load_state_dict(state)
+        else:
+            load_hf_into_model(model, hf)
+    return LoadedModel(model, shape, hf_config, hf_dir, is_mcore)

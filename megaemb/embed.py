@@ -1,0 +1,68 @@
+"""``megaemb embed``: texts -> ``.npy`` of L2-normalised embeddings ``[n, dim]`` (float32).
+
+Rows are split over data-parallel replicas, sorted by length inside each replica to cut
+padding, and gathered back in input order; global rank 0 writes the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megaemb.data.batching import pad_batch
+from megaemb.data.tokenize import EmbeddingTokenizer, format_query
+from megaemb.inference import forward_embeddings
+
+
+def read_texts(path: str, text_field: str = "text") -> list[str]:
+    """``.txt``: one text per line (blank lines are errors); ``.jsonl``: ``text_field`` per row."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such input file")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if path.endswith(".jsonl"):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                value = row.get(text_field) if isinstance(row, dict) else None
+                if not isinstance(value, str) or not value.strip():
+                    raise ValueError(f"{path}:{lineno}: field {text_field!r} missing, empty or not a string")
+                texts.append(value)
+            else:
+                if not line.strip():
+                    raise ValueError(f"{path}:{lineno}: empty line (every line is one text)")
+                texts.append(line)
+    if not texts:
+        raise ValueError(f"{path}: no texts")
+    return texts
+
+
+def embed_texts(model, tokenizer: EmbeddingTokenizer, texts: list[str], *, batch_size: int = 32,
+                instruction: str | None = None, dim: int | None = None) -> np.ndarray | None:
+    """Collective. Returns ``[n, dim]`` on global rank 0, None elsewhere."""
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    mine = list(range(dp_rank, len(texts), dp))
+    seqs = tokenizer.encode([format_query(texts[i], instruction) for i in mine])
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.empty(len(seqs), dim or model.shape.hidden_size)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        ids, lengths = pad_batch([seqs[i] for i in rows], tokenizer.pad_id)
+        out[rows] = forward_embeddings(model, ids, lengths, micro_batch_size=batch_size, dim=dim).cpu()
+    parts = [None] * dp
+    dist.all_gather_object(parts, (mine, out.numpy()), group=parallel_state.get_data_parallel_group())
+    if dist.get_rank() != 0:
+        return None
+    result = np.empty((len(texts), out.shape[1]), dtype=np.float32)
+    for idx, arr in parts:
+        result[idx] = arr
+    return result

@@ -1,0 +1,68 @@
+"""``megaemb export``: HF -> megaemb MCore checkpoint, and MCore -> HF (+ sentence-transformers).
+
+Both directions write into ``<output_dir>.tmp`` and rename at the end, so a failed or killed
+export never leaves ``output_dir`` looking complete.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megaemb import checkpoint
+from megaemb.config import ParallelConfig
+from megaemb.convert.load import load_model
+from megaemb.convert.mcore_to_hf import write_hf_model
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _prepare(output_dir: str) -> str:
+    """Refuse to overwrite a non-empty directory; return the temp dir to write into."""
+    if os.path.exists(output_dir) and os.listdir(output_dir):
+        raise FileExistsError(f"{output_dir}: output directory exists and is not empty")
+    tmp = output_dir.rstrip("/") + ".tmp"
+    if _rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    return tmp
+
+
+def _publish(tmp: str, output_dir: str) -> None:
+    if dist.is_initialized():
+        dist.barrier()
+    if _rank0():
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)  # empty (checked in _prepare)
+        os.replace(tmp, output_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def hf_to_mcore(model_dir: str, output_dir: str, parallel: ParallelConfig, bf16: bool = False):
+    """Collective. Each rank reads its slices of the HF weights and saves its shard."""
+    tmp = _prepare(output_dir)
+    loaded = load_model(model_dir, parallel, bf16=bf16)
+    checkpoint.save_checkpoint(tmp, 0, loaded.model.sharded_state_dict(), loaded.hf_dir)
+    _publish(tmp, output_dir)
+    return loaded
+
+
+def mcore_to_hf(mcore_dir: str, output_dir: str, bf16: bool = False,
+                max_shard_bytes: int = 5 * 2**30) -> None:
+    """Loads the whole model on each rank (TP=PP=EP=1; extra ranks are data-parallel copies)
+    and rank 0 writes the HF directory."""
+    if parallel_state.get_model_parallel_group().size() != 1:
+        raise ValueError("export --to_hf runs with tensor/pipeline/expert parallel size 1 "
+                         "(the MCore checkpoint is resharded on load)")
+    tmp = _prepare(output_dir)
+    loaded = load_model(mcore_dir, ParallelConfig(), bf16=bf16)
+    if _rank0():
+        write_hf_model(loaded.model, loaded.hf_config, loaded.hf_dir, tmp, max_shard_bytes)
+    _publish(tmp, output_dir)

@@ -1,0 +1,90 @@
+"""``EmbeddingModel``: megatron-core embedding + ``TransformerBlock`` + last-token pooling.
+
+No output layer and no vocabulary logits. Under pipeline parallelism each stage holds its
+slice of layers; the first stage owns the word embedding (``pre_process``), the last owns
+the final norm and pooling (``post_process``).
+
+Shapes per rank (tp = tensor parallel size; sequence parallel scatters the sequence):
+    input_ids [b, s], lengths [b]
+    -> word embedding [s, b, h] ([s/tp, b, h] with SP)   (vocab rows split over TP)
+    -> decoder        [s, b, h] ([s/tp, b, h] with SP)   (non-last stages return this)
+    -> pooled         [b, h] -> embeddings [b, dim]     (last stage, replicated over TP)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from megaemb import platform
+from megaemb.model.pooling import finish_embedding, last_token_pool
+from megaemb.model.qwen3 import Qwen3Shape, block_spec
+
+
+class EmbeddingModel(MegatronModule):
+    def __init__(self, config, shape: Qwen3Shape, *, pre_process: bool = True,
+                 post_process: bool = True, attention: str = "auto", pad_token_id: int = 0,
+                 vp_stage: int | None = None):
+        super().__init__(config=config)
+        self.shape = shape
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.pad_token_id = pad_token_id
+        self.model_type = "encoder_or_decoder"  # read by megatron's schedules
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config, vocab_size=shape.padded_vocab_size,
+                max_sequence_length=shape.max_position_embeddings, position_embedding_type="rope")
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=shape.rope_theta,
+            use_cpu_initialization=config.use_cpu_initialization)
+        self.decoder = TransformerBlock(config=config, spec=block_spec(config, attention),
+                                        pre_process=pre_process, post_process=post_process,
+                                        vp_stage=vp_stage)
+
+    def set_input_tensor(self, input_tensor):
+        """Pipeline stages > 0 receive ``[s, b, h]`` from the previous stage here."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def _pad_for_sequence_parallel(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Sequence parallel splits s over TP ranks: right-pad to a multiple of tp. Causal
+        # attention keeps every real token (and so the pooled one) unchanged.
+        tp = self.config.tensor_model_parallel_size
+        s = input_ids.shape[1]
+        if self.config.sequence_parallel and s % tp:
+            input_ids = F.pad(input_ids, (0, tp - s % tp), value=self.pad_token_id)
+        return input_ids
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, *, dim: int | None = None,
+                normalize: bool = True) -> torch.Tensor:
+        """input_ids ``[b, s]`` right-padded; lengths ``[b]`` real tokens incl. the end token.
+
+        Returns embeddings ``[b, dim or h]`` (fp32) on the last stage, else hidden ``[s, b, h]``.
+        """
+        input_ids = self._pad_for_sequence_parallel(input_ids)
+        seq_len = input_ids.shape[1]
+        decoder_input = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
+        rotary = self.rotary_pos_emb(seq_len)
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary)
+        if not self.post_process:
+            return hidden
+        if self.config.sequence_parallel:
+            # pooling and the loss are replicated over TP: gather forward, split backward
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False)
+        return finish_embedding(last_token_pool(hidden, lengths), dim=dim, normalize=normalize)
+
+
+def build_model(config, shape: Qwen3Shape, *, attention: str = "auto", pad_token_id: int = 0) -> EmbeddingModel:
+    """This rank's pipeline stage of the model, on the current device (call after parallel init)."""
+    model = EmbeddingModel(
+        config, shape, attention=attention, pad_token_id=pad_token_id,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage())
+    return model.to(platform.device())

@@ -1,0 +1,63 @@
+"""Process groups: the one place that initialises torch.distributed and megatron's parallel state.
+
+Order matters: ``platform.setup()`` (CPU compatibility) before any megatron import that reads
+CUDA; the default process group before ``initialize_model_parallel``; the model-parallel RNG
+seed after the groups exist (it needs the TP/EP ranks).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from megaemb import platform
+from megaemb.config import ParallelConfig
+
+
+def init_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600) -> None:
+    """Join the job (torchrun env vars, or a single process) and build TP/PP/EP/CP/DP groups."""
+    platform.setup()
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if platform.has_cuda():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=platform.backend(),
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % parallel.model_parallel_size:
+        raise ValueError(f"world size {world} is not divisible by tp*pp*cp = "
+                         f"{parallel.model_parallel_size}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,231 @@
+"""The one place that knows whether we run on CUDA or on a CPU.
+
+On a CUDA machine this module only picks ``nccl`` and the current CUDA device; it changes
+nothing in torch or megatron-core. On a machine without CUDA, :func:`setup` applies a small
+compatibility layer so that *unmodified* megatron-core models, schedules, DDP, optimizers and
+dist-checkpointing run on CPU under ``gloo``. Each fix below names the failure it cures
+(see ``shared/notes/megatron-core-0.16-without-cuda.md``); ``tests/test_platform.py`` turns
+each one on and checks the symptom is gone, so an upgrade that breaks one fails loudly.
+
+Fixes (CPU only):
+  1. ``torch.cuda.current_device/Stream/current_stream/Event/synchronize/set_device/...``
+     point at their ``torch.cpu`` equivalents or no-ops.
+  2. A ``TorchFunctionMode`` maps ``device="cuda"`` arguments, ``Tensor.cuda()`` and
+     ``.to("cuda")`` to CPU and drops ``pin_memory``.
+  3. Inside that mode ``Tensor.type()`` reports CPU float tensors under the ``torch.cuda.*``
+     name, which megatron's optimizers dispatch on.
+  4. A CPU RNG tracker (named CPU generator states) replaces the CUDA one, and megatron's
+     private CUDA RNG get/set helpers (used by activation recompute) use the CPU generator.
+  5. megatron's ``jit_fuser`` (torch.compile; inductor on CPU is slow) is disabled.
+  7. MoE ``alltoall`` dispatcher: split sizes become plain lists for ``all_to_all_single``.
+Fix 6 (``moe_utils.te_general_gemm`` unbound without Transformer Engine) is not CPU specific
+and is applied on every machine without TE.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+_MODE: TorchFunctionMode | None = None
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def backend() -> str:
+    """Process-group backend: ``nccl`` with CUDA, ``gloo`` without."""
+    return "nccl" if has_cuda() else "gloo"
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    if has_cuda():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def has_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def memory_stats() -> dict[str, float]:
+    """Peak memory of this rank in GiB: accelerator memory on CUDA, resident set size on CPU."""
+    if has_cuda():
+        return {"mem_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    import resource
+
+    return {"mem_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class _Stub:
+    """Stands in for a CUDA stream or event on CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):  # record, record_event, wait_stream, synchronize, ...
+        return lambda *a, **k: _Stub()
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _cuda_to_cpu(value):
+    if isinstance(value, torch.device) and value.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(value, str) and value.startswith("cuda"):
+        return "cpu"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "cpu"  # a bare CUDA ordinal, as from torch.cuda.current_device()
+    return value
+
+
+_CUDA_TYPE = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+class CudaOnCpuMode(TorchFunctionMode):
+    """Fixes 2 and 3: CUDA placements go to CPU; ``Tensor.type()`` answers with CUDA names."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = _CUDA_TYPE.get(args[0].dtype)
+            if name is not None:
+                return name
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        if "device" in kwargs:
+            kwargs["device"] = _cuda_to_cpu(kwargs["device"])
+        kwargs.pop("pin_memory", None)
+        if func is torch.Tensor.to and len(args) > 1:
+            args = (args[0], _cuda_to_cpu(args[1]) if not isinstance(args[1], int) else args[1], *args[2:])
+        return func(*args, **kwargs)
+
+
+def _install_cuda_stubs() -> None:
+    """Fix 1: the ``torch.cuda`` calls megatron-core makes outside device placement."""
+    c = torch.cuda
+    c.current_device = lambda: "cpu"
+    c.set_device = lambda *a, **k: None
+    c.synchronize = lambda *a, **k: None
+    c.Stream = _Stub
+    c.Event = _Stub
+    c.ExternalStream = _Stub
+    c.current_stream = lambda *a, **k: _Stub()
+    c.default_stream = lambda *a, **k: _Stub()
+    c.stream = lambda *a, **k: contextlib.nullcontext()
+    c.empty_cache = lambda: None
+    c.memory_allocated = lambda *a, **k: 0
+    c.max_memory_allocated = lambda *a, **k: 0
+    c.memory_reserved = lambda *a, **k: 0
+    c.device_count = lambda: 0
+
+
+def _install_rng_tracker() -> None:
+    """Fix 4: a CPU RNG tracker with the contract of megatron's ``CudaRNGStatesTracker``."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    # The default-stream state stands for "the CUDA generator": on CPU it is the CPU generator,
+    # whose state megatron's recompute already saves, so these are consistent no-ops/reads.
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+
+def _disable_jit_fuser() -> None:
+    """Fix 5: megatron's ``jit_fuser`` is torch.compile; on CPU inductor costs seconds per op."""
+    from megatron.core import jit
+
+    jit.disable_jit_fuser()
+
+
+def _bind_te_general_gemm() -> None:
+    """Fix 6: ``te_general_gemm`` is only bound when TE imports, but the router reads it."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _fix_alltoall_splits() -> None:
+    """Fix 7: on CPU the alltoall dispatcher's split sizes stay tensors; make them lists."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda and as_numpy:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def setup() -> None:
+    """Make megatron-core usable on this machine. Idempotent; a no-op on CUDA with TE."""
+    global _APPLIED, _MODE
+    if _APPLIED:
+        return
+    _APPLIED = True
+    if not has_transformer_engine():
+        _bind_te_general_gemm()
+    if has_cuda():
+        return
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    _install_cuda_stubs()
+    _install_rng_tracker()
+    _disable_jit_fuser()
+    _fix_alltoall_splits()
+    _MODE = CudaOnCpuMode()
+    _MODE.__enter__()
+
+
+def is_applied() -> bool:
+    """Whether the CPU compatibility layer is active in this process."""
+    return _MODE is not None

