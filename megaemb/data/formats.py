@@ -1,0 +1,397 @@
+"""Training / eval files -> validated ``Example`` rows (ms-swift's embedding formats).
+
+Dataset specs are paths, optionally with ms-swift's ``#N`` suffix ("take N samples"):
+
+    train.jsonl           JSON lines, one object per line (blank lines are not rows)
+    train.json            a JSON array of objects, or JSON lines
+    train.csv             header row + one row per example (datasets' csv reader)
+    train.parquet         one row per example
+    train_dir/            a ``datasets`` folder written by ``Dataset.save_to_disk``
+    train.jsonl#5000      N < rows: a seeded random subset without replacement;
+                          N > rows: every row repeated N // rows times, plus a seeded
+                          random subset of N % rows rows (as ms-swift's ``sample_dataset``)
+
+Row formats (extra fields are ignored):
+
+    infonce              {"query": str, "response": str, "rejected_response": [str, ...]}
+                         rejected_response is optional; an empty list is an error only
+                         with ``require_negatives=True``
+    cosine_similarity    {"query": str, "response": str, "label": float in [-1, 1]}
+    contrastive,
+    online_contrastive   {"query": str, "response": str, "label": 0 | 1}
+                         (0/1 ints, 0.0/1.0 floats and booleans are accepted)
+    messages form        {"messages": [{"role": "user", "content": q}, ...],
+                          "positive_messages": [[{"role": "user", "content": p}], ...],
+                          "negative_messages": [[...], ...], "label": ...}
+                         the text of a message list is the content of its last "user"
+                         message (the last message if none has role "user"); only the
+                         first entry of positive_messages is used.
+
+Negatives are read only for ``infonce``; labels only for the labelled losses.
+
+Every malformed row raises ``DataError`` naming file, line and field, e.g.
+``train.jsonl:17: field 'response': empty string``. Lines are 1-based file lines for
+JSON / JSONL and 1-based data-row numbers (header excluded) for csv, parquet and folders.
+With ``bad_rows="skip"`` malformed rows are skipped and counted in ``RowReport`` instead;
+a JSON array that cannot be parsed is always fatal (its rows cannot be delimited).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+LOSS_TYPES = ("infonce", "cosine_similarity", "contrastive", "online_contrastive")
+BAD_ROW_POLICIES = ("error", "skip")
+MAX_KEPT_MESSAGES = 10
+
+# Reasons a row is rejected: the keys of ``RowReport.skipped``.
+INVALID_JSON = "invalid JSON"
+NOT_OBJECT = "not an object"
+MISSING_FIELD = "missing field"
+EMPTY_FIELD = "empty field"
+WRONG_TYPE = "wrong type"
+BAD_LABEL = "label out of range"
+NO_NEGATIVES = "no negatives"
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; ``reason`` is one of the reasons above
+    for row errors, None for file-level errors."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+
+
+class _BadRow(Exception):
+    """A row problem before its location is known."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Example:
+    """One training pair. ``label`` is None for infonce; ``source`` is ``"file:line"``."""
+
+    query: str
+    response: str
+    negatives: list[str]
+    label: float | None
+    source: str
+
+
+@dataclass
+class RowReport:
+    """What loading read and skipped: counts per reason and the first messages."""
+
+    rows_read: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def add_skip(self, error: DataError) -> None:
+        self.skipped[error.reason] += 1
+        if len(self.messages) < MAX_KEPT_MESSAGES:
+            self.messages.append(str(error))
+
+    def summary(self) -> str:
+        """E.g. ``"20000 rows read, 3 skipped (2 empty field, 1 invalid JSON)"``."""
+        text = f"{self.rows_read} rows read, {self.num_skipped} skipped"
+        if self.skipped:
+            text += " (" + ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()) + ")"
+        return text
+
+
+# ---------------------------------------------------------------------------- fields
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _field(name: str, detail: str, reason: str) -> _BadRow:
+    return _BadRow(reason, f"field '{name}': {detail}")
+
+
+def _require(row: dict, key: str, name: str | None = None) -> Any:
+    """The value of a required key (reported as field ``name``, default the key);
+    a missing key and null are both 'missing'."""
+    name = name or key
+    if key not in row:
+        raise _field(name, "missing", MISSING_FIELD)
+    if row[key] is None:
+        raise _field(name, "missing (null)", MISSING_FIELD)
+    return row[key]
+
+
+def _text(value: Any, name: str) -> str:
+    """A non-empty, not whitespace-only string."""
+    if not isinstance(value, str):
+        raise _field(name, f"expected string, got {_json_type(value)}", WRONG_TYPE)
+    if not value.strip():
+        raise _field(name, "empty string", EMPTY_FIELD)
+    return value
+
+
+def _list(value: Any, name: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise _field(name, f"expected list, got {_json_type(value)}", WRONG_TYPE)
+    return list(value)
+
+
+def _label(row: dict, loss_type: str) -> float:
+    """cosine_similarity: a finite number in [-1, 1]; (online_)contrastive: 0 or 1."""
+    value = _require(row, "label")
+    binary = loss_type != "cosine_similarity"
+    if isinstance(value, bool):
+        if binary:
+            return float(value)
+        raise _field("label", "expected number, got boolean", WRONG_TYPE)
+    if not isinstance(value, (int, float)):
+        raise _field("label", f"expected number, got {_json_type(value)}", WRONG_TYPE)
+    if binary and value not in (0, 1):
+        raise _field("label", f"expected 0 or 1 for {loss_type}, got {value}", BAD_LABEL)
+    if not math.isfinite(value) or not -1.0 <= value <= 1.0:
+        raise _field("label", f"{value} out of range [-1, 1]", BAD_LABEL)
+    return float(value)
+
+
+def _message_text(value: Any, name: str) -> str:
+    """Text of a message list: content of the last user message, else of the last one."""
+    messages = _list(value, name)
+    if not messages:
+        raise _field(name, "empty list", EMPTY_FIELD)
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _field(f"{name}[{i}]", f"expected object, got {_json_type(message)}",
+                         WRONG_TYPE)
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    i = users[-1] if users else len(messages) - 1
+    return _text(_require(messages[i], "content", f"{name}[{i}].content"),
+                 f"{name}[{i}].content")
+
+
+# ------------------------------------------------------------------------------ rows
+
+def _negatives(row: dict, name: str, require: bool, text_of) -> list[str]:
+    """The optional list field ``name``, each item validated by ``text_of(item, name)``."""
+    if row.get(name) is None:
+        if require:
+            raise _field(name, "missing (require_negatives=True)", MISSING_FIELD)
+        return []
+    items = _list(row[name], name)
+    if not items and require:
+        raise _field(name, "empty list (require_negatives=True)", NO_NEGATIVES)
+    return [text_of(item, f"{name}[{i}]") for i, item in enumerate(items)]
+
+
+def _parse_row(row: Any, loss_type: str, require_negatives: bool) -> tuple:
+    """-> ``(query, response, negatives, label)``, or raise ``_BadRow``."""
+    if not isinstance(row, dict):
+        raise _BadRow(NOT_OBJECT, f"expected a JSON object, got {_json_type(row)}")
+    infonce = loss_type == "infonce"
+    if "messages" in row:
+        query = _message_text(_require(row, "messages"), "messages")
+        positives = _list(_require(row, "positive_messages"), "positive_messages")
+        if not positives:
+            raise _field("positive_messages", "empty list", EMPTY_FIELD)
+        response = _message_text(positives[0], "positive_messages[0]")
+        neg_field, neg_text = "negative_messages", _message_text
+    else:
+        query = _text(_require(row, "query"), "query")
+        response = _text(_require(row, "response"), "response")
+        neg_field, neg_text = "rejected_response", _text
+    negatives = _negatives(row, neg_field, require_negatives, neg_text) if infonce else []
+    label = None if infonce else _label(row, loss_type)
+    return query, response, negatives, label
+
+
+# ----------------------------------------------------------------------------- files
+
+def _json_lines(path: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed object or _BadRow)`` for each non-blank line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, _BadRow(INVALID_JSON, f"invalid JSON: not UTF-8 ({e.reason})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, _BadRow(INVALID_JSON, f"invalid JSON: {e.msg} (column {e.colno})")
+
+
+def _json_array(path: str, text: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, element)`` for each element of a top-level JSON array."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+
+    def skip_space(i: int) -> int:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        return i
+
+    def fail(i: int, what: str) -> DataError:
+        line = text.count("\n", 0, i) + 1
+        return DataError(f"{path}:{line}: invalid JSON array: {what}", INVALID_JSON)
+
+    pos = skip_space(pos)
+    if pos < len(text) and text[pos] == "]":
+        return
+    while True:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise fail(e.pos, e.msg) from None
+        yield text.count("\n", 0, pos) + 1, value
+        pos = skip_space(end)
+        if pos >= len(text):
+            raise fail(pos, "missing ']'")
+        if text[pos] == "]":
+            break
+        if text[pos] != ",":
+            raise fail(pos, "expected ',' or ']'")
+        pos = skip_space(pos + 1)
+    if skip_space(pos + 1) != len(text):
+        raise fail(pos + 1, "extra data after ']'")
+
+
+def _json_file(path: str) -> Iterator[tuple[int, Any]]:
+    """A ``.json`` file: a JSON array of objects, or JSON lines."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+        return _json_lines(path)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})", INVALID_JSON) from None
+    return _json_array(path, text)
+
+
+def _table_rows(path: str) -> Iterator[tuple[int, Any]]:
+    """csv / parquet / ``save_to_disk`` folder via ``datasets``; 1-based row numbers."""
+    import datasets
+
+    try:
+        if os.path.isdir(path):
+            table = datasets.load_from_disk(path)
+        elif path.endswith(".csv"):
+            table = datasets.Dataset.from_csv(path, keep_in_memory=True)
+        else:
+            table = datasets.Dataset.from_parquet(path, keep_in_memory=True)
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise DataError(f"{path}: cannot read: {e}") from e
+    if isinstance(table, datasets.DatasetDict):
+        raise DataError(f"{path}: a DatasetDict with splits {sorted(table)}; "
+                        f"pass one split's folder, e.g. {os.path.join(path, 'train')}")
+    return enumerate(table, start=1)
+
+
+def _rows(path: str) -> Iterator[tuple[int, Any]]:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if path.endswith(".jsonl"):
+        return _json_lines(path)
+    if path.endswith(".json"):
+        return _json_file(path)
+    if os.path.isdir(path) or path.endswith((".csv", ".parquet")):
+        return _table_rows(path)
+    raise DataError(f"{path}: unsupported file type; expected .jsonl, .json, .csv, "
+                    ".parquet or a folder written by datasets' save_to_disk")
+
+
+def _read_file(path: str, loss_type: str, bad_rows: str, require_negatives: bool,
+               report: RowReport) -> list[Example]:
+    """All valid rows of one file, in file order."""
+    examples = []
+    for lineno, row in _rows(path):
+        report.rows_read += 1
+        source = f"{path}:{lineno}"
+        try:
+            if isinstance(row, _BadRow):
+                raise row
+            query, response, negatives, label = _parse_row(row, loss_type, require_negatives)
+        except _BadRow as bad:
+            error = DataError(f"{source}: {bad.detail}", bad.reason)
+            if bad_rows == "error":
+                raise error from None
+            report.add_skip(error)
+            continue
+        examples.append(Example(query, response, negatives, label, source))
+    if not examples:
+        raise DataError(f"{path}: no valid rows")
+    return examples
+
+
+# -------------------------------------------------------------------------- sampling
+
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """``"path#N"`` -> ``(path, N)``; ``"path"`` -> ``(path, None)``."""
+    path, sep, count = spec.rpartition("#")
+    if not sep or not count.isdigit():
+        return spec, None
+    if int(count) < 1:
+        raise DataError(f"{spec}: sample count after '#' must be >= 1")
+    return path, int(count)
+
+
+def sample_indices(num_rows: int, count: int, seed: int) -> list[int]:
+    """ms-swift's ``sample_dataset``: ``count // num_rows`` full copies of the rows in
+    order, then a seeded random subset (without replacement) of ``count % num_rows``."""
+    repeats, remainder = divmod(count, num_rows)
+    rest = np.random.default_rng(seed).permutation(num_rows)[:remainder]
+    return list(range(num_rows)) * repeats + rest.tolist()
+
+
+def load_examples(specs: list[str], loss_type: str, *, bad_rows: str = "error",
+                  seed: int = 42, require_negatives: bool = False
+                  ) -> tuple[list[Example], RowReport]:
+    """Read and validate every spec, apply its ``#N`` sampling, concatenate in order.
+
+    ``bad_rows``: "error" raises ``DataError`` at the first malformed row; "skip" skips
+    and counts it in the returned ``RowReport``. A missing file, an unreadable file and
+    a file with no valid rows always raise ``DataError``.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if bad_rows not in BAD_ROW_POLICIES:
+        raise ValueError(f"bad_rows must be one of {BAD_ROW_POLICIES}, got {bad_rows!r}")
+    if not specs:
+        raise DataError("no dataset given")
+    report = RowReport()
+    examples: list[Example] = []
+    for spec in specs:
+        path, count = parse_spec(spec)
+        rows = _read_file(path, loss_type, bad_rows, require_negatives, report)
+        if count is not None:
+            rows = [rows[i] for i in sample_indices(len(rows), count, seed)]
+        examples.extend(rows)
+    return examples, report

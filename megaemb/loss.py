@@ -1,0 +1,316 @@
+"""Embedding losses: pure functions of L2-normalised embeddings and a data-parallel group.
+
+Shapes: ``b`` rows on this rank, ``d`` embedding width, ``k`` hard negatives per query,
+``W`` ranks in the data-parallel group. All losses take fp32 (or fp64) tensors that are
+already L2-normalised, so a dot product is the cosine similarity.
+
+Exact large-batch contrastive training: :func:`info_nce` with ``use_batch`` all-gathers
+queries/documents over the data-parallel ``group`` *with* gradient
+(:func:`all_gather_with_grad`). Averaging the per-rank losses over ranks gives the loss of
+DP=1 on the concatenated batch, and averaging the per-rank parameter gradients over ranks
+(as DDP does) gives its gradients. Negatives never cross tensor- or pipeline-parallel
+groups: pass only the data-parallel group.
+
+The pair losses (:func:`cosine_similarity_loss`, :func:`contrastive_loss`,
+:func:`online_contrastive_loss`) follow sentence-transformers and are local to the rank.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# torch >= 2.10 renamed the tensor collectives; the old names still work but warn.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _group_rank(group: dist.ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: all-gather ``[n, ...]`` → ``[W*n, ...]`` (rank-major). Backward: this rank's
+    ``[n, ...]`` slice of the sum over ranks of the incoming gradient (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        out = x.new_empty((_group_size(group) * x.shape[0], *x.shape[1:]))
+        _all_gather_single(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        out = grad.new_empty((grad.shape[0] // _group_size(ctx.group), *grad.shape[1:]))
+        _reduce_scatter_single(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+def all_gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """All-gather ``x [n, ...]`` over ``group`` into ``[W*n, ...]``, rank ``r`` at rows
+    ``r*n:(r+1)*n``, keeping the gradient path to every rank's input.
+
+    The backward of rank ``r`` returns the sum over ranks of their gradient for rows
+    ``r*n:(r+1)*n``, so if every rank computes a loss ``L_s`` from the gathered tensor, rank
+    ``r`` receives ``sum_s dL_s/dx_r``. All ranks must pass the same ``n`` (and trailing
+    shape). Identity when ``group`` is None or has one rank.
+    """
+    if _group_size(group) == 1:
+        return x
+    return _AllGatherWithGrad.apply(x, group)
+
+
+_TRUE = {"1", "true", "yes", "y", "on", "t"}
+_FALSE = {"0", "false", "no", "n", "off", "f"}
+
+
+def _parse_bool(var: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE | _FALSE:
+        return value in _TRUE
+    raise ValueError(f"{var}={text!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
+
+
+def _parse_float(var: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{var}={text!r} is not a number") from None
+
+
+def _parse_optional_int(var: str, text: str) -> int | None:
+    if text.strip().lower() in {"", "none"}:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{var}={text!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class InfoNCEConfig:
+    """InfoNCE settings; each field has the ms-swift environment variable named beside it.
+
+    temperature           INFONCE_TEMPERATURE         logits are cosine / temperature.
+    use_batch             INFONCE_USE_BATCH           True: candidates are every positive and
+                          every hard negative of the whole gathered data-parallel batch.
+                          False: only the query's own positive and own hard negatives.
+    hard_negatives        INFONCE_HARD_NEGATIVES      keep the first ``min(k, n)`` hard
+                          negatives of each query; None keeps all ``k`` (no resampling: the
+                          data layer must give every query the same ``k``).
+    mask_fake_negative    INFONCE_MASK_FAKE_NEGATIVE  drop query–candidate logits whose cosine
+                          exceeds the query's positive cosine + ``fake_negative_margin``
+                          (threshold not differentiated). Applies to query–document and
+                          query–query logits, in both ``use_batch`` modes; not to the
+                          document–document logits (as ms-swift).
+    fake_negative_margin  INFONCE_FAKE_NEG_MARGIN     that margin (0.1).
+    include_qq            INFONCE_INCLUDE_QQ          add query_i · query_j (j ≠ i, whole
+                          gathered batch) to the denominator (Qwen3-Embedding).
+    include_dd            INFONCE_INCLUDE_DD          add positive_i · doc_j for every gathered
+                          document (positives and hard negatives) except positive_i itself.
+    include_qq / include_dd need ``use_batch``.
+    """
+
+    temperature: float = 0.01
+    use_batch: bool = True
+    hard_negatives: int | None = None
+    mask_fake_negative: bool = False
+    fake_negative_margin: float = 0.1
+    include_qq: bool = False
+    include_dd: bool = False
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature (INFONCE_TEMPERATURE) must be > 0, got {self.temperature}")
+        if self.hard_negatives is not None and self.hard_negatives < 0:
+            raise ValueError("hard_negatives (INFONCE_HARD_NEGATIVES) must be >= 0 or None, "
+                             f"got {self.hard_negatives}")
+        if not self.fake_negative_margin >= 0:
+            raise ValueError("fake_negative_margin (INFONCE_FAKE_NEG_MARGIN) must be >= 0, "
+                             f"got {self.fake_negative_margin}")
+        if (self.include_qq or self.include_dd) and not self.use_batch:
+            raise ValueError("include_qq / include_dd (INFONCE_INCLUDE_QQ / INFONCE_INCLUDE_DD) "
+                             "need use_batch (INFONCE_USE_BATCH=true)")
+
+    @classmethod
+    def from_env(cls, **overrides) -> InfoNCEConfig:
+        """Defaults, then the INFONCE_* environment variables, then the ``overrides`` that are
+        not None. A malformed variable raises ValueError naming it."""
+        values = {}
+        for field, (var, parse) in _ENV.items():
+            if overrides.get(field) is not None:
+                values[field] = overrides.pop(field)
+            elif var in os.environ:
+                values[field] = parse(var, os.environ[var])
+        unknown = {k for k, v in overrides.items() if v is not None}
+        if unknown:
+            raise TypeError(f"unknown InfoNCEConfig fields: {sorted(unknown)}")
+        return cls(**values)
+
+
+_ENV = {
+    "temperature": ("INFONCE_TEMPERATURE", _parse_float),
+    "use_batch": ("INFONCE_USE_BATCH", _parse_bool),
+    "hard_negatives": ("INFONCE_HARD_NEGATIVES", _parse_optional_int),
+    "mask_fake_negative": ("INFONCE_MASK_FAKE_NEGATIVE", _parse_bool),
+    "fake_negative_margin": ("INFONCE_FAKE_NEG_MARGIN", _parse_float),
+    "include_qq": ("INFONCE_INCLUDE_QQ", _parse_bool),
+    "include_dd": ("INFONCE_INCLUDE_DD", _parse_bool),
+}
+
+
+def _check_triplet(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor):
+    if queries.dim() != 2 or positives.shape != queries.shape:
+        raise ValueError(f"queries and positives must both be [b, d], got {tuple(queries.shape)} "
+                         f"and {tuple(positives.shape)}")
+    b, d = queries.shape
+    if negatives.dim() != 3 or negatives.shape[0] != b or negatives.shape[2] != d:
+        raise ValueError(f"negatives must be [b={b}, k, d={d}], got {tuple(negatives.shape)}")
+
+
+def _mask_fake(scores: torch.Tensor, positive: torch.Tensor, margin: float) -> torch.Tensor:
+    """``scores [b, m]`` with entries above ``positive [b, 1] + margin`` set to -inf."""
+    return scores.masked_fill(scores > positive.detach() + margin, float("-inf"))
+
+
+def _mask_columns(scores: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``scores [b, m]`` with ``scores[i, columns[i]]`` set to -inf."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask[torch.arange(scores.shape[0], device=scores.device), columns] = True
+    return scores.masked_fill(mask, float("-inf"))
+
+
+def _own_logits(queries, positives, negatives, cfg: InfoNCEConfig):
+    """Candidates = own positive + own hard negatives: logits ``[b, 1+k]``, target 0."""
+    positive = (queries * positives).sum(-1, keepdim=True)  # [b, 1]
+    negative = torch.einsum("bd,bkd->bk", queries, negatives)  # [b, k]
+    if cfg.mask_fake_negative:
+        negative = _mask_fake(negative, positive, cfg.fake_negative_margin)
+    target = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
+    return torch.cat([positive, negative], dim=1), target
+
+
+def _batch_logits(queries, positives, negatives, cfg: InfoNCEConfig, group):
+    """Candidates over the gathered batch of ``B = W*b`` rows and ``B*k`` negatives.
+
+    Columns: ``[B]`` positives, ``[B*k]`` negatives, then ``[B]`` queries if include_qq, then
+    ``[B + B*k]`` positive-to-document cosines if include_dd. Target of local row ``i`` is the
+    column of its own positive, ``rank*b + i``.
+    """
+    b, k, d = negatives.shape
+    docs = all_gather_with_grad(positives, group)  # [B, d]
+    if k:
+        docs = torch.cat([docs, all_gather_with_grad(negatives.reshape(b * k, d), group)])
+    target = _group_rank(group) * b + torch.arange(b, device=queries.device)
+    qd = queries @ docs.T  # [b, B + B*k]
+    positive = qd.gather(1, target[:, None])  # [b, 1]
+    blocks = [_mask_fake(qd, positive, cfg.fake_negative_margin) if cfg.mask_fake_negative else qd]
+    if cfg.include_qq:
+        qq = _mask_columns(queries @ all_gather_with_grad(queries, group).T, target)  # [b, B]
+        blocks.append(_mask_fake(qq, positive, cfg.fake_negative_margin)
+                      if cfg.mask_fake_negative else qq)
+    if cfg.include_dd:
+        blocks.append(_mask_columns(positives @ docs.T, target))  # [b, B + B*k]
+    return torch.cat(blocks, dim=1), target
+
+
+def info_nce(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+             cfg: InfoNCEConfig | None = None,
+             group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """InfoNCE over normalised embeddings; scalar mean over this rank's ``b`` queries.
+
+    queries ``[b, d]``, positives ``[b, d]`` (row i is query i's positive), negatives
+    ``[b, k, d]`` (k may be 0). Loss_i = cross-entropy of ``logits_i / temperature`` with the
+    query's own positive as target; the candidate set is described in
+    :class:`InfoNCEConfig`. With ``cfg.use_batch`` and a data-parallel ``group``, candidates
+    are gathered with gradient from all ranks, which must all pass the same ``b`` and ``k``.
+    """
+    cfg = cfg or InfoNCEConfig()
+    _check_triplet(queries, positives, negatives)
+    if cfg.hard_negatives is not None:
+        negatives = negatives[:, :cfg.hard_negatives]
+    if cfg.use_batch:
+        logits, target = _batch_logits(queries, positives, negatives, cfg, group)
+    else:
+        logits, target = _own_logits(queries, positives, negatives, cfg)
+    return F.cross_entropy(logits / cfg.temperature, target)
+
+
+def _cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(a_i, b_i)`` for ``a, b [n, d]`` → ``[n]``."""
+    return 1 - F.cosine_similarity(a, b, dim=-1)
+
+
+def cosine_similarity_loss(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between ``cos(a_i, b_i)`` and ``labels [n]`` (float in [-1, 1]);
+    ``a, b [n, d]``. sentence-transformers ``CosineSimilarityLoss``."""
+    cosine = F.cosine_similarity(a, b, dim=-1)
+    return F.mse_loss(cosine, labels.to(cosine.dtype))
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor,
+                     margin: float = 0.5) -> torch.Tensor:
+    """Mean over pairs of ``0.5 * (y * D**2 + (1 - y) * relu(margin - D)**2)``, ``D = 1 - cos``;
+    ``a, b [n, d]``, ``labels [n]`` in {0, 1}. sentence-transformers ``ContrastiveLoss`` with
+    cosine distance and ``size_average=True``."""
+    distance = _cosine_distance(a, b)
+    y = labels.to(distance.dtype)
+    return (0.5 * (y * distance.pow(2) + (1 - y) * F.relu(margin - distance).pow(2))).mean()
+
+
+def online_contrastive_loss(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor,
+                            margin: float = 0.5) -> torch.Tensor:
+    """Contrastive loss on the hard pairs only, summed (not averaged); ``a, b [n, d]``,
+    ``labels [n]`` in {0, 1}, ``D = 1 - cos``. sentence-transformers ``OnlineContrastiveLoss``:
+
+    hard positives: positives with ``D > min(D of negatives)`` (``> mean(D of positives)``
+    when there is at most one negative); hard negatives: negatives with
+    ``D < max(D of positives)`` (``< mean(D of negatives)`` when there is at most one
+    positive). Loss = ``sum(D_hp**2) + sum(relu(margin - D_hn)**2)``.
+    """
+    distance = _cosine_distance(a, b)
+    positives, negatives = distance[labels == 1], distance[labels == 0]
+    negative_cut = positives.max() if len(positives) > 1 else negatives.mean()
+    positive_cut = negatives.min() if len(negatives) > 1 else positives.mean()
+    hard_negatives = negatives[negatives < negative_cut]
+    hard_positives = positives[positives > positive_cut]
+    return hard_positives.pow(2).sum() + F.relu(margin - hard_negatives).pow(2).sum()
+
+
+def _truncate(x, dim: int):
+    """Embeddings (tensors with ``ndim >= 2``, ``[..., d]``) → first ``dim`` features,
+    re-normalised; anything else unchanged."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return x
+    if dim > x.shape[-1]:
+        raise ValueError(f"matryoshka dim {dim} exceeds embedding width {x.shape[-1]}")
+    return F.normalize(x[..., :dim], dim=-1)
+
+
+def matryoshka(loss_fn: Callable[..., torch.Tensor], dims: Sequence[int]) -> Callable[..., torch.Tensor]:
+    """Matryoshka wrapper: ``sum over dim in dims of loss_fn(truncated args)``, weight 1 each.
+
+    Every tensor argument with ``ndim >= 2`` (positional or keyword) is an embedding
+    ``[..., d]``: it is cut to its first ``dim`` features and L2-normalised again. Other
+    arguments (labels ``[n]``, configs, groups) pass through unchanged. Include the full
+    width in ``dims`` to keep the full-width loss.
+    """
+    dims = list(dims)
+    if not dims or any(dim <= 0 for dim in dims):
+        raise ValueError(f"matryoshka dims must be a non-empty list of positive ints, got {dims}")
+
+    def loss(*args, **kwargs) -> torch.Tensor:
+        return sum(loss_fn(*[_truncate(a, dim) for a in args],
+                           **{key: _truncate(v, dim) for key, v in kwargs.items()})
+                   for dim in dims)
+
+    return loss

@@ -1,0 +1,92 @@
+"""End to end through the ``megaemb`` command: export both ways, embed, sentence-transformers."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+TEXTS = ["jq - lightweight and flexible command-line JSON processor",
+         "Megatron-Core splits each layer across GPUs.", "x"]
+
+
+def megaemb(*args, nproc=1, timeout=300):
+    env = dict(os.environ, NPROC_PER_NODE=str(nproc), PYTHONWARNINGS="ignore",
+               MASTER_PORT=str(29500 + os.getpid() % 1000))
+    env.pop("LOCAL_RANK", None)
+    return subprocess.run([sys.executable, "-m", "megaemb.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    mcore, hf = str(root / "mcore"), str(root / "hf")
+    r1 = megaemb("export", "--model", tiny_models["dense"], "--to_mcore", "true", "--output_dir", mcore,
+                 "--tensor_model_parallel_size", "2", "--test_convert_precision", "true", nproc=2)
+    r2 = megaemb("export", "--mcore_model", mcore, "--to_hf", "true", "--output_dir", hf,
+                 "--max_shard_size", "20MB")
+    (root / "texts.txt").write_text("\n".join(TEXTS) + "\n")
+    return root, mcore, hf, r1, r2
+
+
+@pytest.mark.timeout(600)
+def test_export_prints_precision(exported):
+    _, mcore, _, r1, r2 = exported
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    line = next(l for l in r1.stdout.splitlines() if l.startswith("test_convert_precision"))
+    assert float(line.split("min_cosine=")[1]) >= 0.99999
+    assert sorted(os.listdir(mcore)) == ["hf", "iter_0000000", "latest_checkpointed_iteration.txt",
+                                         "megaemb.json"]
+
+
+@pytest.mark.timeout(600)
+def test_hf_export_is_sharded_and_loads(exported, tiny_models):
+    _, _, hf, _, _ = exported
+    index = json.load(open(os.path.join(hf, "model.safetensors.index.json")))
+    assert len(set(index["weight_map"].values())) >= 2  # 39 MB embedding + rest over 20 MB shards
+    from transformers import AutoModel
+
+    ours = AutoModel.from_pretrained(hf).state_dict()
+    ref = AutoModel.from_pretrained(tiny_models["dense"]).state_dict()
+    assert all(torch.equal(ref[k], ours[k]) for k in ref)
+
+
+@pytest.mark.timeout(600)
+def test_embed_matches_sentence_transformers(exported):
+    root, mcore, hf, _, _ = exported
+    out = str(root / "emb.npy")
+    r = megaemb("embed", "--model", mcore, "--input", str(root / "texts.txt"), "--output", out,
+                "--pipeline_model_parallel_size", "2", "--batch_size", "2", nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(hf, device="cpu")
+    ref = st.encode(TEXTS, convert_to_numpy=True)
+    ours = np.load(out)
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 1e-5
+    # the prompt from config_sentence_transformers.json == megaemb's --instruction format
+    q = st.encode(["jq"], prompt_name="query")
+    r = megaemb("embed", "--model", hf, "--input", str(root / "texts.txt"), "--output", out,
+                "--instruction", "Given a web search query, retrieve relevant passages that answer the query")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (root / "q.txt").write_text("jq\n")
+    r = megaemb("embed", "--model", hf, "--input", str(root / "q.txt"), "--output", out,
+                "--instruction", "Given a web search query, retrieve relevant passages that answer the query")
+    assert np.abs(np.load(out) - q).max() < 1e-5
+
+
+@pytest.mark.timeout(300)
+def test_failed_export_leaves_no_output(tiny_models, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(open(os.path.join(tiny_models["dense"], "config.json")).read())
+    out = tmp_path / "out"
+    r = megaemb("export", "--model", str(bad), "--to_mcore", "true", "--output_dir", str(out))
+    assert r.returncode == 2
+    assert "no model.safetensors" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
