@@ -61,7 +61,59 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch_size", type=int, default=32)
     m.add_argument("--dim", type=int, default=None, help="Matryoshka dimension")
     add_parallel_flags(m)
+    s = sub.add_parser("sft", help="train an embedding model (contrastive losses)")
+    s.add_argument("--config", help="YAML with the same keys as the flags; flags override it")
+    add_dataclass_flags(s)
     return parser
+
+
+def add_dataclass_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per ``SFTConfig`` field; defaults are None so YAML values are not overridden."""
+    import dataclasses
+
+    from megaemb.config import SFTConfig
+
+    for f in dataclasses.fields(SFTConfig):
+        kind = str(f.type)
+        if kind.startswith("list"):
+            p.add_argument(f"--{f.name}", nargs="+", default=None,
+                           type=int if "int" in kind else str)
+        elif kind == "bool":
+            p.add_argument(f"--{f.name}", type=str2bool, default=None)
+        else:
+            p.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(kind, str), default=None)
+
+
+def sft_config(args):
+    """Defaults < YAML (``--config``) < flags."""
+    import dataclasses
+
+    import yaml
+
+    from megaemb.config import SFTConfig
+
+    values = {}
+    if args.config:
+        with open(args.config) as f:
+            values = yaml.safe_load(f) or {}
+        known = {f.name for f in dataclasses.fields(SFTConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{args.config}: unknown keys {unknown}")
+    values.update({k: v for k, v in vars(args).items()
+                   if k not in ("command", "config") and v is not None})
+    for key in ("dataset", "val_dataset", "mrl_dims"):
+        if isinstance(values.get(key), (str, int)):
+            values[key] = [values[key]]
+    return SFTConfig(**values)
+
+
+def run_sft(args) -> None:
+    from megaemb.train import run_sft as train
+
+    history = train(sft_config(args))
+    _rank0_print(f"megaemb sft: done; eval before {history.get('eval_before')} "
+                 f"after {history.get('eval_after')}")
 
 
 def parse_size(text: str) -> int:
@@ -134,7 +186,7 @@ def _rank0_print(msg: str) -> None:
         print(msg, flush=True)
 
 
-COMMANDS = {"export": run_export, "embed": run_embed}
+COMMANDS = {"export": run_export, "embed": run_embed, "sft": run_sft}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         COMMANDS[args.command](args)
-    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:  # incl. DataError
         print(f"megaemb {args.command}: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# torch >= 2.10 renamed the tensor collectives; the old names still work but warn.
+# Newer torch renames the tensor collectives (the old names still work but warn).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -130,7 +130,8 @@ class InfoNCEConfig:
 
     def __post_init__(self):
         if not self.temperature > 0:
-            raise ValueError(f"temperature (INFONCE_TEMPERATURE) must be > 0, got {self.temperature}")
+            raise ValueError("temperature (INFONCE_TEMPERATURE) must be > 0, "
+                             f"got {self.temperature}")
         if self.hard_negatives is not None and self.hard_negatives < 0:
             raise ValueError("hard_negatives (INFONCE_HARD_NEGATIVES) must be >= 0 or None, "
                              f"got {self.hard_negatives}")
@@ -145,15 +146,15 @@ class InfoNCEConfig:
     def from_env(cls, **overrides) -> InfoNCEConfig:
         """Defaults, then the INFONCE_* environment variables, then the ``overrides`` that are
         not None. A malformed variable raises ValueError naming it."""
+        unknown = set(overrides) - set(_ENV)
+        if unknown:
+            raise TypeError(f"unknown InfoNCEConfig fields: {sorted(unknown)}")
         values = {}
         for field, (var, parse) in _ENV.items():
             if overrides.get(field) is not None:
-                values[field] = overrides.pop(field)
+                values[field] = overrides[field]
             elif var in os.environ:
                 values[field] = parse(var, os.environ[var])
-        unknown = {k for k, v in overrides.items() if v is not None}
-        if unknown:
-            raise TypeError(f"unknown InfoNCEConfig fields: {sorted(unknown)}")
         return cls(**values)
 
 
@@ -296,7 +297,8 @@ def _truncate(x, dim: int):
     return F.normalize(x[..., :dim], dim=-1)
 
 
-def matryoshka(loss_fn: Callable[..., torch.Tensor], dims: Sequence[int]) -> Callable[..., torch.Tensor]:
+def matryoshka(loss_fn: Callable[..., torch.Tensor],
+               dims: Sequence[int]) -> Callable[..., torch.Tensor]:
     """Matryoshka wrapper: ``sum over dim in dims of loss_fn(truncated args)``, weight 1 each.
 
     Every tensor argument with ``ndim >= 2`` (positional or keyword) is an embedding

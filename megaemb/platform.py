@@ -56,6 +56,17 @@ def has_transformer_engine() -> bool:
     return True
 
 
+_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def peak_flops() -> float | None:
+    """Dense bf16 peak of this accelerator, for MFU; None where unknown (CPU)."""
+    if not has_cuda():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in _PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 def memory_stats() -> dict[str, float]:
     """Peak memory of this rank in GiB: accelerator memory on CUDA, resident set size on CPU."""
     if has_cuda():

@@ -41,8 +41,10 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
     model = build_model(config, shape, attention=attention, pad_token_id=pad_id)
     if load_weights:
         if is_mcore:
-            state = checkpoint.load_checkpoint(path, model.sharded_state_dict())
-            model.load_state_dict(state)
+            sharded = model.sharded_state_dict()
+            state = checkpoint.load_checkpoint(path, sharded)
+            # a training checkpoint also holds optimizer / scheduler state: take the model's keys
+            model.load_state_dict({k: state[k] for k in sharded})
         else:
             load_hf_into_model(model, hf)
     return LoadedModel(model, shape, hf_config, hf_dir, is_mcore)

@@ -243,7 +243,7 @@ def _json_lines(path: str) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                yield lineno, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 yield lineno, _BadRow(INVALID_JSON, f"invalid JSON: {e.msg} (column {e.colno})")
 

@@ -1,0 +1,117 @@
+"""Retrieval metrics (recall@k, nDCG@k, MRR@k) and pair metrics (Spearman, Pearson), on CPU.
+
+Embeddings may be torch tensors (any dtype/device) or numpy arrays; they are converted to
+fp32 on CPU and L2-normalised, so every score is a cosine similarity. Relevance is binary.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MAX_SCORES = 1 << 25  # largest [queries, corpus] score block held at once (32M fp32 = 128 MiB)
+
+
+def _unit_rows(x, name: str) -> torch.Tensor:
+    """``[n, d]`` array or tensor → fp32 CPU tensor with L2-normalised rows."""
+    t = torch.as_tensor(x).detach().to("cpu", torch.float32)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be [n, d], got shape {tuple(t.shape)}")
+    return F.normalize(t, dim=-1)
+
+
+def _check_relevant(relevant: Sequence[set[int]], num_queries: int, corpus_size: int):
+    if len(relevant) != num_queries:
+        raise ValueError(f"relevant has {len(relevant)} entries for {num_queries} queries")
+    for i, docs in enumerate(relevant):
+        if not docs:
+            raise ValueError(f"query {i} has no relevant document")
+        bad = [j for j in docs if not 0 <= j < corpus_size]
+        if bad:
+            raise ValueError(f"query {i}: relevant ids {bad} outside the corpus [0, {corpus_size})")
+
+
+def _top_indices(queries: torch.Tensor, corpus: torch.Tensor, top: int,
+                 max_scores: int) -> torch.Tensor:
+    """Corpus ids ``[nq, top]`` by descending cosine, scoring ``max_scores // nc`` queries
+    (at least one) at a time. Ties are ordered arbitrarily."""
+    chunk = max(1, max_scores // corpus.shape[0])
+    return torch.cat([torch.topk(queries[i:i + chunk] @ corpus.T, top, dim=1).indices
+                      for i in range(0, queries.shape[0], chunk)])
+
+
+def retrieval_metrics(query_emb, corpus_emb, relevant: Sequence[set[int]],
+                      ks: Sequence[int] = (1, 10),
+                      max_scores: int = MAX_SCORES) -> dict[str, float]:
+    """Mean over queries of recall@k and nDCG@k for each ``k`` in ``ks``, and MRR@max(ks).
+
+    query_emb ``[nq, d]``, corpus_emb ``[nc, d]``; ``relevant[i]`` is the non-empty set of
+    corpus ids relevant to query ``i``. Definitions (binary relevance, rank from 1):
+    recall@k = |relevant ∩ top k| / |relevant| (BEIR/MTEB; the hit rate when one doc is
+    relevant); nDCG@k = sum over relevant hits in the top k of 1/log2(rank+1), divided by its
+    ideal value sum_{r=1..min(|relevant|, k)} 1/log2(r+1); MRR@K = 1/rank of the first
+    relevant doc within the top K = max(ks), else 0. Keys: ``recall@k``, ``ndcg@k``,
+    ``mrr@K``. At most ``max_scores`` scores exist at once (queries are chunked).
+    """
+    queries, corpus = _unit_rows(query_emb, "query_emb"), _unit_rows(corpus_emb, "corpus_emb")
+    _check_relevant(relevant, queries.shape[0], corpus.shape[0])
+    ks = sorted(set(ks))
+    top = min(ks[-1], corpus.shape[0])
+    ranked = _top_indices(queries, corpus, top, max_scores).tolist()
+    hits = np.array([[doc in rel for doc in row] for row, rel in zip(ranked, relevant)],
+                    dtype=np.float64).reshape(len(ranked), top)  # [nq, top]
+    num_relevant = np.array([len(rel) for rel in relevant], dtype=np.float64)
+    ideal = np.cumsum(1.0 / np.log2(np.arange(2, top + 2)))  # ideal DCG with r relevant: [r-1]
+    discounted = hits / np.log2(np.arange(2, top + 2))
+    out = {}
+    for k in ks:
+        out[f"recall@{k}"] = float(np.mean(hits[:, :k].sum(1) / num_relevant))
+        best = ideal[np.minimum(num_relevant, min(k, top)).astype(int) - 1]
+        out[f"ndcg@{k}"] = float(np.mean(discounted[:, :k].sum(1) / best))
+    first = np.where(hits.any(1), 1.0 / (hits.argmax(1) + 1), 0.0)
+    out[f"mrr@{ks[-1]}"] = float(np.mean(first))
+    return out
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1 of ``x [n]``; tied values all get the mean of their ranks."""
+    order = np.argsort(x, kind="stable")
+    ordered = x[order]
+    starts_group = np.r_[True, ordered[1:] != ordered[:-1]]
+    starts = np.flatnonzero(starts_group)
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = ((starts + ends + 1) / 2)[np.cumsum(starts_group) - 1]
+    return ranks
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of ``x, y [n]``; NaN when either is constant."""
+    x, y = x - x.mean(), y - y.mean()
+    norm = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / norm) if norm > 0 else float("nan")
+
+
+def pair_metrics(query_emb, doc_emb, labels, threshold: float = 0.5) -> dict[str, float]:
+    """Metrics of the cosine of each pair ``(query_emb[i], doc_emb[i])``, both ``[n, d]``,
+    against ``labels [n]`` (STS scores or 0/1).
+
+    ``spearman`` / ``pearson``: rank (average ranks for ties) / linear correlation of cosine
+    and label, NaN if either is constant. ``mean_pos`` / ``mean_neg``: mean cosine of pairs
+    with label ``>= threshold`` / ``< threshold``, NaN if there are none.
+    """
+    queries, docs = _unit_rows(query_emb, "query_emb"), _unit_rows(doc_emb, "doc_emb")
+    labels = torch.as_tensor(labels).detach().to("cpu", torch.float64).numpy().reshape(-1)
+    if not queries.shape[0] == docs.shape[0] == labels.shape[0]:
+        raise ValueError(f"query_emb, doc_emb and labels disagree on the number of pairs: "
+                         f"{queries.shape[0]}, {docs.shape[0]}, {labels.shape[0]}")
+    cosine = (queries * docs).sum(-1).double().numpy()
+    positive = labels >= threshold
+    return {
+        "spearman": _pearson(_average_ranks(cosine), _average_ranks(labels)),
+        "pearson": _pearson(cosine, labels),
+        "mean_pos": float(cosine[positive].mean()) if positive.any() else float("nan"),
+        "mean_neg": float(cosine[~positive].mean()) if (~positive).any() else float("nan"),
+    }

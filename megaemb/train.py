@@ -1,0 +1,337 @@
+"""``megaemb sft``: contrastive training of an ``EmbeddingModel`` with megatron-core.
+
+One optimizer step = ``global_batch_size`` examples, chosen by ``GlobalBatchSampler`` from
+(data, seed, global batch) only, split evenly over data-parallel replicas and cut into
+micro-batches run by megatron's ``get_forward_backward_func`` (1F1B under PP). Each
+micro-batch of ``m`` examples is one padded batch of texts::
+
+    infonce:        [q_1..q_m, p_1..p_m, n_11..n_1k, ..., n_m1..n_mk]   -> [m*(2+k), s]
+    pair losses:    [q_1..q_m, d_1..d_m]                                -> [2m, s]
+
+and the loss (``megaemb.loss``) sees its embeddings on the last pipeline stage, gathering
+in-batch negatives over the data-parallel group with gradient.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megaemb import checkpoint, export, platform
+from megaemb.config import ParallelConfig, SFTConfig
+from megaemb.convert.load import load_model
+from megaemb.data.batching import pad_batch
+from megaemb.data.formats import Example, load_examples
+from megaemb.data.sampler import GlobalBatchSampler, micro_batches, shard_for_rank
+from megaemb.data.tokenize import EmbeddingTokenizer, format_query
+from megaemb.embed import embed_texts
+from megaemb.evaluate import pair_metrics, retrieval_metrics
+from megaemb.logs import TrainLogger
+from megaemb.loss import (InfoNCEConfig, contrastive_loss, cosine_similarity_loss, info_nce,
+                          matryoshka, online_contrastive_loss)
+from megaemb.model.flops import train_flops
+from megaemb.parallel import init_parallel
+
+PAIR_LOSSES = {"cosine_similarity": cosine_similarity_loss, "contrastive": contrastive_loss,
+               "online_contrastive": online_contrastive_loss}
+
+
+def _opt_bool(text: str) -> bool | None:
+    return None if text == "" else text.lower() in ("1", "true", "yes")
+
+
+def infonce_config(cfg: SFTConfig) -> InfoNCEConfig:
+    """Flags win over INFONCE_* environment variables, which win over defaults."""
+    return InfoNCEConfig.from_env(
+        temperature=cfg.infonce_temperature if cfg.infonce_temperature > 0 else None,
+        hard_negatives=cfg.infonce_hard_negatives if cfg.infonce_hard_negatives >= 0 else None,
+        use_batch=_opt_bool(cfg.infonce_use_batch),
+        mask_fake_negative=_opt_bool(cfg.infonce_mask_fake_negative),
+        include_qq=_opt_bool(cfg.infonce_include_qq), include_dd=_opt_bool(cfg.infonce_include_dd))
+
+
+@dataclass
+class TokenizedExample:
+    query: list[int]
+    doc: list[int]
+    negatives: list[list[int]]
+    label: float | None
+
+
+def tokenize_examples(examples: list[Example], tok: EmbeddingTokenizer, instruction: str,
+                      num_negatives: int) -> list[TokenizedExample]:
+    queries = tok.encode([format_query(e.query, instruction or None) for e in examples])
+    docs = tok.encode([e.response for e in examples])
+    negs = tok.encode([n for e in examples for n in e.negatives[:num_negatives]])
+    out, at = [], 0
+    for e, q, d in zip(examples, queries, docs):
+        k = min(num_negatives, len(e.negatives))
+        out.append(TokenizedExample(q, d, negs[at:at + k], e.label))
+        at += k
+    return out
+
+
+def make_micro_batch(rows: list[TokenizedExample], pad_id: int, pad_multiple: int) -> dict:
+    seqs = [r.query for r in rows] + [r.doc for r in rows] + [n for r in rows for n in r.negatives]
+    ids, lengths = pad_batch(seqs, pad_id, pad_multiple)
+    labels = torch.tensor([r.label for r in rows], dtype=torch.float32) if rows[0].label is not None else None
+    return {"ids": ids, "lengths": lengths, "m": len(rows), "k": len(rows[0].negatives), "labels": labels}
+
+
+class Trainer:
+    def __init__(self, cfg: SFTConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.parallel = ParallelConfig(
+            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+            expert_model_parallel_size=cfg.expert_model_parallel_size,
+            sequence_parallel=cfg.sequence_parallel)
+        init_parallel(self.parallel, seed=cfg.seed)
+        self.rank0 = dist.get_rank() == 0
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        per_step = cfg.micro_batch_size * self.dp
+        if cfg.global_batch_size % per_step:
+            raise ValueError(f"--global_batch_size {cfg.global_batch_size} must be divisible by "
+                             f"--micro_batch_size {cfg.micro_batch_size} x data parallel size {self.dp}")
+        self.num_microbatches = cfg.global_batch_size // per_step
+        self._build_model()
+        self._build_data()
+        self._build_optimizer()
+        self.logger = TrainLogger(cfg.save if self.rank0 else "", enabled=self.rank0)
+
+    # ------------------------------------------------------------------ setup
+    def _build_model(self):
+        cfg = self.cfg
+        self.loaded = load_model(cfg.model, self.parallel, bf16=cfg.bf16,
+                                 recompute_granularity=cfg.recompute_granularity or None)
+        self.module = self.loaded.model
+        self.module.train()
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.use_distributed_optimizer)
+        self.model = DistributedDataParallel(self.module.config, ddp_config, self.module)
+        self.loss_cfg = infonce_config(cfg) if cfg.loss_type == "infonce" else None
+
+    def _build_data(self):
+        cfg = self.cfg
+        examples, report = load_examples(cfg.dataset, cfg.loss_type, bad_rows=cfg.bad_rows, seed=cfg.seed)
+        self._log(f"train data: {report.summary()}")
+        for msg in report.messages:
+            self._log(f"  skipped: {msg}")
+        if cfg.val_dataset:
+            val, vreport = load_examples(cfg.val_dataset, cfg.loss_type, bad_rows=cfg.bad_rows, seed=cfg.seed)
+            self._log(f"eval data: {vreport.summary()}")
+        elif cfg.split_dataset_ratio > 0:
+            g = torch.Generator().manual_seed(cfg.seed)
+            order = torch.randperm(len(examples), generator=g).tolist()
+            n_val = max(1, int(len(examples) * cfg.split_dataset_ratio))
+            val = [examples[i] for i in order[:n_val]]
+            examples = [examples[i] for i in sorted(order[n_val:])]
+        else:
+            val = []
+        self.eval_examples = val[: cfg.eval_limit] if cfg.eval_limit else val
+        self.tokenizer = EmbeddingTokenizer(self.loaded.hf_dir, cfg.max_length)
+        k = 0
+        if cfg.loss_type == "infonce":
+            counts = [len(e.negatives) for e in examples]
+            k = min(counts)
+            if self.loss_cfg.hard_negatives is not None:
+                k = min(k, self.loss_cfg.hard_negatives)
+            if k < max(counts):
+                self._log(f"infonce: using {k} hard negatives per query (rows have {min(counts)}..{max(counts)})")
+        self.train = tokenize_examples(examples, self.tokenizer, cfg.query_instruction, k)
+        self._log(f"tokenized {len(self.train)} examples; {self.tokenizer.truncated} texts truncated "
+                  f"to --max_length {cfg.max_length}")
+        self.sampler = GlobalBatchSampler(len(self.train), cfg.global_batch_size, cfg.seed)
+        self.train_iters = cfg.train_iters or self.sampler.iterations_for_epochs(cfg.num_train_epochs)
+        self.pad_multiple = self.parallel.tensor_model_parallel_size if self.parallel.sequence_parallel else 1
+
+    def _build_optimizer(self):
+        cfg = self.cfg
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad,
+            bf16=cfg.bf16, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+            use_distributed_optimizer=cfg.use_distributed_optimizer)
+        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        warmup = int(cfg.lr_warmup_fraction * self.train_iters)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if warmup else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
+            lr_warmup_steps=warmup, lr_decay_steps=self.train_iters, lr_decay_style=cfg.lr_decay_style,
+            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=self.train_iters,
+            wd_incr_style="constant")
+        self.start_step = 0
+        if cfg.load and checkpoint.is_checkpoint(cfg.load):
+            self._load(cfg.load)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, is_loading: bool) -> dict:
+        model_sd = self.module.sharded_state_dict()
+        state = dict(model_sd)  # model keys at top level: same layout as `export --to_mcore`
+        if not self.cfg.finetune or not is_loading:
+            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+            state["opt_param_scheduler"] = self.scheduler.state_dict()
+            state["iteration"] = self.step
+        return state
+
+    def _load(self, root: str):
+        self.step = 0
+        state = checkpoint.load_checkpoint(root, self._state(is_loading=True))
+        self.module.load_state_dict({k: state[k] for k in self.module.sharded_state_dict()})
+        if not self.cfg.finetune:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["opt_param_scheduler"])
+            self.start_step = int(state["iteration"])
+        self._log(f"loaded {root} (iteration {self.start_step}{', weights only' if self.cfg.finetune else ''})")
+
+    def save(self):
+        path = checkpoint.save_checkpoint(self.cfg.save, self.step, self._state(is_loading=False),
+                                          self.loaded.hf_dir)
+        self._log(f"saved {path}")
+
+    # ------------------------------------------------------------------ one step
+    def _loss(self, batch: dict, emb: torch.Tensor):
+        m, k = batch["m"], batch["k"]
+        queries, docs = emb[:m], emb[m:2 * m]
+        group = parallel_state.get_data_parallel_group()
+        if self.cfg.loss_type == "infonce":
+            negatives = emb[2 * m:].reshape(m, k, emb.shape[-1])
+            fn = partial(info_nce, cfg=self.loss_cfg, group=group)
+            args = (queries, docs, negatives)
+        else:
+            fn = partial(PAIR_LOSSES[self.cfg.loss_type], **({} if self.cfg.loss_type == "cosine_similarity"
+                                                              else {"margin": self.cfg.margin}))
+            args = (queries, docs, batch["labels"].to(emb.device))
+        if self.cfg.mrl_dims:
+            fn = matryoshka(fn, self.cfg.mrl_dims)
+        loss = fn(*args)
+        return loss, {"loss": loss.detach().clone()}
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        device = platform.device()
+        emb = model(batch["ids"].to(device), batch["lengths"].to(device), normalize=True)
+        return emb, partial(self._loss, batch)
+
+    def train_step(self) -> dict:
+        rows = shard_for_rank(self.sampler.indices_for_step(self.step), self.dp_rank, self.dp)
+        batches = [make_micro_batch([self.train[i] for i in mb], self.tokenizer.pad_id, self.pad_multiple)
+                   for mb in micro_batches(rows, self.cfg.micro_batch_size)]
+        seq_len = max(b["ids"].shape[1] for b in batches)
+        for b in batches:  # one padded length per step: pipeline stages exchange [s, b, h]
+            if b["ids"].shape[1] < seq_len:
+                b["ids"] = torch.nn.functional.pad(b["ids"], (0, seq_len - b["ids"].shape[1]),
+                                                   value=self.tokenizer.pad_id)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
+            num_microbatches=len(batches), seq_length=seq_len,
+            micro_batch_size=batches[0]["ids"].shape[0], forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        loss = torch.stack([d["loss"] for d in losses]).mean() if losses else torch.zeros(())
+        loss = _average_loss(loss.float().to(platform.device()))
+        lengths = [int(n) for b in batches for n in b["lengths"]]
+        return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": self.scheduler.get_lr(
+            self.optimizer.param_groups[0]), "samples": self.cfg.global_batch_size,
+                "tokens": sum(lengths) * self.dp, "flops": train_flops(self.loaded.shape, lengths) * self.dp}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        if not self.eval_examples:
+            return {}
+        ex = self.eval_examples
+        queries = [format_query(e.query, self.cfg.query_instruction or None) for e in ex]
+        if self.cfg.loss_type == "infonce":
+            corpus = sorted(set(e.response for e in ex))
+            where = {t: i for i, t in enumerate(corpus)}
+            q = embed_texts(self.module, self.tokenizer, queries)
+            c = embed_texts(self.module, self.tokenizer, corpus)
+            metrics = retrieval_metrics(q, c, [{where[e.response]} for e in ex]) if self.rank0 else {}
+        else:
+            q = embed_texts(self.module, self.tokenizer, queries)
+            d = embed_texts(self.module, self.tokenizer, [e.response for e in ex])
+            metrics = pair_metrics(q, d, [e.label for e in ex]) if self.rank0 else {}
+        self.module.train()
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.step = self.start_step
+        history = {"eval_before": self.evaluate() if self.eval_examples else {}}
+        self.logger.log_eval(self.step, history["eval_before"])
+        progress = self.logger.progress(self.start_step, self.train_iters)
+        window, t0 = [], time.time()
+        for self.step in range(self.start_step, self.train_iters):
+            stats = self.train_step()
+            window.append(stats)
+            self.logger.record_loss(self.step + 1, stats["loss"])
+            progress.update(1)
+            progress.set_postfix(loss=f"{stats['loss']:.4f}")
+            done = self.step + 1
+            if done % cfg.log_interval == 0 or done == self.train_iters:
+                elapsed, t0 = time.time() - t0, time.time()
+                self.logger.log_interval(done, window, elapsed)
+                window = []
+            if cfg.eval_interval and done % cfg.eval_interval == 0 and done != self.train_iters:
+                self.logger.log_eval(done, self.evaluate())
+            if cfg.save and cfg.save_interval and done % cfg.save_interval == 0:
+                self.step = done
+                self.save()
+        self.step = self.train_iters
+        progress.close()
+        history["eval_after"] = self.evaluate() if self.eval_examples else {}
+        self.logger.log_eval(self.step, history["eval_after"])
+        if cfg.save:
+            if not (cfg.save_interval and self.train_iters % cfg.save_interval == 0):
+                self.save()
+            self.logger.finish()
+        history["losses"] = self.logger.losses
+        return history
+
+    def _log(self, msg: str):
+        if self.rank0:
+            print(msg, flush=True)
+
+
+def _average_loss(loss: torch.Tensor) -> float:
+    """The step's loss (known on the last pipeline stage) averaged over data-parallel ranks."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        if not parallel_state.is_pipeline_last_stage():
+            loss = torch.zeros_like(loss)
+        dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
+    dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    return loss.item() / parallel_state.get_data_parallel_world_size()
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    trainer = Trainer(cfg)
+    history = trainer.run()
+    if cfg.save:
+        hf_out = os.path.join(cfg.save, "hf_model")
+        del trainer
+        export_final_hf(cfg, hf_out)
+        history["hf_dir"] = hf_out
+    return history
+
+
+def export_final_hf(cfg: SFTConfig, out: str) -> None:
+    """Re-group all ranks as TP=PP=1 and write the last checkpoint as an HF model."""
+    init_parallel(ParallelConfig(), seed=cfg.seed)
+    export.mcore_to_hf(cfg.save, out, bf16=cfg.bf16)
