@@ -22,7 +22,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                       finalize_model_grads)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -122,6 +123,9 @@ class Trainer:
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=cfg.use_distributed_optimizer)
         self.model = DistributedDataParallel(self.module.config, ddp_config, self.module)
+        # run by the schedule after the last backward: all-reduces grads over data-parallel
+        # ranks (and SP layernorm / PP embedding grads); without it DP replicas diverge
+        self.module.config.finalize_model_grads_func = finalize_model_grads
         self.loss_cfg = infonce_config(cfg) if cfg.loss_type == "infonce" else None
 
     def _build_data(self):
