@@ -82,6 +82,8 @@ def add_dataclass_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(f"--{f.name}", type=str2bool, default=None)
         else:
             p.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(kind, str), default=None)
+    p.add_argument("--eval_dataset", dest="val_dataset", nargs="+", default=None,
+                   help="alias of --val_dataset")
 
 
 def sft_config(args):

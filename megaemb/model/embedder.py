@@ -35,6 +35,7 @@ class EmbeddingModel(MegatronModule):
         self.post_process = post_process
         self.pad_token_id = pad_token_id
         self.model_type = "encoder_or_decoder"  # read by megatron's schedules
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads (no output layer)
         if pre_process:
             self.embedding = LanguageModelEmbedding(
                 config=config, vocab_size=shape.padded_vocab_size,
