@@ -118,7 +118,7 @@ def _tp_of(param) -> tuple[int, int]:
             parallel_state.get_tensor_model_parallel_world_size())
 
 
-def global_index(model, name: str, local: dict[str, int]) -> dict[str, int]:
+def global_index(model, local: dict[str, int]) -> dict[str, int]:
     """Translate a stage-local layer / EP-local expert index to the checkpoint's global one."""
     out = dict(local)
     if "layer" in local:
@@ -138,7 +138,7 @@ def load_hf_into_model(model, ckpt: HFCheckpoint) -> None:
     table = qwen3_mappings(shape)
     for name, param in model.named_parameters():
         rule, local = find_mapping(table, name)
-        index = global_index(model, name, local)
+        index = global_index(model, local)
         hf_names = rule.hf_names(**index)
         rank, size = _tp_of(param)
         dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
