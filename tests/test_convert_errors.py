@@ -12,8 +12,16 @@ from megaemb.convert.mapping import hf_names_for, merge, qwen3_mappings, split
 from megaemb.model.qwen3 import Qwen3Shape
 
 
-def _copy(src, dst):
+def _copy(src, dst, **config_changes):
+    """Copy a checkpoint dir, optionally changing fields of its config.json."""
     shutil.copytree(src, dst)
+    if config_changes:
+        path = os.path.join(dst, "config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg.update(config_changes)
+        with open(path, "w") as f:
+            json.dump(cfg, f)
     return str(dst)
 
 
@@ -67,10 +75,7 @@ def test_missing_directory_and_config(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_unknown_architecture(tiny_models, tmp_path):
-    d = _copy(tiny_models["dense"], tmp_path / "llama")
-    cfg = json.load(open(os.path.join(d, "config.json")))
-    cfg["model_type"] = "llama"
-    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    d = _copy(tiny_models["dense"], tmp_path / "llama", model_type="llama")
     with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
         HFCheckpoint(d)
 
@@ -103,10 +108,7 @@ def test_shape_mismatch_is_named(tiny_models, tmp_path):
     from megaemb.convert.load import load_model
     from megaemb.parallel import destroy_parallel, init_parallel
 
-    d = _copy(tiny_models["dense"], tmp_path / "shape")
-    cfg = json.load(open(os.path.join(d, "config.json")))
-    cfg["intermediate_size"] = 96
-    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    d = _copy(tiny_models["dense"], tmp_path / "shape", intermediate_size=96)
     init_parallel(ParallelConfig())
     try:
         with pytest.raises(ConversionError, match=r"layers.0.mlp.gate_proj.weight\+layers.0.mlp.up_proj.weight gives shape"):
