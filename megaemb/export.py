@@ -1,10 +1,11 @@
 """``megaemb export``: HF -> megaemb MCore checkpoint, and MCore -> HF (+ sentence-transformers).
 
-Both directions write into ``<output_dir>.tmp`` and rename at the end, so a failed or killed
-export never leaves ``output_dir`` looking complete.
+Both directions write into ``<output_dir>.tmp`` and rename at the end (the temp dir is removed
+on failure), so a failed or killed export never leaves ``output_dir`` looking complete.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -45,12 +46,25 @@ def _publish(tmp: str, output_dir: str) -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _staged(output_dir: str):
+    """Yield the temp dir to write into; rename it to ``output_dir`` on success, remove it on
+    failure."""
+    tmp = _prepare(output_dir)
+    try:
+        yield tmp
+    except BaseException:
+        if _rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, output_dir)
+
+
 def hf_to_mcore(model_dir: str, output_dir: str, parallel: ParallelConfig, bf16: bool = False):
     """Collective. Each rank reads its slices of the HF weights and saves its shard."""
-    tmp = _prepare(output_dir)
-    loaded = load_model(model_dir, parallel, bf16=bf16)
-    checkpoint.save_checkpoint(tmp, 0, loaded.model.sharded_state_dict(), loaded.hf_dir)
-    _publish(tmp, output_dir)
+    with _staged(output_dir) as tmp:
+        loaded = load_model(model_dir, parallel, bf16=bf16)
+        checkpoint.save_checkpoint(tmp, 0, loaded.model.sharded_state_dict(), loaded.hf_dir)
     return loaded
 
 
@@ -61,8 +75,7 @@ def mcore_to_hf(mcore_dir: str, output_dir: str, bf16: bool = False,
     if parallel_state.get_model_parallel_group().size() != 1:
         raise ValueError("export --to_hf runs with tensor/pipeline/expert parallel size 1 "
                          "(the MCore checkpoint is resharded on load)")
-    tmp = _prepare(output_dir)
-    loaded = load_model(mcore_dir, ParallelConfig(), bf16=bf16)
-    if _rank0():
-        write_hf_model(loaded.model, loaded.hf_config, loaded.hf_dir, tmp, max_shard_bytes)
-    _publish(tmp, output_dir)
+    with _staged(output_dir) as tmp:
+        loaded = load_model(mcore_dir, ParallelConfig(), bf16=bf16)
+        if _rank0():
+            write_hf_model(loaded.model, loaded.hf_config, loaded.hf_dir, tmp, max_shard_bytes)

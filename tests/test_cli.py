@@ -89,4 +89,4 @@ def test_failed_export_leaves_no_output(tiny_models, tmp_path):
     r = megaemb("export", "--model", str(bad), "--to_mcore", "true", "--output_dir", str(out))
     assert r.returncode == 2
     assert "no model.safetensors" in r.stderr and "Traceback" not in r.stderr
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "out.tmp").exists()
