@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--test_convert_precision", type=str2bool, default=False,
                    help="compare the converted model with transformers on sample texts")
     e.add_argument("--max_shard_size", default="5GB", help="HF safetensors shard size (--to_hf)")
+    e.add_argument("--iteration", type=int, default=None,
+                   help="checkpoint iteration to export with --to_hf (default: the latest)")
+    e.add_argument("--overwrite", type=str2bool, default=False,
+                   help="replace an existing, non-empty --output_dir")
     add_parallel_flags(e)
 
     m = sub.add_parser("embed", help="embed texts with an HF or MCore checkpoint")
@@ -128,13 +132,15 @@ def parse_size(text: str) -> int:
 
 def run_export(args) -> None:
     from megaemb import export
+    from megaemb.config import ParallelConfig
     from megaemb.convert.verify import compare_with_transformers
     from megaemb.parallel import init_parallel
 
     if args.to_mcore == args.to_hf:
         raise SystemExit("megaemb export: give exactly one of --to_mcore true / --to_hf true")
     parallel = parallel_config(args)
-    init_parallel(parallel, seed=args.seed)
+    # --to_hf converts with TP=PP=EP=1; the parallel flags then only shape the precision test
+    init_parallel(parallel if args.to_mcore else ParallelConfig(), seed=args.seed)
     if args.to_mcore:
         if not args.model:
             raise SystemExit("megaemb export --to_mcore true needs --model HF_DIR")
@@ -144,7 +150,8 @@ def run_export(args) -> None:
         if not args.mcore_model:
             raise SystemExit("megaemb export --to_hf true needs --mcore_model DIR")
         export.mcore_to_hf(args.mcore_model, args.output_dir, bf16=args.bf16,
-                           max_shard_bytes=parse_size(args.max_shard_size))
+                           max_shard_bytes=parse_size(args.max_shard_size),
+                           iteration=args.iteration, overwrite=args.overwrite)
         hf_weights = args.output_dir
         loaded = None
     _rank0_print(f"megaemb export: wrote {args.output_dir}")
@@ -152,6 +159,7 @@ def run_export(args) -> None:
         if loaded is None:
             from megaemb.convert.load import load_model
 
+            init_parallel(parallel, seed=args.seed)
             loaded = load_model(args.mcore_model, parallel, bf16=args.bf16)
         stats = compare_with_transformers(loaded.model, hf_weights, loaded.hf_dir)
         if stats:

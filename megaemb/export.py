@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
@@ -22,9 +23,9 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _prepare(output_dir: str) -> str:
-    """Refuse to overwrite a non-empty directory; return the temp dir to write into."""
-    if os.path.exists(output_dir) and os.listdir(output_dir):
+def _prepare(output_dir: str, overwrite: bool) -> str:
+    """Refuse to overwrite a non-empty directory (unless asked); return the temp dir."""
+    if not overwrite and os.path.exists(output_dir) and os.listdir(output_dir):
         raise FileExistsError(f"{output_dir}: output directory exists and is not empty")
     tmp = output_dir.rstrip("/") + ".tmp"
     if _rank0():
@@ -40,17 +41,17 @@ def _publish(tmp: str, output_dir: str) -> None:
         dist.barrier()
     if _rank0():
         if os.path.isdir(output_dir):
-            os.rmdir(output_dir)  # empty (checked in _prepare)
+            shutil.rmtree(output_dir)  # empty unless overwrite was asked for
         os.replace(tmp, output_dir)
     if dist.is_initialized():
         dist.barrier()
 
 
 @contextlib.contextmanager
-def _staged(output_dir: str):
+def _staged(output_dir: str, overwrite: bool = False):
     """Yield the temp dir to write into; rename it to ``output_dir`` on success, remove it on
     failure."""
-    tmp = _prepare(output_dir)
+    tmp = _prepare(output_dir, overwrite)
     try:
         yield tmp
     except BaseException:
@@ -69,13 +70,16 @@ def hf_to_mcore(model_dir: str, output_dir: str, parallel: ParallelConfig, bf16:
 
 
 def mcore_to_hf(mcore_dir: str, output_dir: str, bf16: bool = False,
-                max_shard_bytes: int = 5 * 2**30) -> None:
-    """Loads the whole model on each rank (TP=PP=EP=1; extra ranks are data-parallel copies)
-    and rank 0 writes the HF directory."""
+                max_shard_bytes: int = 5 * 2**30, iteration: int | None = None,
+                overwrite: bool = False) -> None:
+    """Collective over ranks grouped with TP=PP=EP=1 (extra ranks are data-parallel copies;
+    the checkpoint, saved under any layout, is resharded on load one tensor at a time);
+    global rank 0 writes the HF directory."""
     if parallel_state.get_model_parallel_group().size() != 1:
         raise ValueError("export --to_hf runs with tensor/pipeline/expert parallel size 1 "
                          "(the MCore checkpoint is resharded on load)")
-    with _staged(output_dir) as tmp:
-        loaded = load_model(mcore_dir, ParallelConfig(), bf16=bf16)
-        if _rank0():
-            write_hf_model(loaded.model, loaded.hf_config, loaded.hf_dir, tmp, max_shard_bytes)
+    if not checkpoint.is_checkpoint(mcore_dir):
+        raise FileNotFoundError(f"{mcore_dir}: not a megaemb checkpoint (no megaemb.json)")
+    with _staged(output_dir, overwrite) as tmp:
+        write_hf_model(mcore_dir, tmp, iteration=iteration, max_shard_bytes=max_shard_bytes,
+                       dtype=torch.bfloat16 if bf16 else torch.float32)

@@ -13,8 +13,9 @@ in-batch negatives over the data-parallel group with gradient.
 """
 from __future__ import annotations
 
-import math
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +29,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megaemb import checkpoint, export, platform
+from megaemb import checkpoint, platform
 from megaemb.config import ParallelConfig, SFTConfig
 from megaemb.convert.load import load_model
 from megaemb.data.batching import pad_batch
@@ -204,6 +205,27 @@ class Trainer:
         path = checkpoint.save_checkpoint(self.cfg.save, self.step, self._state(is_loading=False),
                                           self.loaded.hf_dir)
         self._log(f"saved {path}")
+        if self.cfg.save_hf:
+            self.export_hf(path + "_hf", iteration=self.step)
+
+    def export_hf(self, out: str, iteration: int | None = None):
+        """HF + sentence-transformers export of a saved iteration.
+
+        The conversion needs TP=PP=EP=1 process groups, so global rank 0 runs it as a
+        single-process ``megaemb export`` (streamed: one checkpoint tensor at a time) while the
+        other ranks wait; training's groups stay untouched."""
+        if self.rank0:
+            cmd = [sys.executable, "-m", "megaemb.cli", "export", "--mcore_model", self.cfg.save,
+                   "--to_hf", "true", "--output_dir", out, "--overwrite", "true",
+                   "--bf16", str(self.cfg.bf16)]
+            if iteration is not None:
+                cmd += ["--iteration", str(iteration)]
+            env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV}
+            result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if result.returncode:
+                raise RuntimeError(f"HF export of {self.cfg.save} failed:\n{result.stderr[-3000:]}")
+            self._log(f"exported {out}")
+        dist.barrier()
 
     # ------------------------------------------------------------------ one step
     def _loss(self, batch: dict, emb: torch.Tensor):
@@ -314,6 +336,11 @@ class Trainer:
             print(msg, flush=True)
 
 
+# torchrun's variables: the export subprocess must start its own one-process job
+_RANK_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+             "MASTER_PORT", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "TORCHELASTIC_RUN_ID"}
+
+
 def _average_loss(loss: torch.Tensor) -> float:
     """The step's loss (known on the last pipeline stage) averaged over data-parallel ranks."""
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -325,17 +352,10 @@ def _average_loss(loss: torch.Tensor) -> float:
 
 
 def run_sft(cfg: SFTConfig) -> dict:
+    """Train; with ``--save``, end with an HF export of the last checkpoint in ``<save>/hf_model``."""
     trainer = Trainer(cfg)
     history = trainer.run()
     if cfg.save:
-        hf_out = os.path.join(cfg.save, "hf_model")
-        del trainer
-        export_final_hf(cfg, hf_out)
-        history["hf_dir"] = hf_out
+        history["hf_dir"] = os.path.join(cfg.save, "hf_model")
+        trainer.export_hf(history["hf_dir"])
     return history
-
-
-def export_final_hf(cfg: SFTConfig, out: str) -> None:
-    """Re-group all ranks as TP=PP=1 and write the last checkpoint as an HF model."""
-    init_parallel(ParallelConfig(), seed=cfg.seed)
-    export.mcore_to_hf(cfg.save, out, bf16=cfg.bf16)

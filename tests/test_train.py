@@ -21,6 +21,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from distributed import run_distributed
 
@@ -258,3 +259,38 @@ def test_sigkill_after_save_then_resume(tiny_models, tmp_path):
     lr, lf = losses(resumed), losses(full)
     assert sorted(lr) == [3, 4] and sorted(lf) == [1, 2, 3, 4], (lr, lf)
     assert all(lr[s] == lf[s] for s in (3, 4)), (lr, lf)
+
+
+# ------------------------------------------------------------------------------ HF exports
+
+def _train_with_hf_exports(rank, world, model, save):
+    from hf_reference import random_batch
+    from megaemb.config import ParallelConfig
+    from megaemb.convert.load import load_model
+    from megaemb.inference import forward_embeddings
+    from megaemb.parallel import init_parallel
+    from megaemb.train import run_sft
+
+    run_sft(_cfg(model, train_iters=2, save=save, save_interval=1, save_hf=True,
+                 tensor_model_parallel_size=2))
+    parallel = ParallelConfig(tensor_model_parallel_size=2)
+    init_parallel(parallel)
+    ids, lengths = random_batch()
+    return forward_embeddings(load_model(save, parallel).model, ids, lengths)
+
+
+@pytest.mark.timeout(400)
+def test_save_hf_exports_each_save_and_the_end(tiny_models, tmp_path):
+    from hf_reference import compare, hf_embeddings, random_batch
+    from safetensors.torch import load_file
+
+    save = str(tmp_path / "run")
+    trained = run_distributed(_train_with_hf_exports, 2, tiny_models["dense"], save, timeout=360)[0]
+    weights = {d: load_file(os.path.join(save, d, "model.safetensors"))
+               for d in ("iter_0000001_hf", "iter_0000002_hf", "hf_model")}
+    key = "layers.0.mlp.down_proj.weight"
+    assert torch.equal(weights["iter_0000002_hf"][key], weights["hf_model"][key])
+    assert not torch.equal(weights["iter_0000001_hf"][key], weights["hf_model"][key])
+    # the exported HF model embeds like the trained MCore checkpoint
+    stats = compare(hf_embeddings(os.path.join(save, "hf_model"), *random_batch()), trained)
+    assert stats["cos_min"] >= 0.99999, stats

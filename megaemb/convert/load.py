@@ -1,7 +1,6 @@
 """Build this rank's ``EmbeddingModel`` from an HF directory or a megaemb MCore checkpoint."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 

@@ -1,62 +1,134 @@
-"""A whole (TP=PP=EP=1) megatron-core ``EmbeddingModel`` -> HF safetensors + config + tokenizer
-+ sentence-transformers files, written tensor by tensor into size-capped shards."""
+"""megaemb MCore checkpoint -> HF safetensors + config + tokenizer + sentence-transformers files.
+
+Streamed: the model is built on the ``meta`` device (no weights); each checkpoint tensor is
+read on its own (``dist_checkpointing.load`` of a partial sharded state dict, resharded to
+TP=PP=EP=1), split into HF tensors by the conversion table and appended to the current output
+shard, which is written as soon as it is full. Peak memory: the largest checkpoint tensor (one
+weight kind stacked over layers) + one output shard. Every rank reads (the load is collective); only
+global rank 0 writes.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
 from safetensors.torch import save_file
 
-from megaemb.checkpoint import copy_hf_files
+from megaemb import checkpoint
+from megaemb.config import ParallelConfig
+from megaemb.convert.hf_to_mcore import read_hf_config
 from megaemb.convert.mapping import find_mapping, qwen3_mappings, split
 from megaemb.convert.st_files import append_end_token, write_st_files
+from megaemb.model.embedder import EmbeddingModel
+from megaemb.model.qwen3 import Qwen3Shape, transformer_config
 
 ARCHITECTURES = {"qwen3": "Qwen3Model", "qwen3_moe": "Qwen3MoeModel"}
 
 
-def hf_state(model):
-    """Yield ``(hf_name, tensor)`` for every HF tensor of a whole model (no copies for renames)."""
-    table = qwen3_mappings(model.shape)
-    for name, param in model.named_parameters():
-        rule, index = find_mapping(table, name)
-        yield from zip(rule.hf_names(**index), split(rule.kind, param.detach(), model.shape))
+def _materialise(sharded):
+    """A copy of a (meta) ShardedTensor / factory whose data is an empty CPU tensor to load into."""
+    data = sharded.data
+    return dataclasses.replace(sharded, data=torch.empty(data.shape, dtype=data.dtype, device="cpu"))
 
 
-def write_hf_weights(model, out_dir: str, max_shard_bytes: int = 5 * 2**30) -> list[str]:
-    """Write ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + index)."""
-    shards, current, size = [], {}, 0
-    for name, tensor in hf_state(model):
+def stream_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
+                      iteration: int | None = None):
+    """Yield ``(hf_name, tensor)`` for every HF tensor, one checkpoint tensor at a time.
+
+    A checkpoint tensor is what megatron stores under one key: per-layer weights are stacked
+    over layers (``decoder.layers.mlp.linear_fc1.weight`` is ``[layers, 2f, h]``), so the
+    unit of loading is one weight kind for all layers. (Loading one layer's slice alone is
+    not possible in a single process: megatron's torch_dist loader then expects every slice.)
+    """
+    config = transformer_config(shape, ParallelConfig(), bf16=dtype == torch.bfloat16)
+    config.use_cpu_initialization, config.perform_initialization = True, False
+    with torch.device("meta"):
+        model = EmbeddingModel(config, shape)
+    sharded = model.sharded_state_dict()
+    groups: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        groups.setdefault(sharded[name].key, []).append(name)
+    if iteration is None:
+        iteration = checkpoint.latest_iteration(mcore_dir)
+    iteration_dir = checkpoint.iter_dir(mcore_dir, iteration)
+    table = qwen3_mappings(shape)
+    for names in groups.values():
+        loaded = dist_checkpointing.load({n: _materialise(sharded[n]) for n in names}, iteration_dir)
+        for name in names:
+            rule, index = find_mapping(table, name)
+            yield from zip(rule.hf_names(**index), split(rule.kind, loaded.pop(name), shape))
+
+
+class ShardWriter:
+    """Collects tensors into shards of at most ``max_bytes`` and writes each when full.
+
+    Shards are written as ``model-0000i.safetensors.part`` and renamed by :meth:`close` to
+    ``model.safetensors`` (one shard) or ``model-0000i-of-0000n.safetensors`` + index."""
+
+    def __init__(self, out_dir: str, max_bytes: int, write: bool = True):
+        self.out_dir, self.max_bytes, self.write = out_dir, max_bytes, write
+        self.current: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.parts: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor.contiguous()
-        size += nbytes
-    shards.append(current)
-    files = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    weight_map = {}
-    for file, shard in zip(files, shards):
-        save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
-        weight_map.update({k: file for k in shard})
-    if len(files) > 1:
-        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return files
+        if self.current and self.size + nbytes > self.max_bytes:
+            self._flush()
+        self.current[name] = tensor.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _part(self, i: int) -> str:
+        return os.path.join(self.out_dir, f"model-{i + 1:05d}.safetensors.part")
+
+    def _flush(self) -> None:
+        if self.write:
+            save_file(self.current, self._part(len(self.parts)), metadata={"format": "pt"})
+        self.parts.append(list(self.current))
+        self.current, self.size = {}, 0
+
+    def close(self) -> list[str]:
+        self._flush()
+        n = len(self.parts)
+        files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                                                      for i in range(n)]
+        if not self.write:
+            return files
+        for i, file in enumerate(files):
+            os.replace(self._part(i), os.path.join(self.out_dir, file))
+        if n > 1:
+            weight_map = {name: file for file, names in zip(files, self.parts) for name in names}
+            with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
+        return files
 
 
-def write_hf_model(model, hf_config: dict, tokenizer_dir: str, out_dir: str,
-                   max_shard_bytes: int = 5 * 2**30, max_seq_length: int = 8192) -> None:
-    """Everything ``AutoModel`` and ``SentenceTransformer`` need, into ``out_dir`` (must exist)."""
-    write_hf_weights(model, out_dir, max_shard_bytes)
-    copy_hf_files(tokenizer_dir, out_dir)
+def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None,
+                   dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 2**30,
+                   max_seq_length: int = 8192) -> None:
+    """Collective. Everything ``AutoModel`` and ``SentenceTransformer`` need, into ``out_dir``
+    (which must exist), from ``iteration`` (default: the latest); written by global rank 0."""
+    hf_dir = os.path.join(mcore_dir, "hf")
+    hf_config = read_hf_config(hf_dir)
+    shape = Qwen3Shape.from_hf(hf_config, os.path.join(hf_dir, "config.json"))
+    write = not dist.is_initialized() or dist.get_rank() == 0
+    writer = ShardWriter(out_dir, max_shard_bytes, write)
+    for name, tensor in stream_hf_tensors(mcore_dir, shape, dtype, iteration):
+        writer.add(name, tensor)
+    writer.close()
+    if not write:
+        return
+    checkpoint.copy_hf_files(hf_dir, out_dir)
     config = dict(hf_config)
     config["architectures"] = [ARCHITECTURES[config["model_type"]]]
-    config["torch_dtype"] = config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     append_end_token(out_dir)
-    write_st_files(out_dir, model.shape.hidden_size,
-                   min(max_seq_length, model.shape.max_position_embeddings))
+    write_st_files(out_dir, shape.hidden_size, min(max_seq_length, shape.max_position_embeddings))
