@@ -56,6 +56,45 @@ def copy_hf_files(src: str, dst: str) -> None:
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
+def rng_state_object():
+    """This rank's RNG states as a megatron ``ShardedObject``: one entry per (PP, TP) rank,
+    saved by data-parallel rank 0 (replicas share them)."""
+    import random
+
+    import numpy as np
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megaemb import platform
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(), "accelerator": platform.accelerator_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    return ShardedObject("rng_state", state,
+                         (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of :func:`rng_state_object` (given the loaded object's data)."""
+    import random
+
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    from megaemb import platform
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    platform.set_accelerator_rng_state(state["accelerator"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, hf_source: str) -> str:
     """Collective: every rank passes its sharded state dict. Returns the iteration directory."""
     final, tmp = iter_dir(root, iteration), iter_dir(root, iteration) + ".tmp"

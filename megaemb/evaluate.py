@@ -33,13 +33,19 @@ def _check_relevant(relevant: Sequence[set[int]], num_queries: int, corpus_size:
             raise ValueError(f"query {i}: relevant ids {bad} outside the corpus [0, {corpus_size})")
 
 
-def _top_indices(queries: torch.Tensor, corpus: torch.Tensor, top: int,
-                 max_scores: int) -> torch.Tensor:
-    """Corpus ids ``[nq, top]`` by descending cosine, scoring ``max_scores // nc`` queries
-    (at least one) at a time. Ties are ordered arbitrarily."""
+def _scan(queries: torch.Tensor, corpus: torch.Tensor, relevant: Sequence[set[int]], top: int,
+          max_scores: int) -> tuple[torch.Tensor, float, float]:
+    """One pass over the scores, ``max_scores // nc`` queries (at least one) at a time:
+    corpus ids ``[nq, top]`` by descending cosine (ties in arbitrary order), the sum of the
+    relevant pairs' cosines and the sum of all cosines."""
     chunk = max(1, max_scores // corpus.shape[0])
-    return torch.cat([torch.topk(queries[i:i + chunk] @ corpus.T, top, dim=1).indices
-                      for i in range(0, queries.shape[0], chunk)])
+    tops, pos, total = [], 0.0, 0.0
+    for i in range(0, queries.shape[0], chunk):
+        scores = queries[i:i + chunk] @ corpus.T
+        tops.append(torch.topk(scores, top, dim=1).indices)
+        total += scores.sum().item()
+        pos += sum(scores[r, list(relevant[i + r])].sum().item() for r in range(scores.shape[0]))
+    return torch.cat(tops), pos, total
 
 
 def retrieval_metrics(query_emb, corpus_emb, relevant: Sequence[set[int]],
@@ -53,13 +59,15 @@ def retrieval_metrics(query_emb, corpus_emb, relevant: Sequence[set[int]],
     relevant); nDCG@k = sum over relevant hits in the top k of 1/log2(rank+1), divided by its
     ideal value sum_{r=1..min(|relevant|, k)} 1/log2(r+1); MRR@K = 1/rank of the first
     relevant doc within the top K = max(ks), else 0. Keys: ``recall@k``, ``ndcg@k``,
-    ``mrr@K``. At most ``max_scores`` scores exist at once (queries are chunked).
+    ``mrr@K``; ``mean_pos_sim`` / ``mean_neg_sim``: mean cosine of relevant / all other
+    (query, corpus) pairs. At most ``max_scores`` scores exist at once (queries are chunked).
     """
     queries, corpus = _unit_rows(query_emb, "query_emb"), _unit_rows(corpus_emb, "corpus_emb")
     _check_relevant(relevant, queries.shape[0], corpus.shape[0])
     ks = sorted(set(ks))
     top = min(ks[-1], corpus.shape[0])
-    ranked = _top_indices(queries, corpus, top, max_scores).tolist()
+    ranked, pos_sum, all_sum = _scan(queries, corpus, relevant, top, max_scores)
+    ranked = ranked.tolist()
     hits = np.array([[doc in rel for doc in row] for row, rel in zip(ranked, relevant)],
                     dtype=np.float64).reshape(len(ranked), top)  # [nq, top]
     num_relevant = np.array([len(rel) for rel in relevant], dtype=np.float64)
@@ -72,6 +80,9 @@ def retrieval_metrics(query_emb, corpus_emb, relevant: Sequence[set[int]],
         out[f"ndcg@{k}"] = float(np.mean(discounted[:, :k].sum(1) / best))
     first = np.where(hits.any(1), 1.0 / (hits.argmax(1) + 1), 0.0)
     out[f"mrr@{ks[-1]}"] = float(np.mean(first))
+    num_pos, num_pairs = num_relevant.sum(), queries.shape[0] * corpus.shape[0]
+    out["mean_pos_sim"] = pos_sum / num_pos
+    out["mean_neg_sim"] = (all_sum - pos_sum) / (num_pairs - num_pos) if num_pairs > num_pos else float("nan")
     return out
 
 

@@ -67,6 +67,16 @@ def peak_flops() -> float | None:
     return next((v for k, v in _PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def accelerator_rng_state():
+    """The CUDA generator state (None on CPU, where the CPU generator is the only one)."""
+    return torch.cuda.get_rng_state() if has_cuda() else None
+
+
+def set_accelerator_rng_state(state) -> None:
+    if state is not None and has_cuda():
+        torch.cuda.set_rng_state(state)
+
+
 def memory_stats() -> dict[str, float]:
     """Peak memory of this rank in GiB: accelerator memory on CUDA, resident set size on CPU."""
     if has_cuda():

@@ -14,6 +14,7 @@ in-batch negatives over the data-parallel group with gradient.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
@@ -70,16 +71,38 @@ class TokenizedExample:
     label: float | None
 
 
-def tokenize_examples(examples: list[Example], tok: EmbeddingTokenizer, instruction: str,
-                      num_negatives: int) -> list[TokenizedExample]:
+def fixed_negatives(examples: list[Example], k: int, seed: int) -> tuple[list[list[str]], int]:
+    """Exactly ``k`` hard negatives per example (the loss needs ``[b, k, d]``), as ms-swift:
+    the first ``k`` when a row has more; a row with fewer is topped up by drawing its own
+    negatives again (seeded, with replacement), and a row with none by drawing other rows'
+    positives. Returns the lists and how many rows were topped up."""
+    rng = random.Random(seed)
+
+    def draw(i: int) -> str:
+        if examples[i].negatives:
+            return rng.choice(examples[i].negatives)
+        if len(examples) < 2:
+            raise ValueError(f"{examples[i].source}: no hard negatives and no other rows to draw from")
+        j = rng.randrange(len(examples) - 1)
+        return examples[j + (j >= i)].response  # any row but i
+
+    out, topped = [], 0
+    for i, e in enumerate(examples):
+        negs = list(e.negatives[:k])
+        topped += len(negs) < k
+        out.append(negs + [draw(i) for _ in range(k - len(negs))])
+    return out, topped
+
+
+def tokenize_examples(examples: list[Example], negatives: list[list[str]], tok: EmbeddingTokenizer,
+                      instruction: str) -> list[TokenizedExample]:
     queries = tok.encode([format_query(e.query, instruction or None) for e in examples])
     docs = tok.encode([e.response for e in examples])
-    negs = tok.encode([n for e in examples for n in e.negatives[:num_negatives]])
+    flat = tok.encode([n for row in negatives for n in row])
     out, at = [], 0
-    for e, q, d in zip(examples, queries, docs):
-        k = min(num_negatives, len(e.negatives))
-        out.append(TokenizedExample(q, d, negs[at:at + k], e.label))
-        at += k
+    for e, q, d, row in zip(examples, queries, docs, negatives):
+        out.append(TokenizedExample(q, d, flat[at:at + len(row)], e.label))
+        at += len(row)
     return out
 
 
@@ -151,12 +174,13 @@ class Trainer:
         k = 0
         if cfg.loss_type == "infonce":
             counts = [len(e.negatives) for e in examples]
-            k = min(counts)
-            if self.loss_cfg.hard_negatives is not None:
-                k = min(k, self.loss_cfg.hard_negatives)
-            if k < max(counts):
-                self._log(f"infonce: using {k} hard negatives per query (rows have {min(counts)}..{max(counts)})")
-        self.train = tokenize_examples(examples, self.tokenizer, cfg.query_instruction, k)
+            k = max(counts) if self.loss_cfg.hard_negatives is None else self.loss_cfg.hard_negatives
+            negatives, topped = fixed_negatives(examples, k, cfg.seed)
+            self._log(f"infonce: {k} hard negatives per query (rows have {min(counts)}..{max(counts)}; "
+                      f"{topped} rows topped up by resampling)")
+        else:
+            negatives = [[] for _ in examples]
+        self.train = tokenize_examples(examples, negatives, self.tokenizer, cfg.query_instruction)
         self._log(f"tokenized {len(self.train)} examples; {self.tokenizer.truncated} texts truncated "
                   f"to --max_length {cfg.max_length}")
         self.sampler = GlobalBatchSampler(len(self.train), cfg.global_batch_size, cfg.seed)
@@ -189,6 +213,7 @@ class Trainer:
             state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
             state["opt_param_scheduler"] = self.scheduler.state_dict()
             state["iteration"] = self.step
+            state["rng_state"] = checkpoint.rng_state_object()
         return state
 
     def _load(self, root: str):
@@ -199,6 +224,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["opt_param_scheduler"])
             self.start_step = int(state["iteration"])
+            checkpoint.restore_rng_state(state["rng_state"])
         self._log(f"loaded {root} (iteration {self.start_step}{', weights only' if self.cfg.finetune else ''})")
 
     def save(self):
@@ -237,8 +263,8 @@ class Trainer:
             fn = partial(info_nce, cfg=self.loss_cfg, group=group)
             args = (queries, docs, negatives)
         else:
-            fn = partial(PAIR_LOSSES[self.cfg.loss_type], **({} if self.cfg.loss_type == "cosine_similarity"
-                                                              else {"margin": self.cfg.margin}))
+            margin = {} if self.cfg.loss_type == "cosine_similarity" else {"margin": self.cfg.margin}
+            fn = partial(PAIR_LOSSES[self.cfg.loss_type], **margin)
             args = (queries, docs, batch["labels"].to(emb.device))
         if self.cfg.mrl_dims:
             fn = matryoshka(fn, self.cfg.mrl_dims)

@@ -23,7 +23,8 @@ CORPUS = _at_angles(*[0.1 * i for i in range(15)])  # corpus id i is ranked i+1 
 def test_perfect_retrieval_scores_one():
     emb = torch.eye(6)
     got = retrieval_metrics(emb, emb, [{i} for i in range(6)])
-    assert got == {"recall@1": 1.0, "ndcg@1": 1.0, "recall@10": 1.0, "ndcg@10": 1.0, "mrr@10": 1.0}
+    assert got == {"recall@1": 1.0, "ndcg@1": 1.0, "recall@10": 1.0, "ndcg@10": 1.0, "mrr@10": 1.0,
+                   "mean_pos_sim": 1.0, "mean_neg_sim": 0.0}
 
 
 def test_positive_at_rank_three():
@@ -41,7 +42,11 @@ def test_two_relevant_documents():
 
 def test_relevant_outside_the_cutoff_scores_zero():
     got = retrieval_metrics(QUERY, CORPUS, [{11}])  # rank 12
+    sims = {k: got.pop(k) for k in ("mean_pos_sim", "mean_neg_sim")}
     assert got == {"recall@1": 0.0, "ndcg@1": 0.0, "recall@10": 0.0, "ndcg@10": 0.0, "mrr@10": 0.0}
+    others = [math.cos(0.1 * i) for i in range(15) if i != 11]
+    assert sims["mean_pos_sim"] == pytest.approx(math.cos(1.1), abs=1e-6)
+    assert sims["mean_neg_sim"] == pytest.approx(sum(others) / len(others), abs=1e-6)
 
 
 def test_metrics_average_over_queries_and_more_relevant_than_k():
