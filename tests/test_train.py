@@ -13,6 +13,7 @@ Notes on the references:
   same 4 examples), not ``micro_batch_size=2`` (two micro-batches that each see 2).
 """
 import json
+import math
 import os
 import shutil
 import signal
@@ -294,3 +295,30 @@ def test_save_hf_exports_each_save_and_the_end(tiny_models, tmp_path):
     # the exported HF model embeds like the trained MCore checkpoint
     stats = compare(hf_embeddings(os.path.join(save, "hf_model"), *random_batch()), trained)
     assert stats["cos_min"] >= 0.99999, stats
+
+
+# ------------------------------------------------------------------------------ pair losses
+
+def _pair_loss_run(rank, world, model, data, loss_type):
+    from megaemb.config import SFTConfig
+    from megaemb.train import Trainer
+
+    cfg = SFTConfig(model=model, dataset=[data], val_dataset=[data], loss_type=loss_type,
+                    max_length=32, micro_batch_size=4, global_batch_size=4, train_iters=3, lr=1e-4,
+                    mrl_dims=[16, 64], log_interval=1)
+    history = Trainer(cfg).run()
+    return history["losses"], history["eval_after"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("loss_type", ["cosine_similarity", "contrastive", "online_contrastive"])
+def test_labelled_pair_losses_train(tiny_models, tmp_path, loss_type):
+    rows = [{"query": f"package {i}", "response": f"description of package {i % 3}",
+             "label": float(i % 2) if loss_type == "cosine_similarity" else i % 2} for i in range(8)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    losses, metrics = run_distributed(_pair_loss_run, 1, tiny_models["dense"], str(data), loss_type,
+                                      timeout=240)[0]
+    assert [s for s, _ in losses] == [1, 2, 3]
+    assert all(math.isfinite(v) and v > 0 for _, v in losses), losses
+    assert {"spearman", "pearson", "mean_pos", "mean_neg"} <= set(metrics), metrics

@@ -25,6 +25,8 @@ class EmbeddingTokenizer:
         self.truncated = 0  # rows cut to max_length so far
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         out = []
         for row in ids:
