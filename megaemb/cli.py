@@ -21,6 +21,7 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor_model_parallel_size", type=int, default=1)
     g.add_argument("--pipeline_model_parallel_size", type=int, default=1)
     g.add_argument("--expert_model_parallel_size", type=int, default=1)
+    g.add_argument("--context_parallel_size", type=int, default=1)
     g.add_argument("--sequence_parallel", type=str2bool, default=False)
     g.add_argument("--bf16", type=str2bool, default=False, help="bf16 weights (default fp32)")
     g.add_argument("--seed", type=int, default=42)
@@ -33,6 +34,7 @@ def parallel_config(args):
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel)
 
 

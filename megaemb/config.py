@@ -19,6 +19,9 @@ class ParallelConfig:
                      "expert_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.context_parallel_size > 1:
+            raise ValueError("--context_parallel_size > 1 is not supported yet (it needs Transformer "
+                             "Engine attention and batches split along the sequence)")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             self.sequence_parallel = False  # as in Megatron: meaningless without TP
 
@@ -45,6 +48,7 @@ class SFTConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
+    context_parallel_size: int = 1
     sequence_parallel: bool = False
     # batch and schedule
     micro_batch_size: int = 1

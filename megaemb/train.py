@@ -121,6 +121,7 @@ class Trainer:
             tensor_model_parallel_size=cfg.tensor_model_parallel_size,
             pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
             expert_model_parallel_size=cfg.expert_model_parallel_size,
+            context_parallel_size=cfg.context_parallel_size,
             sequence_parallel=cfg.sequence_parallel)
         init_parallel(self.parallel, seed=cfg.seed)
         self.rank0 = dist.get_rank() == 0

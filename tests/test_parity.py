@@ -55,6 +55,10 @@ def _parity_group(rank, world, models, out_root):
     emb16 = forward_embeddings(lm.model, ids, lengths, dim=16)
     results["dense/mrl16"] = compare(emb16, torch.nn.functional.normalize(
         hf_embeddings_full(models["dense"], ids, lengths)[:, :16], dim=-1))
+    # right padding changes nothing: each row alone, unpadded, gives the batched vector
+    alone = torch.cat([forward_embeddings(lm.model, ids[i:i + 1, :lengths[i]], lengths[i:i + 1])
+                       for i in range(len(ids))])
+    results["dense/unpadded-rows"] = compare(alone, forward_embeddings(lm.model, ids, lengths))
 
     # HF -> MCore (saved under one layout) -> loaded under another -> HF (TP=1, DP=2)
     for name, save_layout, load_layout in [
@@ -90,7 +94,8 @@ def parity(tiny_models, tmp_path_factory):
 
 @pytest.mark.timeout(700)
 @pytest.mark.parametrize("label", [f"{n}/{l}" for n, l, _ in _layouts()]
-                         + ["dense/local-attention", "dense/mrl16", "dense/mcore-reloaded",
+                         + ["dense/local-attention", "dense/mrl16", "dense/unpadded-rows",
+                            "dense/mcore-reloaded",
                             "tied/mcore-reloaded", "moe/mcore-reloaded"])
 def test_mcore_matches_hf(parity, label):
     results, _, _ = parity

@@ -75,10 +75,11 @@ _LAYOUTS = [  # label, model, SFTConfig overrides (reference key)
     ("dense/tp2-sp", "dense", dict(tensor_model_parallel_size=2, sequence_parallel=True)),
     ("dense/pp2", "dense", dict(pipeline_model_parallel_size=2)),
     ("dense/dp2", "dense", dict()),
+    ("dense/dp2-distopt", "dense", dict(use_distributed_optimizer=True)),
     ("moe/ep2", "moe", dict(expert_model_parallel_size=2)),
 ]
 _REFERENCE = {"dense/tp2": "dense/mbs2", "dense/tp2-sp": "dense/mbs2", "dense/pp2": "dense/mbs2",
-              "dense/dp2": "dense/mbs4", "moe/ep2": "moe/mbs4"}
+              "dense/dp2": "dense/mbs4", "dense/dp2-distopt": "dense/mbs4", "moe/ep2": "moe/mbs4"}
 
 
 @pytest.mark.timeout(420)
@@ -113,13 +114,15 @@ def _resume_run(rank, world, model, full_dir, resume_dir):
     checkpoint.write_atomic(os.path.join(resume_dir, checkpoint.TRACKER), "2")
     assert checkpoint.latest_iteration(resume_dir) == 2
     resumed = _train(_cfg(model, train_iters=4, save=resume_dir, load=resume_dir, save_interval=2))
-    return full, resumed
+    finetuned = _train(_cfg(model, train_iters=1, load=full_dir, finetune=True))
+    return full, resumed, finetuned
 
 
 @pytest.mark.timeout(300)
 def test_resume_continues_exactly(tiny_models, tmp_path):
-    full, resumed = run_distributed(_resume_run, 1, tiny_models["dense"], str(tmp_path / "full"),
-                                    str(tmp_path / "resumed"), timeout=240)[0]
+    full, resumed, finetuned = run_distributed(_resume_run, 1, tiny_models["dense"],
+                                               str(tmp_path / "full"), str(tmp_path / "resumed"),
+                                               timeout=240)[0]
     assert [s for s, _ in full] == [1, 2, 3, 4]
     assert [s for s, _ in resumed] == [3, 4], resumed
     diff = _close(resumed, full[2:], tol=1e-6)
@@ -128,6 +131,10 @@ def test_resume_continues_exactly(tiny_models, tmp_path):
     # the resumed save replaced the junk .tmp with a complete iteration 4
     names = sorted(os.listdir(tmp_path / "resumed"))
     assert "iter_0000004" in names and "iter_0000004.tmp" not in names, names
+    # --finetune: the step-4 weights, but a fresh run (step 1, new optimizer): the first batch
+    # now scores with trained weights, so its loss is not the untrained step-1 loss
+    assert [s for s, _ in finetuned] == [1]
+    assert abs(finetuned[0][1] - full[0][1]) > 1e-3, (finetuned, full)
 
 
 # ------------------------------------------------------------------------------ interrupted save
