@@ -247,7 +247,8 @@ class Trainer:
                    "--bf16", str(self.cfg.bf16)]
             if iteration is not None:
                 cmd += ["--iteration", str(iteration)]
-            env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV}
+            env = {k: v for k, v in os.environ.items()
+                   if k not in _RANK_ENV and not k.startswith("TORCHELASTIC_")}
             result = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if result.returncode:
                 raise RuntimeError(f"HF export of {self.cfg.save} failed:\n{result.stderr[-3000:]}")
@@ -363,9 +364,11 @@ class Trainer:
             print(msg, flush=True)
 
 
-# torchrun's variables: the export subprocess must start its own one-process job
+# torchrun's variables (and TORCHELASTIC_*, e.g. USE_AGENT_STORE): the export subprocess must
+# start its own one-process job, not join this one
 _RANK_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-             "MASTER_PORT", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "TORCHELASTIC_RUN_ID"}
+             "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_PORT", "NPROC_PER_NODE",
+             "NNODES", "NODE_RANK"}
 
 
 def _average_loss(loss: torch.Tensor) -> float:

@@ -90,3 +90,22 @@ def test_failed_export_leaves_no_output(tiny_models, tmp_path):
     assert r.returncode == 2
     assert "no model.safetensors" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists() and not (tmp_path / "out.tmp").exists()
+
+
+@pytest.mark.timeout(600)
+def test_sft_under_torchrun_saves_and_exports(tiny_models, tmp_path):
+    """NPROC_PER_NODE=2 megaemb sft (TP=2 via torchrun), then the HF export of the result."""
+    data = os.path.join(os.path.dirname(__file__), "..", "demo", "data")
+    out = tmp_path / "run"
+    r = megaemb("sft", "--model", tiny_models["dense"], "--dataset", os.path.join(data, "train.jsonl#32"),
+                "--val_dataset", os.path.join(data, "dev.jsonl#16"), "--tensor_model_parallel_size", "2",
+                "--micro_batch_size", "4", "--global_batch_size", "8", "--train_iters", "2",
+                "--max_length", "32", "--log_interval", "1", "--save", str(out), nproc=2, timeout=500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 2: loss" in r.stdout and "eval @ step 2: recall@1" in r.stdout
+    for name in ("iter_0000002", "hf_model", "tensorboard", "curves.png"):
+        assert (out / name).exists(), name
+    from sentence_transformers import SentenceTransformer
+
+    emb = SentenceTransformer(str(out / "hf_model"), device="cpu").encode(["jq"])
+    assert emb.shape == (1, 64)
