@@ -201,12 +201,22 @@ def _rank0_print(msg: str) -> None:
 COMMANDS = {"export": run_export, "embed": run_embed, "sft": run_sft}
 
 
+def check_args(args) -> None:
+    """Validate what the flags alone show, before any rank starts or any model loads.
+    Raises ``ValueError`` with a one-line message."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     from megaemb import launcher
 
-    plan = launcher.launch_plan()
+    try:
+        check_args(args)
+        plan = launcher.launch_plan()
+    except ValueError as e:
+        print(f"megaemb {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return 2
     if plan is not None:
         return launcher.relaunch(plan, argv)
     from megaemb.convert.hf_to_mcore import ConversionError
