@@ -18,7 +18,6 @@ import os
 import shutil
 
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 
 FORMAT = {"format": "megaemb-mcore", "version": 1}
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -107,6 +106,8 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, hf_sour
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
+    from megatron.core import dist_checkpointing
+
     dist_checkpointing.save(sharded_state_dict, tmp)
     _barrier()
     if _rank0():
@@ -127,10 +128,56 @@ def latest_iteration(root: str) -> int:
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing; the checkpoint has no completed save")
-    return int(open(path).read().strip())
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise FileNotFoundError(f"{path}: damaged (expected an iteration number, found {text[:40]!r})")
+    return int(text)
+
+
+def verify_iteration(path: str) -> None:
+    """Raise ``FileNotFoundError`` naming the file when an iteration directory is incomplete:
+    a missing ``.metadata`` / ``metadata.json`` / ``common.pt``, or a ``.distcp`` file that is
+    missing or shorter than the byte ranges its ``.metadata`` records (truncated copy)."""
+    import pickle
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: missing checkpoint iteration directory")
+    for name in (".metadata", "metadata.json", "common.pt"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"{os.path.join(path, name)}: missing; the checkpoint is damaged")
+    try:
+        with open(os.path.join(path, ".metadata"), "rb") as f:
+            metadata = pickle.load(f)
+        ranges = [(info.relative_path, info.offset + info.length)
+                  for info in metadata.storage_data.values()]
+    except Exception as e:  # a truncated or foreign pickle
+        raise FileNotFoundError(f"{os.path.join(path, '.metadata')}: unreadable ({type(e).__name__}); "
+                                "the checkpoint is damaged") from None
+    needed: dict[str, int] = {}
+    for file, end in ranges:
+        needed[file] = max(end, needed.get(file, 0))
+    for file, end in sorted(needed.items()):
+        full = os.path.join(path, file)
+        if not os.path.isfile(full):
+            raise FileNotFoundError(f"{full}: missing; the checkpoint is damaged")
+        if os.path.getsize(full) < end:
+            raise FileNotFoundError(f"{full}: truncated ({os.path.getsize(full)} bytes, the checkpoint "
+                                    f"needs {end}); the checkpoint is damaged")
+
+
+def saved_layout(root: str, iteration: int | None = None) -> dict | None:
+    """The ``layout`` record (parallel sizes) a training save stored, or None."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root) if iteration is None else iteration
+    verify_iteration(iter_dir(root, iteration))
+    return dist_checkpointing.load_common_state_dict(iter_dir(root, iteration)).get("layout")
 
 
 def load_checkpoint(root: str, sharded_state_dict: dict, iteration: int | None = None) -> dict:
     """Collective: load into this rank's shards (any TP/PP/EP layout). Returns the state dict."""
+    from megatron.core import dist_checkpointing
+
     iteration = latest_iteration(root) if iteration is None else iteration
+    verify_iteration(iter_dir(root, iteration))
     return dist_checkpointing.load(sharded_state_dict, iter_dir(root, iteration))

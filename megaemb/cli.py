@@ -39,10 +39,11 @@ def parallel_config(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megaemb", description=__doc__)
+    # allow_abbrev=False: a mistyped flag (--train_iter) is an error, never a silent prefix match
+    parser = argparse.ArgumentParser(prog="megaemb", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    e = sub.add_parser("export", help="convert HF <-> Megatron-Core checkpoints")
+    e = sub.add_parser("export", help="convert HF <-> Megatron-Core checkpoints", allow_abbrev=False)
     e.add_argument("--model", help="HF model directory (with --to_mcore)")
     e.add_argument("--mcore_model", help="megaemb MCore checkpoint directory (with --to_hf)")
     e.add_argument("--to_mcore", type=str2bool, default=False)
@@ -57,17 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing, non-empty --output_dir")
     add_parallel_flags(e)
 
-    m = sub.add_parser("embed", help="embed texts with an HF or MCore checkpoint")
+    m = sub.add_parser("embed", help="embed texts with an HF or MCore checkpoint", allow_abbrev=False)
     m.add_argument("--model", required=True, help="HF model dir or megaemb MCore checkpoint dir")
     m.add_argument("--input", required=True, help=".txt (a text per line) or .jsonl")
-    m.add_argument("--output", required=True, help=".npy file, float32 [n, dim]")
+    m.add_argument("--output", required=True,
+                   help="file to write (exactly this path): .npy format, float32 [n, dim]")
     m.add_argument("--text_field", default="text")
     m.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\\nQuery:{text}'")
     m.add_argument("--max_length", type=int, default=8192)
     m.add_argument("--batch_size", type=int, default=32)
     m.add_argument("--dim", type=int, default=None, help="Matryoshka dimension")
     add_parallel_flags(m)
-    s = sub.add_parser("sft", help="train an embedding model (contrastive losses)")
+    s = sub.add_parser("sft", help="train an embedding model (contrastive losses)", allow_abbrev=False)
     s.add_argument("--config", help="YAML with the same keys as the flags; flags override it")
     add_dataclass_flags(s)
     return parser
@@ -77,43 +79,56 @@ def add_dataclass_flags(p: argparse.ArgumentParser) -> None:
     """One flag per ``SFTConfig`` field; defaults are None so YAML values are not overridden."""
     import dataclasses
 
-    from megaemb.config import SFTConfig
+    from megaemb.config import SFTConfig, field_kind
 
     for f in dataclasses.fields(SFTConfig):
-        kind = str(f.type)
-        if kind.startswith("list"):
-            p.add_argument(f"--{f.name}", nargs="+", default=None,
-                           type=int if "int" in kind else str)
-        elif kind == "bool":
-            p.add_argument(f"--{f.name}", type=str2bool, default=None)
-        else:
-            p.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(kind, str), default=None)
+        kind = field_kind(f)
+        p.add_argument(f"--{f.name}", type=_flag_type(kind), default=None,
+                       nargs="+" if kind[1] else None)
     p.add_argument("--eval_dataset", dest="val_dataset", nargs="+", default=None,
                    help="alias of --val_dataset")
 
 
-def sft_config(args):
-    """Defaults < YAML (``--config``) < flags."""
-    import dataclasses
+def _flag_type(kind):
+    from megaemb.config import coerce
 
+    scalar = (kind[0], False, kind[2])
+
+    def convert(text: str):
+        try:
+            return coerce(text, scalar)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = kind[0]
+    return convert
+
+
+def read_yaml(path: str) -> dict:
+    """A ``--config`` file as a mapping; one-line errors for a missing or malformed file."""
     import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
+    return {} if values is None else values
+
+
+def sft_config(args):
+    """Defaults < YAML (``--config``) < flags, each value coerced to its field's type."""
+    import dataclasses
 
     from megaemb.config import SFTConfig
 
-    values = {}
-    if args.config:
-        with open(args.config) as f:
-            values = yaml.safe_load(f) or {}
-        known = {f.name for f in dataclasses.fields(SFTConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{args.config}: unknown keys {unknown}")
-    values.update({k: v for k, v in vars(args).items()
-                   if k not in ("command", "config") and v is not None})
-    for key in ("dataset", "val_dataset", "mrl_dims"):
-        if isinstance(values.get(key), (str, int)):
-            values[key] = [values[key]]
-    return SFTConfig(**values)
+    cfg = SFTConfig.from_mapping(read_yaml(args.config) if args.config else {}, args.config or "flags")
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
+    return dataclasses.replace(cfg, **flags)
 
 
 def run_sft(args) -> None:
@@ -125,11 +140,17 @@ def run_sft(args) -> None:
 
 
 def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``1024`` -> bytes (> 0)."""
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "B": 1}
-    for unit, mult in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * mult)
-    return int(text)
+    mult = next((m for unit, m in units.items() if text.upper().endswith(unit)), 1)
+    number = text.upper().removesuffix(next((u for u in units if text.upper().endswith(u)), ""))
+    try:
+        size = int(float(number) * mult)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise ValueError(f"--max_shard_size {text!r}: expected a positive size such as 5GB or 500MB")
+    return size
 
 
 def run_export(args) -> None:
@@ -138,19 +159,14 @@ def run_export(args) -> None:
     from megaemb.convert.verify import compare_with_transformers
     from megaemb.parallel import init_parallel
 
-    if args.to_mcore == args.to_hf:
-        raise SystemExit("megaemb export: give exactly one of --to_mcore true / --to_hf true")
     parallel = parallel_config(args)
     # --to_hf converts with TP=PP=EP=1; the parallel flags then only shape the precision test
     init_parallel(parallel if args.to_mcore else ParallelConfig(), seed=args.seed)
     if args.to_mcore:
-        if not args.model:
-            raise SystemExit("megaemb export --to_mcore true needs --model HF_DIR")
-        loaded = export.hf_to_mcore(args.model, args.output_dir, parallel, bf16=args.bf16)
+        loaded = export.hf_to_mcore(args.model, args.output_dir, parallel, bf16=args.bf16,
+                                    overwrite=args.overwrite)
         hf_weights = args.model
     else:
-        if not args.mcore_model:
-            raise SystemExit("megaemb export --to_hf true needs --mcore_model DIR")
         export.mcore_to_hf(args.mcore_model, args.output_dir, bf16=args.bf16,
                            max_shard_bytes=parse_size(args.max_shard_size),
                            iteration=args.iteration, overwrite=args.overwrite)
@@ -186,7 +202,10 @@ def run_embed(args) -> None:
                          instruction=args.instruction, dim=args.dim)
     if result is not None:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        np.save(args.output, result)
+        tmp = f"{args.output}.tmp"
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+            np.save(f, result)
+        os.replace(tmp, args.output)
         print(f"megaemb embed: {result.shape[0]} texts -> {args.output} {result.shape}, "
               f"{tokenizer.truncated} truncated to --max_length {args.max_length}", flush=True)
 
@@ -202,8 +221,36 @@ COMMANDS = {"export": run_export, "embed": run_embed, "sft": run_sft}
 
 
 def check_args(args) -> None:
-    """Validate what the flags alone show, before any rank starts or any model loads.
-    Raises ``ValueError`` with a one-line message."""
+    """Validate what the flags and the file system show, before any rank starts or any model
+    loads. Raises ``ValueError`` / ``OSError`` subclasses with a one-line message."""
+    from megaemb import preflight
+
+    if args.command == "sft":
+        cfg = sft_config(args)
+        cfg.validate()
+        preflight.check_model(cfg.model)
+        preflight.resolve_load(cfg)
+    elif args.command == "export":
+        if args.to_mcore == args.to_hf:
+            raise ValueError("give exactly one of --to_mcore true / --to_hf true")
+        source, flag = (args.model, "--model") if args.to_mcore else (args.mcore_model, "--mcore_model")
+        if not source:
+            raise ValueError(f"--to_{'mcore' if args.to_mcore else 'hf'} true needs {flag}")
+        preflight.check_model(source, flag)
+        if args.to_hf and not os.path.isfile(os.path.join(source, "megaemb.json")):
+            raise FileNotFoundError(f"--mcore_model {source}: not a megaemb checkpoint (no megaemb.json)")
+        preflight.check_export_dirs(source, args.output_dir, flag, args.overwrite)
+        parse_size(args.max_shard_size)
+    elif args.command == "embed":
+        for name in ("batch_size", "max_length"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.dim is not None and args.dim < 1:
+            raise ValueError(f"--dim must be >= 1, got {args.dim}")
+        preflight.check_model(args.model)
+        if not os.path.isfile(args.input):
+            raise FileNotFoundError(f"--input {args.input}: no such file")
+        preflight.check_output_file(args.output, "--output")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         plan = launcher.launch_plan()
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"megaemb {args.command}: error: {e}", file=sys.stderr, flush=True)
         return 2
     if plan is not None:
@@ -224,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         COMMANDS[args.command](args)
-    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:  # incl. DataError
+    except (ConversionError, FileNotFoundError, FileExistsError, PermissionError,
+            ValueError) as e:  # incl. DataError
         print(f"megaemb {args.command}: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

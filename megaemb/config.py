@@ -1,6 +1,8 @@
 """Typed configuration shared by every subcommand (flag names follow Megatron-SWIFT)."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -68,8 +70,8 @@ class SFTConfig:
     recompute_granularity: str = ""  # "" | full | selective
     seed: int = 42
     # loss
-    infonce_temperature: float = -1.0  # < 0: INFONCE_TEMPERATURE env var or 0.01
-    infonce_hard_negatives: int = -1  # < 0: INFONCE_HARD_NEGATIVES env var or all
+    infonce_temperature: float | None = None  # None: INFONCE_TEMPERATURE env var or 0.01
+    infonce_hard_negatives: int | None = None  # None: INFONCE_HARD_NEGATIVES env var or all
     infonce_use_batch: str = ""  # "" = env var or true
     infonce_mask_fake_negative: str = ""
     infonce_include_qq: str = ""
@@ -86,17 +88,123 @@ class SFTConfig:
     eval_limit: int = 0  # 0 = all eval rows
     log_interval: int = 10
 
+    export_timeout_minutes: float = 240.0  # other ranks wait this long for rank 0's HF export
+
+    @classmethod
+    def from_mapping(cls, values: dict, source: str) -> "SFTConfig":
+        """Build from YAML / flag values, coercing each to its field's type; unknown keys and
+        values of the wrong type raise ``ValueError("<source>: <key>: expected ...")``."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: expected a mapping of flag names to values, "
+                             f"got {type(values).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown}")
+        out = {}
+        for key, value in values.items():
+            try:
+                out[key] = coerce(value, field_kind(known[key]))
+            except ValueError as e:
+                raise ValueError(f"{source}: {key}: {e}") from None
+        return cls(**out)
+
     def validate(self) -> None:
+        """Every check the flags alone allow (no files read); ``ValueError`` with one line."""
         if not self.model:
             raise ValueError("--model is required (HF dir or megaemb checkpoint)")
         if not self.dataset:
             raise ValueError("--dataset is required")
-        if self.loss_type not in ("infonce", "cosine_similarity", "contrastive", "online_contrastive"):
-            raise ValueError(f"--loss_type {self.loss_type!r}: expected infonce, cosine_similarity, "
-                             "contrastive or online_contrastive")
-        if self.bad_rows not in ("error", "skip"):
-            raise ValueError(f"--bad_rows {self.bad_rows!r}: expected error or skip")
+        choices = {"loss_type": ("infonce", "cosine_similarity", "contrastive", "online_contrastive"),
+                   "bad_rows": ("error", "skip"), "lr_decay_style": ("cosine", "linear", "constant"),
+                   "recompute_granularity": ("", "full", "selective")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of "
+                                 f"{', '.join(repr(a) for a in allowed)}")
         if (self.train_iters > 0) == (self.num_train_epochs > 0):
             raise ValueError("give exactly one of --train_iters and --num_train_epochs")
-        if self.lr_decay_style not in ("cosine", "linear", "constant"):
-            raise ValueError(f"--lr_decay_style {self.lr_decay_style!r}")
+        positive = ("micro_batch_size", "global_batch_size", "max_length", "log_interval",
+                    "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                    "expert_model_parallel_size", "context_parallel_size", "export_timeout_minutes")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        for name in ("train_iters", "num_train_epochs", "save_interval", "eval_interval",
+                     "eval_limit", "weight_decay", "clip_grad", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min_lr {self.min_lr} is above --lr {self.lr}")
+        if not 0 <= self.lr_warmup_fraction < 1:
+            raise ValueError(f"--lr_warmup_fraction must be in [0, 1), got {self.lr_warmup_fraction}")
+        if not 0 <= self.split_dataset_ratio < 1:
+            raise ValueError(f"--split_dataset_ratio must be in [0, 1), got {self.split_dataset_ratio}")
+        if self.split_dataset_ratio and self.val_dataset:
+            raise ValueError("give --val_dataset or --split_dataset_ratio, not both")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.infonce_temperature is not None and not self.infonce_temperature > 0:
+            raise ValueError(f"--infonce_temperature must be > 0, got {self.infonce_temperature}")
+        if self.infonce_hard_negatives is not None and self.infonce_hard_negatives < 0:
+            raise ValueError(f"--infonce_hard_negatives must be >= 0, got {self.infonce_hard_negatives}")
+        for name in ("infonce_use_batch", "infonce_mask_fake_negative", "infonce_include_qq",
+                     "infonce_include_dd"):
+            if getattr(self, name).lower() not in ("", "true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"--{name} {getattr(self, name)!r}: expected true or false")
+        if any(d <= 0 for d in self.mrl_dims):
+            raise ValueError(f"--mrl_dims must be positive, got {self.mrl_dims}")
+        if self.finetune and not self.load:
+            raise ValueError("--finetune true needs --load CHECKPOINT (the weights to start from)")
+        for name in ("save", "load", "model"):
+            if getattr(self, name) and not getattr(self, name).strip():
+                raise ValueError(f"--{name} is blank")
+
+
+def field_kind(f: dataclasses.Field) -> tuple[str, bool, bool]:
+    """``(scalar type name, is_list, optional)`` of a config field, from its annotation."""
+    kind = str(f.type).replace(" ", "")
+    optional = kind.endswith("|None")
+    kind = kind.removesuffix("|None")
+    is_list = kind.startswith("list[")
+    return (kind[5:-1] if is_list else kind), is_list, optional
+
+
+def _scalar(value, kind: str):
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"expected true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        raise ValueError(f"expected an integer, got {value!r}")
+    if kind == "float":
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise ValueError(f"expected a number, got {value!r}")
+        return number
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return "" if value is None else str(value)
+
+
+def coerce(value, kind: tuple[str, bool, bool]):
+    """A YAML or flag value -> the field's type (YAML 1.1 reads ``6e-6`` as a string)."""
+    scalar, is_list, optional = kind
+    if value is None and optional:
+        return None
+    if is_list:
+        values = value if isinstance(value, list) else [value]
+        return [_scalar(v, scalar) for v in values]
+    return _scalar(value, scalar)

@@ -1,7 +1,8 @@
 """``megaemb embed``: texts -> ``.npy`` of L2-normalised embeddings ``[n, dim]`` (float32).
 
-Rows are split over data-parallel replicas, sorted by length inside each replica to cut
-padding, and gathered back in input order; global rank 0 writes the file.
+Rows are split over data-parallel replicas (every replica runs the same number of forward
+steps), sorted by length inside each replica to cut padding, and gathered back in input
+order with a tensor collective; global rank 0 writes the file.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megaemb import platform
 from megaemb.data.batching import pad_batch
 from megaemb.data.tokenize import EmbeddingTokenizer, format_query
 from megaemb.inference import forward_embeddings
@@ -48,21 +50,29 @@ def read_texts(path: str, text_field: str = "text") -> list[str]:
 
 def embed_texts(model, tokenizer: EmbeddingTokenizer, texts: list[str], *, batch_size: int = 32,
                 instruction: str | None = None, dim: int | None = None) -> np.ndarray | None:
-    """Collective. Returns ``[n, dim]`` on global rank 0, None elsewhere."""
+    """Collective. Returns ``[n, dim]`` on global rank 0, None elsewhere.
+
+    Data-parallel rank ``r`` embeds rows ``r, r + dp, ...``, padded with one-token dummy rows
+    to ``ceil(n / dp)``, so every rank runs the same number of forward steps (an MoE layer's
+    all-to-all spans data-parallel ranks: unequal step counts would deadlock). The
+    ``[dp * ceil(n / dp), dim]`` result is gathered with one tensor collective.
+    """
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    per_rank = -(-len(texts) // dp)
     mine = list(range(dp_rank, len(texts), dp))
     seqs = tokenizer.encode([format_query(texts[i], instruction) for i in mine])
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = torch.empty(len(seqs), dim or model.shape.hidden_size)
-    for start in range(0, len(order), batch_size):
+    seqs += [[tokenizer.pad_id]] * (per_rank - len(seqs))
+    order = sorted(range(per_rank), key=lambda i: len(seqs[i]))
+    device = platform.device()
+    out = torch.empty(per_rank, dim or model.shape.hidden_size, device=device)
+    for start in range(0, per_rank, batch_size):
         rows = order[start:start + batch_size]
         ids, lengths = pad_batch([seqs[i] for i in rows], tokenizer.pad_id)
-        out[rows] = forward_embeddings(model, ids, lengths, micro_batch_size=batch_size, dim=dim).cpu()
-    parts = [None] * dp
-    dist.all_gather_object(parts, (mine, out.numpy()), group=parallel_state.get_data_parallel_group())
+        out[rows] = forward_embeddings(model, ids, lengths, micro_batch_size=batch_size, dim=dim).float()
+    gathered = out.new_empty(dp * per_rank, out.shape[1])
+    dist.all_gather_into_tensor(gathered, out, group=parallel_state.get_data_parallel_group())
     if dist.get_rank() != 0:
         return None
-    result = np.empty((len(texts), out.shape[1]), dtype=np.float32)
-    for idx, arr in parts:
-        result[idx] = arr
-    return result
+    # gathered row r * per_rank + j holds text r + j * dp
+    by_text = gathered.view(dp, per_rank, -1).transpose(0, 1).reshape(dp * per_rank, -1)
+    return by_text[: len(texts)].cpu().numpy()

@@ -18,8 +18,13 @@ Fixes (CPU only):
      private CUDA RNG get/set helpers (used by activation recompute) use the CPU generator.
   5. megatron's ``jit_fuser`` (torch.compile; inductor on CPU is slow) is disabled.
   7. MoE ``alltoall`` dispatcher: split sizes become plain lists for ``all_to_all_single``.
-Fix 6 (``moe_utils.te_general_gemm`` unbound without Transformer Engine) is not CPU specific
-and is applied on every machine without TE.
+Fixes 6 and 8 are not CPU specific and are applied on every machine without TE:
+  6. ``moe_utils.te_general_gemm`` is unbound without Transformer Engine.
+  8. Loading a distributed-optimizer checkpoint into torch's Adam (no apex/TE): the
+     ``fully_reshardable`` loader copies every state key, torch's per-parameter ``step``
+     included, which it never provides (``KeyError: 'step'``); and ``load_state_dict`` gives
+     every parameter the *same* ``step`` tensor, which Adam then increments once per parameter
+     per step (wrong bias correction after a resume). Keep the restored step; one tensor each.
 """
 from __future__ import annotations
 
@@ -214,6 +219,33 @@ def _bind_te_general_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _fix_reshardable_optimizer_load() -> None:
+    """Fix 8: restoring distributed-optimizer state into torch's Adam."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if getattr(DistributedOptimizer.load_state_dict, "_megaemb_fix", False):
+        return
+    set_states, load_state_dict = (DistributedOptimizer._set_main_param_and_optimizer_states,
+                                   DistributedOptimizer.load_state_dict)
+
+    def set_states_but_step(self, model_param, tensors):
+        group, order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
+        if "step" in state and "step" not in tensors:  # keep the step load_state_dict restored
+            tensors = {**tensors, "step": state["step"]}
+        set_states(self, model_param, tensors)
+
+    def load_with_own_steps(self, state_dict):
+        load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():  # one shared tensor: Adam would add 1 per param
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    load_with_own_steps._megaemb_fix = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states_but_step
+    DistributedOptimizer.load_state_dict = load_with_own_steps
+
+
 def _fix_alltoall_splits() -> None:
     """Fix 7: on CPU the alltoall dispatcher's split sizes stay tensors; make them lists."""
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
@@ -236,6 +268,7 @@ def setup() -> None:
     _APPLIED = True
     if not has_transformer_engine():
         _bind_te_general_gemm()
+        _fix_reshardable_optimizer_load()
     if has_cuda():
         return
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")

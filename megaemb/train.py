@@ -30,7 +30,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megaemb import checkpoint, platform
+from megaemb import checkpoint, platform, preflight
 from megaemb.config import ParallelConfig, SFTConfig
 from megaemb.convert.load import load_model
 from megaemb.data.batching import pad_batch
@@ -45,6 +45,7 @@ from megaemb.loss import (InfoNCEConfig, contrastive_loss, cosine_similarity_los
 from megaemb.model.flops import train_flops
 from megaemb.parallel import init_parallel
 
+OPTIMIZER_CKPT_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 PAIR_LOSSES = {"cosine_similarity": cosine_similarity_loss, "contrastive": contrastive_loss,
                "online_contrastive": online_contrastive_loss}
 
@@ -56,8 +57,7 @@ def _opt_bool(text: str) -> bool | None:
 def infonce_config(cfg: SFTConfig) -> InfoNCEConfig:
     """Flags win over INFONCE_* environment variables, which win over defaults."""
     return InfoNCEConfig.from_env(
-        temperature=cfg.infonce_temperature if cfg.infonce_temperature > 0 else None,
-        hard_negatives=cfg.infonce_hard_negatives if cfg.infonce_hard_negatives >= 0 else None,
+        temperature=cfg.infonce_temperature, hard_negatives=cfg.infonce_hard_negatives,
         use_batch=_opt_bool(cfg.infonce_use_batch),
         mask_fake_negative=_opt_bool(cfg.infonce_mask_fake_negative),
         include_qq=_opt_bool(cfg.infonce_include_qq), include_dd=_opt_bool(cfg.infonce_include_dd))
@@ -116,6 +116,8 @@ def make_micro_batch(rows: list[TokenizedExample], pad_id: int, pad_multiple: in
 class Trainer:
     def __init__(self, cfg: SFTConfig):
         cfg.validate()
+        preflight.check_model(cfg.model)
+        self.load_dir = preflight.resolve_load(cfg)
         self.cfg = cfg
         self.parallel = ParallelConfig(
             tensor_model_parallel_size=cfg.tensor_model_parallel_size,
@@ -203,30 +205,59 @@ class Trainer:
             start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=self.train_iters,
             wd_incr_style="constant")
         self.start_step = 0
-        if cfg.load and checkpoint.is_checkpoint(cfg.load):
-            self._load(cfg.load)
+        if self.load_dir:
+            self._load(self.load_dir)
 
     # ------------------------------------------------------------------ checkpoints
-    def _state(self, is_loading: bool) -> dict:
+    def _layout(self) -> dict:
+        """What RNG states depend on: one state per (PP, TP) rank, shared by DP replicas."""
+        return {"tp": self.parallel.tensor_model_parallel_size,
+                "pp": self.parallel.pipeline_model_parallel_size,
+                "ep": self.parallel.expert_model_parallel_size}
+
+    def _state(self, is_loading: bool, with_rng: bool = True) -> dict:
         model_sd = self.module.sharded_state_dict()
         state = dict(model_sd)  # model keys at top level: same layout as `export --to_mcore`
         if not self.cfg.finetune or not is_loading:
-            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+            # fully_reshardable: the distributed optimizer saves per-parameter state in the plain
+            # optimizer's format, so any TP/PP/DP layout and either optimizer kind can load it
+            # (megatron 0.16's default, fully_sharded_model_space, fails to save at all)
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata=OPTIMIZER_CKPT_FORMAT)
             state["opt_param_scheduler"] = self.scheduler.state_dict()
             state["iteration"] = self.step
-            state["rng_state"] = checkpoint.rng_state_object()
+            state["layout"] = self._layout()
+            if with_rng:
+                state["rng_state"] = checkpoint.rng_state_object()
         return state
 
     def _load(self, root: str):
+        """Resume (model, optimizer, scheduler, iteration, RNG) or, with ``--finetune``, take
+        the weights only. Any TP/PP/EP/DP layout loads any other; RNG states are per (PP, TP)
+        rank, so under another layout the generators are reseeded from ``--seed`` instead."""
         self.step = 0
-        state = checkpoint.load_checkpoint(root, self._state(is_loading=True))
-        self.module.load_state_dict({k: state[k] for k in self.module.sharded_state_dict()})
         if not self.cfg.finetune:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["opt_param_scheduler"])
-            self.start_step = int(state["iteration"])
+            _create_optimizer_state(self.optimizer)
+        same_layout = checkpoint.saved_layout(root) == self._layout()
+        state = checkpoint.load_checkpoint(root, self._state(is_loading=True, with_rng=same_layout))
+        self.module.load_state_dict({k: state[k] for k in self.module.sharded_state_dict()})
+        if self.cfg.finetune:
+            # the optimizer copied fp32 main params from the --model weights when it was built
+            # (bf16): refresh them from the loaded weights, or the first step restores the old ones
+            self.optimizer.reload_model_params()
+            self._log(f"loaded weights of {root} (--finetune: new optimizer, scheduler, iteration 0)")
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["opt_param_scheduler"])
+        self.start_step = int(state["iteration"])
+        if same_layout:
             checkpoint.restore_rng_state(state["rng_state"])
-        self._log(f"loaded {root} (iteration {self.start_step}{', weights only' if self.cfg.finetune else ''})")
+        else:
+            self._log(f"note: {root} was saved under another parallel layout "
+                      f"({checkpoint.saved_layout(root)} vs {self._layout()}): RNG states reseeded "
+                      f"from --seed {self.cfg.seed} (only dropout, if any, differs from an "
+                      "uninterrupted run)")
+        self._log(f"resuming from {root} at iteration {self.start_step}")
 
     def save(self):
         path = checkpoint.save_checkpoint(self.cfg.save, self.step, self._state(is_loading=False),
@@ -369,6 +400,15 @@ class Trainer:
 _RANK_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
              "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_PORT", "NPROC_PER_NODE",
              "NNODES", "NODE_RANK"}
+
+
+def _create_optimizer_state(optimizer) -> None:
+    """torch's Adam creates its state (``exp_avg``, ``step``, ...) at the first step, but the
+    distributed optimizer's checkpoint format needs it before a load: megatron's own helper
+    takes one step on zero gradients (the values are then overwritten by the load)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):  # DistributedOptimizer
+            opt._init_optimizer_states_with_dummy_values()
 
 
 def _average_loss(loss: torch.Tensor) -> float:

@@ -1,0 +1,129 @@
+"""Checks of a command's inputs that need no model and no process group.
+
+``cli.check_args`` runs them in the launcher before any rank starts, so a mistake costs one
+line and no model load; the ranks run the same functions again (cheap, and the only check
+when ranks are started by an outside torchrun). Every check raises ``ValueError``,
+``FileNotFoundError`` or ``FileExistsError`` with a one-line message naming the flag and path.
+
+Rules that keep data safe:
+  * ``--load`` must be a megaemb checkpoint with a completed save (never a silent fresh start).
+  * ``--save DIR`` holding a run resumes it (``--load`` defaults to ``--save``); a fresh run
+    (``--finetune``, or ``--load`` of another run) over it is refused, and so is a ``--save``
+    that holds a model or another tool's run.
+  * An output is never the input, nor a directory that contains the input.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+
+from megaemb import checkpoint
+
+RUN_FILES = ("hf_model", "tensorboard", "curves.png", "config.json", "model.safetensors",
+             "model.safetensors.index.json")
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def contains(outer: str, inner: str) -> bool:
+    """Whether path ``inner`` is ``outer`` or lies inside it."""
+    outer, inner = _real(outer), _real(inner)
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def check_writable_dir(path: str, flag: str) -> None:
+    """``path`` is a directory or can be created as one, and is writable. ``flag`` starts the
+    message (``--save out/``)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{flag}: {path} exists and is not a directory")
+    existing = _real(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise FileExistsError(f"{flag}: {existing} is not a directory")
+    try:  # a real write: root ignores permission bits, read-only mounts do not
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise PermissionError(f"{flag}: {existing} is not writable ({e.strerror})") from None
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """``path`` can be written as a file: not a directory, its directory writable."""
+    if os.path.isdir(path):
+        raise FileExistsError(f"{flag} {path}: is a directory; give a file name")
+    check_writable_dir(os.path.dirname(_real(path)), f"{flag} {path}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise PermissionError(f"{flag} {path}: not writable")
+
+
+def check_model(path: str, flag: str = "--model") -> None:
+    """An HF model directory (``config.json``) or a megaemb checkpoint."""
+    if not path:
+        raise ValueError(f"{flag} is required (HF dir or megaemb checkpoint)")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag} {path}: no such directory")
+    if checkpoint.is_checkpoint(path):
+        checkpoint.latest_iteration(path)
+    elif not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{flag} {path}: neither an HF model (no config.json) nor a megaemb "
+                                "checkpoint (no megaemb.json)")
+
+
+def completed_iteration(path: str) -> int | None:
+    """The latest completed iteration of a megaemb checkpoint dir, else None."""
+    if not (path and checkpoint.is_checkpoint(path)
+            and os.path.isfile(os.path.join(path, checkpoint.TRACKER))):
+        return None
+    return checkpoint.latest_iteration(path)
+
+
+def resolve_load(cfg) -> str:
+    """The checkpoint ``megaemb sft`` resumes from ('' for a fresh run), applying the rules of
+    the module docstring; raises on every unsafe combination."""
+    load = cfg.load
+    if load:
+        if not os.path.isdir(load):
+            raise FileNotFoundError(f"--load {load}: no such directory")
+        if not checkpoint.is_checkpoint(load):
+            raise FileNotFoundError(f"--load {load}: not a megaemb checkpoint (no megaemb.json); "
+                                    "to start from HF weights, pass them as --model")
+        checkpoint.latest_iteration(load)
+    if not cfg.save:
+        return load
+    check_writable_dir(cfg.save, f"--save {cfg.save}")
+    if contains(cfg.save, cfg.model):
+        raise FileExistsError(f"--save {cfg.save}: holds the --model {cfg.model}; saving there would "
+                              "shadow its weights, pick another directory")
+    done = completed_iteration(cfg.save)
+    if done is not None:
+        if cfg.finetune or (load and _real(load) != _real(cfg.save)):
+            raise FileExistsError(
+                f"--save {cfg.save}: already holds a run (iteration {done}); resume it with "
+                f"--load {cfg.save} and no --finetune, or pick a new --save directory")
+        return cfg.save
+    if not checkpoint.is_checkpoint(cfg.save) and os.path.isdir(cfg.save):
+        found = [n for n in RUN_FILES if os.path.exists(os.path.join(cfg.save, n))]
+        found += [os.path.basename(p) for p in glob.glob(os.path.join(cfg.save, "iter_*"))]
+        if found:
+            raise FileExistsError(f"--save {cfg.save}: holds {found[0]} but no megaemb checkpoint; "
+                                  "pick an empty or new directory")
+    return load
+
+
+def check_export_dirs(source: str, output_dir: str, source_flag: str, overwrite: bool) -> None:
+    """``export``: the output neither is nor contains the input, nor is part of a checkpoint;
+    an existing non-empty output needs ``--overwrite true``."""
+    check_writable_dir(output_dir, f"--output_dir {output_dir}")
+    if contains(output_dir, source):
+        raise FileExistsError(f"--output_dir {output_dir}: is or contains {source_flag} {source}; "
+                              "writing there would destroy the input")
+    parent = os.path.dirname(_real(output_dir))
+    name = os.path.basename(_real(output_dir))
+    if checkpoint.is_checkpoint(parent) and (name == "hf" or name.startswith("iter_")):
+        raise FileExistsError(f"--output_dir {output_dir}: is part of the checkpoint {parent}")
+    if not overwrite and os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise FileExistsError(f"--output_dir {output_dir}: exists and is not empty "
+                              "(--overwrite true replaces it)")
