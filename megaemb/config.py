@@ -50,6 +50,7 @@ class SFTConfig:
     expert_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    attention: str = "auto"  # auto | te | sdpa | local (layer spec; auto = te when installed)
     # batch and schedule
     micro_batch_size: int = 1
     global_batch_size: int = 16
@@ -94,6 +95,8 @@ class SFTConfig:
         if self.loss_type not in ("infonce", "cosine_similarity", "contrastive", "online_contrastive"):
             raise ValueError(f"--loss_type {self.loss_type!r}: expected infonce, cosine_similarity, "
                              "contrastive or online_contrastive")
+        if self.attention not in ("auto", "te", "sdpa", "local"):
+            raise ValueError(f"--attention {self.attention}: expected auto, te, sdpa or local")
         if self.bad_rows not in ("error", "skip"):
             raise ValueError(f"--bad_rows {self.bad_rows!r}: expected error or skip")
         if (self.train_iters > 0) == (self.num_train_epochs > 0):
