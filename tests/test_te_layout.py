@@ -26,7 +26,10 @@ megatron-core 0.16.1's source, not TE's behaviour):
     computes RMSNorm + matmul + SDPA in fp32;
   * that real TE fails on the ``meta`` device (the fake refuses it, standing for that);
   * TE's ``TENorm`` for q/k norms marks its weight ``sequence_parallel`` (the fake uses
-    HeadRMSNorm, which does not); only gradients under SP could differ, not checked here;
+    HeadRMSNorm, which does not); megatron's finalize_model_grads sums q/k-norm grads over TP
+    by name either way, so this should not matter, but no gradient is checked here;
+  * the legacy-key remap for *optimizer* state of a resumed MoE run (only model weights of an
+    old-spelling checkpoint are tested);
   * TE versions < 1.9 (FusedLayerNorm for q/k norms) or < 1.7 (local expert linears).
 """
 import os
