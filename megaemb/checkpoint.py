@@ -174,10 +174,36 @@ def saved_layout(root: str, iteration: int | None = None) -> dict | None:
     return dist_checkpointing.load_common_state_dict(iter_dir(root, iteration)).get("layout")
 
 
+# Keys written by earlier megaemb versions -> today's. Up to commit f48286a the local spec
+# saved MoE layers' pre-MLP norm under TE's *dense* fused name; today every spec saves it as
+# TE's MoE layers do (``pre_mlp_layernorm.weight``).
+LEGACY_KEYS = ((".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight"),)
+
+
+def _use_legacy_keys(sharded_state_dict: dict, directory: str) -> None:
+    """Point requested keys the checkpoint lacks at their legacy spelling, where it has that."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    saved = None
+    for item in nested_values(sharded_state_dict):
+        key = getattr(item, "key", None)
+        if not isinstance(key, str) or not any(new in key for new, _ in LEGACY_KEYS):
+            continue
+        if saved is None:
+            saved = set(dist_checkpointing.load_tensors_metadata(directory))
+        if key in saved:
+            continue
+        for new, old in LEGACY_KEYS:
+            if new in key and key.replace(new, old) in saved:
+                item.key = key.replace(new, old)
+
+
 def load_checkpoint(root: str, sharded_state_dict: dict, iteration: int | None = None) -> dict:
-    """Collective: load into this rank's shards (any TP/PP/EP layout). Returns the state dict."""
+    """Collective: load into this rank's shards (any TP/PP/EP layout, any layer spec). Returns
+    the state dict."""
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root) if iteration is None else iteration
     verify_iteration(iter_dir(root, iteration))
+    _use_legacy_keys(sharded_state_dict, iter_dir(root, iteration))
     return dist_checkpointing.load(sharded_state_dict, iter_dir(root, iteration))

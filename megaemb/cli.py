@@ -25,6 +25,8 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence_parallel", type=str2bool, default=False)
     g.add_argument("--bf16", type=str2bool, default=False, help="bf16 weights (default fp32)")
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--attention", default="auto", choices=("auto", "te", "sdpa", "local"),
+                   help="layer spec: te (Transformer Engine), sdpa, local; auto = te when installed")
 
 
 def parallel_config(args):
@@ -164,7 +166,7 @@ def run_export(args) -> None:
     init_parallel(parallel if args.to_mcore else ParallelConfig(), seed=args.seed)
     if args.to_mcore:
         loaded = export.hf_to_mcore(args.model, args.output_dir, parallel, bf16=args.bf16,
-                                    overwrite=args.overwrite)
+                                    attention=args.attention, overwrite=args.overwrite)
         hf_weights = args.model
     else:
         export.mcore_to_hf(args.mcore_model, args.output_dir, bf16=args.bf16,
@@ -178,7 +180,7 @@ def run_export(args) -> None:
             from megaemb.convert.load import load_model
 
             init_parallel(parallel, seed=args.seed)
-            loaded = load_model(args.mcore_model, parallel, bf16=args.bf16)
+            loaded = load_model(args.mcore_model, parallel, bf16=args.bf16, attention=args.attention)
         stats = compare_with_transformers(loaded.model, hf_weights, loaded.hf_dir)
         if stats:
             print(f"test_convert_precision: max_abs_diff={stats['max_abs_diff']:.3e} "
@@ -196,7 +198,7 @@ def run_embed(args) -> None:
     texts = read_texts(args.input, args.text_field)
     parallel = parallel_config(args)
     init_parallel(parallel, seed=args.seed)
-    loaded = load_model(args.model, parallel, bf16=args.bf16)
+    loaded = load_model(args.model, parallel, bf16=args.bf16, attention=args.attention)
     tokenizer = EmbeddingTokenizer(loaded.hf_dir, args.max_length)
     result = embed_texts(loaded.model, tokenizer, texts, batch_size=args.batch_size,
                          instruction=args.instruction, dim=args.dim)

@@ -52,6 +52,7 @@ class SFTConfig:
     expert_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    attention: str = "auto"  # auto | te | sdpa | local (layer spec; auto = te when installed)
     # batch and schedule
     micro_batch_size: int = 1
     global_batch_size: int = 16
@@ -117,7 +118,8 @@ class SFTConfig:
             raise ValueError("--dataset is required")
         choices = {"loss_type": ("infonce", "cosine_similarity", "contrastive", "online_contrastive"),
                    "bad_rows": ("error", "skip"), "lr_decay_style": ("cosine", "linear", "constant"),
-                   "recompute_granularity": ("", "full", "selective")}
+                   "recompute_granularity": ("", "full", "selective"),
+                   "attention": ("auto", "te", "sdpa", "local")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of "

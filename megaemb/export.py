@@ -62,10 +62,10 @@ def _staged(output_dir: str, overwrite: bool = False):
 
 
 def hf_to_mcore(model_dir: str, output_dir: str, parallel: ParallelConfig, bf16: bool = False,
-                overwrite: bool = False):
+                attention: str = "auto", overwrite: bool = False):
     """Collective. Each rank reads its slices of the HF weights and saves its shard."""
     with _staged(output_dir, overwrite) as tmp:
-        loaded = load_model(model_dir, parallel, bf16=bf16)
+        loaded = load_model(model_dir, parallel, bf16=bf16, attention=attention)
         checkpoint.save_checkpoint(tmp, 0, loaded.model.sharded_state_dict(), loaded.hf_dir)
     return loaded
 

@@ -142,7 +142,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _build_model(self):
         cfg = self.cfg
-        self.loaded = load_model(cfg.model, self.parallel, bf16=cfg.bf16,
+        self.loaded = load_model(cfg.model, self.parallel, bf16=cfg.bf16, attention=cfg.attention,
                                  recompute_granularity=cfg.recompute_granularity or None)
         self.module = self.loaded.model
         self.module.train()

@@ -109,9 +109,11 @@ def _safetensors_keys(path: str) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
-def _tp_of(param) -> tuple[int, int]:
-    """(rank, size) of the tensor-parallel group that splits ``param``."""
-    if not getattr(param, "allreduce", True):  # expert parameter: expert-TP group
+def _tp_of(rule) -> tuple[int, int]:
+    """(rank, size) of the group that splits a table row's parameter: expert-tensor-parallel
+    for expert weights, tensor-parallel otherwise (from the table, not parameter attributes,
+    which differ between layer specs)."""
+    if rule.is_expert:
         return (parallel_state.get_expert_tensor_parallel_rank(),
                 parallel_state.get_expert_tensor_parallel_world_size())
     return (parallel_state.get_tensor_model_parallel_rank(),
@@ -131,7 +133,8 @@ def global_index(model, local: dict[str, int]) -> dict[str, int]:
 
 @torch.no_grad()
 def load_hf_into_model(model, ckpt: HFCheckpoint) -> None:
-    """Fill every parameter of this rank's ``EmbeddingModel`` from the HF checkpoint."""
+    """Fill every parameter of this rank's ``EmbeddingModel`` (any layer spec: TE or local)
+    from the HF checkpoint."""
     shape = ckpt.shape
     if shape != model.shape:
         raise ConversionError(f"{ckpt.dir}: model shape differs from the one built")
@@ -140,8 +143,8 @@ def load_hf_into_model(model, ckpt: HFCheckpoint) -> None:
         rule, local = find_mapping(table, name)
         index = global_index(model, local)
         hf_names = rule.hf_names(**index)
-        rank, size = _tp_of(param)
-        dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+        rank, size = _tp_of(rule)
+        dim = rule.tp_dim  # the table's split, whatever the spec's modules record
         if rule.kind == "vocab":
             value = _vocab_slice(ckpt, hf_names[0], shape, rank, size)
         else:

@@ -13,6 +13,16 @@ Transforms (HF shapes; ``ng`` query groups, ``hpg`` heads per group, ``d`` head_
   gate_up  gate ``[f, h]``, up ``[f, h]`` <-> ``linear_fc1`` ``[2f, h]`` = ``[gate; up]``
 Merges work on any tensor-parallel slice (whole query groups / matching gate & up rows), so a
 rank can read only its own rows of each HF tensor.
+
+``tp_dim`` is the dimension tensor (or expert-tensor) parallelism splits: 0 for column-parallel
+weights (vocab, qkv, fc1), 1 for row-parallel ones (o_proj, fc2), None for replicated ones
+(norms, router). Converters take it from here, never from parameter attributes (Transformer
+Engine's expert linears record ``partition_dim`` 0 for ``linear_fc2``, which is split on 1).
+
+Parameter names depend on the layer spec: Transformer Engine fuses the pre-attention norm into
+``linear_qkv`` and, in dense layers, the pre-MLP norm into ``linear_fc1``. The rows use the
+unfused (local-spec) names; ``FUSED_NORM_ALIASES`` maps the fused spellings onto them, so the
+one table serves both specs in both directions.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ class Mapping:
     hf: tuple[str, ...]
     kind: str = "rename"
     layers: str = "all"  # which decoder layers have it: all | dense | moe
+    tp_dim: int | None = None  # dim split by (expert-)tensor parallelism; None = replicated
 
     def applies_to(self, shape: Qwen3Shape, layer: int | None) -> bool:
         if layer is None or self.layers == "all":
@@ -43,23 +54,45 @@ class Mapping:
     def hf_names(self, **index) -> list[str]:
         return [name.format(**index) for name in self.hf]
 
+    @property
+    def is_expert(self) -> bool:
+        """Split by the expert-tensor-parallel group (else by the tensor-parallel group)."""
+        return "{expert}" in self.mcore
+
+
+# Transformer Engine spelling of a decoder-layer parameter -> the table's (local-spec) spelling.
+FUSED_NORM_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+_LAYER_PARAM = re.compile(r"^(decoder\.layers\.\d+\.)(.*)$")
+
+
+def canonical_name(mcore_name: str) -> str:
+    """The table's spelling of a parameter name from any layer spec (TE or local)."""
+    match = _LAYER_PARAM.match(mcore_name)
+    if match and match.group(2) in FUSED_NORM_ALIASES:
+        return match.group(1) + FUSED_NORM_ALIASES[match.group(2)]
+    return mcore_name
+
 
 def qwen3_mappings(shape: Qwen3Shape) -> list[Mapping]:
     """The table. HF names are without the ``model.`` prefix (Qwen3-Embedding spelling)."""
     L, A = "decoder.layers.{layer}", "layers.{layer}.self_attn"
     rows = [
-        Mapping("embedding.word_embeddings.weight", ("embed_tokens.weight",), "vocab"),
+        Mapping("embedding.word_embeddings.weight", ("embed_tokens.weight",), "vocab", tp_dim=0),
         Mapping(f"{L}.input_layernorm.weight", ("layers.{layer}.input_layernorm.weight",)),
         Mapping(f"{L}.self_attention.linear_qkv.weight",
-                (f"{A}.q_proj.weight", f"{A}.k_proj.weight", f"{A}.v_proj.weight"), "qkv"),
+                (f"{A}.q_proj.weight", f"{A}.k_proj.weight", f"{A}.v_proj.weight"), "qkv", tp_dim=0),
         Mapping(f"{L}.self_attention.q_layernorm.weight", (f"{A}.q_norm.weight",)),
         Mapping(f"{L}.self_attention.k_layernorm.weight", (f"{A}.k_norm.weight",)),
-        Mapping(f"{L}.self_attention.linear_proj.weight", (f"{A}.o_proj.weight",)),
+        Mapping(f"{L}.self_attention.linear_proj.weight", (f"{A}.o_proj.weight",), tp_dim=1),
         Mapping(f"{L}.pre_mlp_layernorm.weight", ("layers.{layer}.post_attention_layernorm.weight",)),
         Mapping(f"{L}.mlp.linear_fc1.weight",
                 ("layers.{layer}.mlp.gate_proj.weight", "layers.{layer}.mlp.up_proj.weight"), "gate_up",
-                "dense"),
-        Mapping(f"{L}.mlp.linear_fc2.weight", ("layers.{layer}.mlp.down_proj.weight",), "rename", "dense"),
+                "dense", tp_dim=0),
+        Mapping(f"{L}.mlp.linear_fc2.weight", ("layers.{layer}.mlp.down_proj.weight",), "rename", "dense",
+                tp_dim=1),
         Mapping("decoder.final_layernorm.weight", ("norm.weight",)),
     ]
     if shape.num_experts:
@@ -67,8 +100,8 @@ def qwen3_mappings(shape: Qwen3Shape) -> list[Mapping]:
         rows += [
             Mapping(f"{L}.mlp.router.weight", ("layers.{layer}.mlp.gate.weight",), "rename", "moe"),
             Mapping(f"{E}.linear_fc1.weight", (f"{X}.gate_proj.weight", f"{X}.up_proj.weight"),
-                    "gate_up", "moe"),
-            Mapping(f"{E}.linear_fc2.weight", (f"{X}.down_proj.weight",), "rename", "moe"),
+                    "gate_up", "moe", tp_dim=0),
+            Mapping(f"{E}.linear_fc2.weight", (f"{X}.down_proj.weight",), "rename", "moe", tp_dim=1),
         ]
     return rows
 
@@ -86,8 +119,11 @@ def hf_names_for(shape: Qwen3Shape) -> list[str]:
 
 
 def find_mapping(mappings: list[Mapping], mcore_name: str) -> tuple[Mapping, dict[str, int]]:
+    """The row for a megatron-core parameter name of any layer spec, and its ``{layer}`` /
+    ``{expert}`` indices."""
+    name = canonical_name(mcore_name)
     for m in mappings:
-        match = m.regex().match(mcore_name)
+        match = m.regex().match(name)
         if match:
             return m, {k: int(v) for k, v in match.groupdict().items()}
     raise KeyError(f"no conversion rule for megatron-core parameter {mcore_name!r}")

@@ -46,8 +46,10 @@ def stream_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
     """
     config = transformer_config(shape, ParallelConfig(), bf16=dtype == torch.bfloat16)
     config.use_cpu_initialization, config.perform_initialization = True, False
+    # Any spec gives the same checkpoint keys; Transformer Engine modules cannot be built on
+    # the meta device, so the (weightless) export model always uses the SDPA spec.
     with torch.device("meta"):
-        model = EmbeddingModel(config, shape)
+        model = EmbeddingModel(config, shape, attention="sdpa")
     sharded = model.sharded_state_dict()
     groups: dict[str, list[str]] = {}
     for name, _ in model.named_parameters():

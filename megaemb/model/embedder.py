@@ -47,6 +47,26 @@ class EmbeddingModel(MegatronModule):
                                         pre_process=pre_process, post_process=post_process,
                                         vp_stage=vp_stage)
 
+    # Checkpoints are layer-spec independent (a checkpoint made with the local/SDPA spec on a
+    # CPU loads under Transformer Engine and back): the keys are TE's (block_spec maps the
+    # local spec's norms onto them), and no ``_extra_state`` is saved or required. Megatron's
+    # local linears save an empty one; TE linears and TE attention save FP8 scaling metadata,
+    # which carries nothing without FP8 (megaemb never enables it), and a local-spec
+    # checkpoint has none for TE attention, which megatron's load would report as missing.
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        return {k: v for k, v in state.items() if not _is_extra_state(k)}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``, but ``_extra_state`` entries may be absent (they
+        are not checkpointed, see :meth:`sharded_state_dict`)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not _is_extra_state(k)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"EmbeddingModel.load_state_dict: missing keys {missing}, "
+                               f"unexpected keys {result.unexpected_keys}")
+        return result
+
     def set_input_tensor(self, input_tensor):
         """Pipeline stages > 0 receive ``[s, b, h]`` from the previous stage here."""
         if isinstance(input_tensor, (list, tuple)):
@@ -80,6 +100,10 @@ class EmbeddingModel(MegatronModule):
             hidden = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False)
         return finish_embedding(last_token_pool(hidden, lengths), dim=dim, normalize=normalize)
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.rsplit(".", 1)[-1].startswith("_extra_state")
 
 
 def build_model(config, shape: Qwen3Shape, *, attention: str = "auto", pad_token_id: int = 0) -> EmbeddingModel:

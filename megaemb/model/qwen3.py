@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -139,24 +140,38 @@ def transformer_config(shape: Qwen3Shape, parallel: ParallelConfig, *, bf16: boo
     )
 
 
+ATTENTION_BACKENDS = ("auto", "te", "sdpa", "local")
+
+# Checkpoint keys are the Transformer Engine spec's, whatever the spec: the local spec renames
+# its unfused norms to TE's fused names. TE fuses the pre-MLP norm only in dense layers (MoE
+# layers keep ``pre_mlp_layernorm``), so MoE layers keep that key unrenamed.
+_MOE_LAYER_UNMAPPED = ("pre_mlp_layernorm.",)
+
+
 def block_spec(config: TransformerConfig, attention: str = "auto") -> TransformerBlockSubmodules:
     """This pipeline stage's layer specs.
 
     attention: ``te`` (Transformer Engine), ``sdpa`` (torch SDPA), ``local`` (megatron's
-    unfused reference), or ``auto`` = ``te`` when it imports, else ``sdpa``.
+    unfused reference), or ``auto`` = ``te`` when it imports, else ``sdpa``. Every choice
+    gives the same checkpoint keys (see ``EmbeddingModel.sharded_state_dict``).
     """
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {attention!r} (auto, te, sdpa, local)")
     if attention == "auto":
         attention = "te" if platform.has_transformer_engine() else "sdpa"
     if attention == "te":
+        if not platform.has_transformer_engine():
+            raise ValueError("--attention te needs Transformer Engine, which is not installed")
         return get_gpt_decoder_block_spec(config, use_transformer_engine=True)
-    if attention not in ("sdpa", "local"):
-        raise ValueError(f"unknown attention backend {attention!r} (te, sdpa, local, auto)")
     spec = copy.deepcopy(get_gpt_decoder_block_spec(config, use_transformer_engine=False,
                                                     normalization="RMSNorm"))
     for layer in spec.layer_specs:
         sub = layer.submodules
         sub.input_layernorm = RMSNorm
         sub.pre_mlp_layernorm = RMSNorm
+        if sub.mlp.module is MoELayer:
+            sub.sharded_state_dict_keys_map = {k: v for k, v in sub.sharded_state_dict_keys_map.items()
+                                               if k not in _MOE_LAYER_UNMAPPED}
         attn = sub.self_attention.submodules
         attn.q_layernorm = HeadRMSNorm
         attn.k_layernorm = HeadRMSNorm
