@@ -182,6 +182,7 @@ LEGACY_KEYS = ((".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight"
 
 def _use_legacy_keys(sharded_state_dict: dict, directory: str) -> None:
     """Point requested keys the checkpoint lacks at their legacy spelling, where it has that."""
+    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
     saved = None

@@ -13,6 +13,7 @@ in-batch negatives over the data-parallel group with gradient.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import subprocess
@@ -134,6 +135,8 @@ class Trainer:
             raise ValueError(f"--global_batch_size {cfg.global_batch_size} must be divisible by "
                              f"--micro_batch_size {cfg.micro_batch_size} x data parallel size {self.dp}")
         self.num_microbatches = cfg.global_batch_size // per_step
+        self.wait_group = dist.new_group(  # rank 0's HF export: see export_hf
+            backend="gloo", timeout=datetime.timedelta(minutes=cfg.export_timeout_minutes))
         self._build_model()
         self._build_data()
         self._build_optimizer()
@@ -210,10 +213,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _layout(self) -> dict:
-        """What RNG states depend on: one state per (PP, TP) rank, shared by DP replicas."""
+        """Saved with every checkpoint. RNG states depend on tp/pp/ep (one state per (PP, TP)
+        rank, shared by DP replicas); the optimizer state's format on the optimizer kind."""
         return {"tp": self.parallel.tensor_model_parallel_size,
                 "pp": self.parallel.pipeline_model_parallel_size,
-                "ep": self.parallel.expert_model_parallel_size}
+                "ep": self.parallel.expert_model_parallel_size,
+                "distributed_optimizer": self.cfg.use_distributed_optimizer}
 
     def _state(self, is_loading: bool, with_rng: bool = True) -> dict:
         model_sd = self.module.sharded_state_dict()
@@ -236,9 +241,16 @@ class Trainer:
         the weights only. Any TP/PP/EP/DP layout loads any other; RNG states are per (PP, TP)
         rank, so under another layout the generators are reseeded from ``--seed`` instead."""
         self.step = 0
+        saved, now = checkpoint.saved_layout(root) or {}, self._layout()
+        if not self.cfg.finetune and saved.get("distributed_optimizer", now["distributed_optimizer"]) \
+                != now["distributed_optimizer"]:
+            raise ValueError(
+                f"--load {root}: saved with --use_distributed_optimizer "
+                f"{str(saved['distributed_optimizer']).lower()}; resume with the same setting (any "
+                "TP/PP/EP/DP layout works), or take its weights only with --finetune true")
         if not self.cfg.finetune:
             _create_optimizer_state(self.optimizer)
-        same_layout = checkpoint.saved_layout(root) == self._layout()
+        same_layout = all(saved.get(k) == now[k] for k in ("tp", "pp", "ep"))
         state = checkpoint.load_checkpoint(root, self._state(is_loading=True, with_rng=same_layout))
         self.module.load_state_dict({k: state[k] for k in self.module.sharded_state_dict()})
         if self.cfg.finetune:
@@ -250,11 +262,14 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["opt_param_scheduler"])
         self.start_step = int(state["iteration"])
+        if self.start_step > self.train_iters:
+            raise ValueError(f"--load {root} is at iteration {self.start_step}, past --train_iters "
+                             f"{self.train_iters}")
         if same_layout:
             checkpoint.restore_rng_state(state["rng_state"])
         else:
             self._log(f"note: {root} was saved under another parallel layout "
-                      f"({checkpoint.saved_layout(root)} vs {self._layout()}): RNG states reseeded "
+                      f"({saved or 'not recorded'} vs {now}): RNG states reseeded "
                       f"from --seed {self.cfg.seed} (only dropout, if any, differs from an "
                       "uninterrupted run)")
         self._log(f"resuming from {root} at iteration {self.start_step}")
@@ -270,21 +285,26 @@ class Trainer:
         """HF + sentence-transformers export of a saved iteration.
 
         The conversion needs TP=PP=EP=1 process groups, so global rank 0 runs it as a
-        single-process ``megaemb export`` (streamed: one checkpoint tensor at a time) while the
-        other ranks wait; training's groups stay untouched."""
+        single-process ``megaemb export`` (streamed: one checkpoint tensor at a time) with no
+        launcher variables (torchrun's, Slurm's), while the other ranks wait on a gloo group
+        whose timeout is ``--export_timeout_minutes`` (a large export outlasts the default
+        collective timeout); rank 0 then sends them the outcome, so a failure stops them all."""
+        error = None
         if self.rank0:
             cmd = [sys.executable, "-m", "megaemb.cli", "export", "--mcore_model", self.cfg.save,
                    "--to_hf", "true", "--output_dir", out, "--overwrite", "true",
                    "--bf16", str(self.cfg.bf16)]
             if iteration is not None:
                 cmd += ["--iteration", str(iteration)]
-            env = {k: v for k, v in os.environ.items()
-                   if k not in _RANK_ENV and not k.startswith("TORCHELASTIC_")}
-            result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            result = subprocess.run(cmd, env=single_process_env(), capture_output=True, text=True)
             if result.returncode:
-                raise RuntimeError(f"HF export of {self.cfg.save} failed:\n{result.stderr[-3000:]}")
-            self._log(f"exported {out}")
-        dist.barrier()
+                error = f"HF export of {self.cfg.save} failed:\n{result.stderr[-3000:]}"
+            else:
+                self._log(f"exported {out}")
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=0, group=self.wait_group)
+        if outcome[0]:
+            raise RuntimeError(outcome[0])
 
     # ------------------------------------------------------------------ one step
     def _loss(self, batch: dict, emb: torch.Tensor):
@@ -357,8 +377,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
+        """Train from ``start_step`` to ``train_iters``; a run already there only evaluates."""
         cfg = self.cfg
         self.step = self.start_step
+        finished = self.start_step == self.train_iters
+        if finished:
+            self._log(f"nothing to train: {self.load_dir} is at iteration {self.start_step} "
+                      f"= --train_iters (raise --train_iters to train on)")
         history = {"eval_before": self.evaluate() if self.eval_examples else {}}
         self.logger.log_eval(self.step, history["eval_before"])
         progress = self.logger.progress(self.start_step, self.train_iters)
@@ -384,9 +409,10 @@ class Trainer:
         history["eval_after"] = self.evaluate() if self.eval_examples else {}
         self.logger.log_eval(self.step, history["eval_after"])
         if cfg.save:
-            if not (cfg.save_interval and self.train_iters % cfg.save_interval == 0):
+            if not finished and not (cfg.save_interval and self.train_iters % cfg.save_interval == 0):
                 self.save()
             self.logger.finish()
+        history["finished_before"] = finished
         history["losses"] = self.logger.losses
         return history
 
@@ -395,11 +421,21 @@ class Trainer:
             print(msg, flush=True)
 
 
-# torchrun's variables (and TORCHELASTIC_*, e.g. USE_AGENT_STORE): the export subprocess must
-# start its own one-process job, not join this one
+# torchrun's variables (and TORCHELASTIC_*, e.g. USE_AGENT_STORE), the launcher's and the
+# schedulers' (SLURM_*): the export subprocess must start its own one-process job, not join
+# this one nor relaunch itself as this job's multi-node torchrun
 _RANK_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-             "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_PORT", "NPROC_PER_NODE",
-             "NNODES", "NODE_RANK"}
+             "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_PORT", "MASTER_ADDR",
+             "NPROC_PER_NODE", "NNODES", "NODE_RANK"}
+_JOB_ENV_PREFIXES = ("TORCHELASTIC_", "SLURM_", "PMI_", "OMPI_")
+
+
+def single_process_env(env=os.environ) -> dict:
+    """``env`` for a child that must run as one plain process, whatever the scheduler."""
+    out = {k: v for k, v in env.items()
+           if k not in _RANK_ENV and not k.startswith(_JOB_ENV_PREFIXES)}
+    out.update(NPROC_PER_NODE="1", NNODES="1", NODE_RANK="0")
+    return out
 
 
 def _create_optimizer_state(optimizer) -> None:
@@ -427,5 +463,6 @@ def run_sft(cfg: SFTConfig) -> dict:
     history = trainer.run()
     if cfg.save:
         history["hf_dir"] = os.path.join(cfg.save, "hf_model")
-        trainer.export_hf(history["hf_dir"])
+        if not (history["finished_before"] and os.path.isdir(history["hf_dir"])):
+            trainer.export_hf(history["hf_dir"])
     return history

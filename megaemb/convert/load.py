@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from megaemb import checkpoint
 from megaemb.convert.hf_to_mcore import ConversionError, HFCheckpoint, load_hf_into_model, read_hf_config
 from megaemb.model.embedder import EmbeddingModel, build_model
-from megaemb.model.qwen3 import Qwen3Shape, transformer_config
+from megaemb.model.qwen3 import Qwen3Shape, check_parallel_layout, transformer_config
 
 
 @dataclass
@@ -31,10 +31,8 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
     hf_dir = hf_files_dir(path)
     hf_config = read_hf_config(hf_dir)
     shape = Qwen3Shape.from_hf(hf_config, os.path.join(hf_dir, "config.json"))
+    check_parallel_layout(shape, parallel, path)
     hf = HFCheckpoint(path) if load_weights and not is_mcore else None
-    if shape.num_experts and shape.num_experts % parallel.expert_model_parallel_size:
-        raise ConversionError(f"{path}: {shape.num_experts} experts not divisible by "
-                              f"--expert_model_parallel_size {parallel.expert_model_parallel_size}")
     config = transformer_config(shape, parallel, bf16=bf16, recompute_granularity=recompute_granularity)
     pad_id = hf_config.get("pad_token_id") or 0
     model = build_model(config, shape, attention=attention, pad_token_id=pad_id)

@@ -97,6 +97,28 @@ class Qwen3Shape:
         return bool(self.num_experts) and bool(self.moe_layer_pattern[layer])
 
 
+def check_parallel_layout(shape: Qwen3Shape, parallel: ParallelConfig, source: str) -> None:
+    """``ValueError`` naming the flag when ``parallel`` cannot split this model (checked before
+    megatron builds it, whose own failures are shape errors deep inside a layer)."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    ep = parallel.expert_model_parallel_size
+    needs = [("attention heads", shape.num_heads, tp, "--tensor_model_parallel_size"),
+             ("key/value heads (num_key_value_heads)", shape.num_kv_heads, tp,
+              "--tensor_model_parallel_size"),
+             ("MLP width (intermediate_size)", shape.ffn_hidden_size, tp, "--tensor_model_parallel_size"),
+             ("layers", shape.num_layers, pp, "--pipeline_model_parallel_size")]
+    if shape.num_experts:
+        needs += [("experts", shape.num_experts, ep, "--expert_model_parallel_size"),
+                  ("expert MLP width (moe_intermediate_size)", shape.moe_ffn_hidden_size, tp,
+                   "--tensor_model_parallel_size")]
+    elif ep > 1:
+        raise ValueError(f"{source}: --expert_model_parallel_size {ep} needs a MoE model "
+                         f"({shape.model_type} has no experts)")
+    for what, count, size, flag in needs:
+        if count % size:
+            raise ValueError(f"{source}: {flag} {size} does not divide the model's {count} {what}")
+
+
 def transformer_config(shape: Qwen3Shape, parallel: ParallelConfig, *, bf16: bool = False,
                        recompute_granularity: str | None = None) -> TransformerConfig:
     """Build the megatron-core config (fp32 params, or bf16 with ``bf16=True``)."""
