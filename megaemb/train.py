@@ -30,7 +30,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megaemb import checkpoint, platform
+from megaemb import checkpoint, launcher, platform
 from megaemb.config import ParallelConfig, SFTConfig
 from megaemb.convert.load import load_model
 from megaemb.data.batching import pad_batch
@@ -247,8 +247,8 @@ class Trainer:
                    "--bf16", str(self.cfg.bf16)]
             if iteration is not None:
                 cmd += ["--iteration", str(iteration)]
-            env = {k: v for k, v in os.environ.items()
-                   if k not in _RANK_ENV and not k.startswith("TORCHELASTIC_")}
+            env = launcher.child_env({k: v for k, v in os.environ.items()
+                                      if k not in _RANK_ENV and not k.startswith("TORCHELASTIC_")})
             result = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if result.returncode:
                 raise RuntimeError(f"HF export of {self.cfg.save} failed:\n{result.stderr[-3000:]}")
