@@ -134,7 +134,7 @@ def relaunch(plan: Plan, argv: list[str]) -> int:
 
     Prints at most one line of its own: the first rank's user error, a crashed rank, or the
     signal that stopped the job."""
-    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -142,12 +142,13 @@ def relaunch(plan: Plan, argv: list[str]) -> int:
     _quiet_torchelastic()
     if plan.nproc_per_node > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: ranks share the cores
+    error_dir = tempfile.mkdtemp(prefix="megaemb-errors-")  # also holds torchelastic's log dir
     config = LaunchConfig(
         min_nodes=plan.nnodes, max_nodes=plan.nnodes, nproc_per_node=plan.nproc_per_node,
         run_id="megaemb", rdzv_backend="static",
         rdzv_endpoint=f"{plan.master_addr}:{plan.master_port}",
-        rdzv_configs={"rank": plan.node_rank}, max_restarts=0)
-    error_dir = tempfile.mkdtemp(prefix="megaemb-errors-")
+        rdzv_configs={"rank": plan.node_rank}, max_restarts=0,
+        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(error_dir, "torchelastic")))
     saved = {k: os.environ.get(k) for k in (PARENT_PID_ENV, ERROR_DIR_ENV)}
     os.environ.update({PARENT_PID_ENV: str(os.getpid()), ERROR_DIR_ENV: error_dir})
     previous = {s: signal.signal(s, _raise_signal_exception) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -193,13 +194,17 @@ def _quiet_torchelastic() -> None:
 
 def _failure_line(command: str, error, error_dir: str) -> tuple[str, int]:
     """The line and exit code for a failed job: the lowest rank's user error as that rank wrote
-    it (2), else the first rank that crashed (1)."""
+    it (2), else the rank that crashed first (1). torchelastic lists the ranks it SIGTERMed
+    after the first failure as failed too: those come last; in the same second a rank killed
+    by a signal comes before one that exited (its peers then fail in their collectives)."""
     ranks = sorted(int(n[len("rank"):-len(".txt")]) for n in os.listdir(error_dir)
                    if n.startswith("rank") and n.endswith(".txt"))
     if ranks:
         with open(os.path.join(error_dir, f"rank{ranks[0]}.txt")) as f:
             return f.read().strip(), 2
-    rank, failure = min(error.failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+    rank, failure = min(error.failures.items(),
+                        key=lambda kv: (kv[1].exitcode == -signal.SIGTERM, kv[1].timestamp,
+                                        kv[1].exitcode >= 0, kv[0]))
     if failure.exitcode < 0:
         return f"{command}: error: rank {rank} killed by {failure.signal_name()}", 1
     return f"{command}: error: rank {rank} exited with code {failure.exitcode}", 1

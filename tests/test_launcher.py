@@ -30,7 +30,8 @@ def megaemb(*args, timeout=120, **env):
 
 
 def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "error:" in line]
+    """Lines with ``error:``, from ``megaemb`` on (rank 0's tqdm bar ends without a newline)."""
+    return [line[line.find("megaemb "):] for line in stderr.splitlines() if "error:" in line]
 
 
 @pytest.fixture
@@ -250,5 +251,21 @@ def test_sigterm_to_launcher_stops_the_job(tiny_models, tmp_path):
         err = (tmp_path / "err.txt").read_text()
         assert err.count("stopped by") == 1 and "megaemb sft: stopped by SIGTERM\n" in err, err[-3000:]
         assert "Traceback" not in err and "torch.distributed" not in err, err[-3000:]
+    finally:
+        _kill(job)
+
+
+@pytest.mark.timeout(180)
+def test_crashed_rank_is_named_once(tiny_models, tmp_path):
+    """One rank SIGKILLed (as by the OOM killer): the launcher names it in one line, exit 1."""
+    proc, job = _start_training(tiny_models["dense"], tmp_path / "run", tmp_path)
+    try:
+        rank1 = next(p for p in job if p.ppid() == proc.pid and p.environ().get("RANK") == "1")
+        rank1.kill()
+        assert proc.wait(60) == 1
+        assert _gone(job, 30)
+        err = (tmp_path / "err.txt").read_text()
+        assert error_lines(err) == ["megaemb sft: error: rank 1 killed by SIGKILL"], err[-3000:]
+        assert "ChildFailedError" not in err and "torch.distributed.elastic" not in err, err[-3000:]
     finally:
         _kill(job)
