@@ -22,7 +22,8 @@ Design:
   multiprocessing manager) dies with it. So ``kill -9`` of the launcher leaves no process of
   the job. Linux only; elsewhere it is a no-op.
 - **Signals stop the job.** SIGTERM/SIGINT/SIGHUP/SIGQUIT to the launcher: torchelastic sends
-  SIGTERM to the ranks (SIGKILL after 30 s), then this module prints one line
+  the same signal to the ranks (SIGKILL after 30 s; ranks die of SIGINT quietly, no
+  KeyboardInterrupt), then this module prints one line
   ``megaemb <cmd>: stopped by SIGTERM`` and exits ``128 + signum`` (143 for SIGTERM).
 - **Errors printed once.** The launcher exports ``MEGAEMB_ERROR_DIR``; a rank failing with a
   user error writes its one line there (``report_error``) and exits 2 silently. When the job
@@ -217,9 +218,14 @@ def die_with_parent() -> None:
 
     Acts only when the parent announced itself in ``MEGAEMB_PARENT_PID`` (the launcher, or
     rank 0 for its export); the variable is then removed so this process's own children do
-    not inherit it. Linux only (``prctl``); a no-op elsewhere."""
+    not inherit it. SIGINT then ends this process quietly, as SIGTERM does: torchelastic
+    forwards the launcher's SIGINT to the ranks, and a KeyboardInterrupt traceback per rank is
+    noise. Parent death: Linux only (``prctl``)."""
     parent = os.environ.pop(PARENT_PID_ENV, None)
-    if parent is None or not sys.platform.startswith("linux"):
+    if parent is None:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if not sys.platform.startswith("linux"):
         return
     if not _set_parent_death_signal(signal.SIGKILL, int(parent)):
         os.kill(os.getpid(), signal.SIGKILL)  # the parent died before the prctl took effect
@@ -238,12 +244,15 @@ def _reap_group_on_exit() -> None:
     session), fork a watcher that SIGKILLs the group when this process dies, however it dies.
 
     The group holds what the rank started and that a parent-death signal does not reach:
-    megatron's checkpoint writers and their multiprocessing manager, the export child. Must
-    run before any thread exists (it forks)."""
+    megatron's checkpoint writers and their multiprocessing manager (which ignores SIGINT, so
+    torchelastic's ``killpg(SIGINT)`` leaves it running), the export child. Must run before
+    any thread exists (it forks)."""
     leader = os.getpid()
     if os.getpgrp() != leader or os.fork():
         return
     try:  # the watcher: a copy of this small interpreter, waiting for its parent to die
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)  # torchelastic signals the whole group: outlive it
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
         if _set_parent_death_signal(signal.SIGUSR1, leader):
             signal.sigwait({signal.SIGUSR1})

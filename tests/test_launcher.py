@@ -241,16 +241,19 @@ def test_sigkill_to_launcher_leaves_no_rank(tiny_models, tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_sigterm_to_launcher_stops_the_job(tiny_models, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_launcher_stops_the_job(tiny_models, tmp_path, sig):
+    """SIGTERM (exit 143) or SIGINT (Ctrl-C, 130): ranks stopped, one line, no traceback."""
     save = tmp_path / "run"
     proc, job = _start_training(tiny_models["dense"], save, tmp_path)
     try:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 128 + signal.SIGTERM
+        proc.send_signal(sig)
+        assert proc.wait(60) == 128 + sig
         assert _gone(job, 30)
         err = (tmp_path / "err.txt").read_text()
-        assert err.count("stopped by") == 1 and "megaemb sft: stopped by SIGTERM\n" in err, err[-3000:]
-        assert "Traceback" not in err and "torch.distributed" not in err, err[-3000:]
+        assert err.count("stopped by") == 1 and f"megaemb sft: stopped by {sig.name}\n" in err, err[-3000:]
+        for noise in ("Traceback", "KeyboardInterrupt", "torch.distributed"):
+            assert noise not in err, err[-3000:]
     finally:
         _kill(job)
 
