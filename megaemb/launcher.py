@@ -76,11 +76,11 @@ def launch_plan(env=os.environ) -> Plan | None:
     nnodes = _positive_int(env, "NNODES", _positive_int(env, "SLURM_NNODES", 1))
     if nproc * nnodes <= 1:
         return None
-    node_rank = _int_in(env, "NODE_RANK", int(env.get("SLURM_NODEID", 0)), nnodes)
+    node_rank = _int_in(env, "NODE_RANK", _int_in(env, "SLURM_NODEID", 0, nnodes), nnodes)
     if nnodes > 1 and not env.get("MASTER_ADDR"):
         raise ValueError(f"NNODES={nnodes} needs MASTER_ADDR (the address of node rank 0)")
     addr = env.get("MASTER_ADDR") or "127.0.0.1"
-    if "MASTER_PORT" in env:
+    if env.get("MASTER_PORT"):
         port = _int_in(env, "MASTER_PORT", 0, 65536, low=1)
     else:
         port = _free_port() if nnodes == 1 else DEFAULT_PORT
@@ -164,14 +164,17 @@ def relaunch(plan: Plan, argv: list[str]) -> int:
         print(line, file=sys.stderr, flush=True)
         return code
     except Exception as e:  # rendezvous errors and the like: one line, not torch's traceback
-        print(f"{command}: error: could not start the ranks: {type(e).__name__}: {e}",
+        print(f"{command}: error: launcher: {type(e).__name__}: {e}",
               file=sys.stderr, flush=True)
         return 1
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         shutil.rmtree(error_dir, ignore_errors=True)
 
 

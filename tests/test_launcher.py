@@ -56,6 +56,7 @@ def test_single_node_picks_a_free_port():
     plan = launcher.launch_plan({"NPROC_PER_NODE": "2"})
     assert (plan.nproc_per_node, plan.nnodes, plan.node_rank, plan.master_addr) == (2, 1, 0, "127.0.0.1")
     assert 0 < plan.master_port < 65536 and launcher.port_is_free(plan.master_port)
+    assert launcher.launch_plan({"NPROC_PER_NODE": "2", "MASTER_PORT": ""}).master_port > 0
     ports = {launcher.launch_plan({"NPROC_PER_NODE": "2"}).master_port for _ in range(5)}
     assert len(ports) > 1  # not a fixed default: two jobs on one machine do not collide
 
@@ -80,6 +81,8 @@ def test_multi_node_values_and_default_port():
     ({"NPROC_PER_NODE": "2", "NODE_RANK": "x"}, "NODE_RANK='x': expected an integer from 0 to 0"),
     ({"NPROC_PER_NODE": "2", "NNODES": "2", "NODE_RANK": "1"}, "NNODES=2 needs MASTER_ADDR"),
     ({"NPROC_PER_NODE": "2", "MASTER_PORT": "70000"}, "MASTER_PORT='70000': expected an integer from 1"),
+    ({"NPROC_PER_NODE": "2", "SLURM_NNODES": "2", "SLURM_NODEID": "n1", "MASTER_ADDR": "h"},
+     "SLURM_NODEID='n1': expected an integer from 0 to 1"),
 ])
 def test_bad_values_are_rejected(env, message):
     with pytest.raises(ValueError) as e:
