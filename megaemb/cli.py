@@ -256,15 +256,16 @@ def check_args(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
     from megaemb import launcher
 
+    launcher.die_with_parent()  # first: a rank must not outlive its launcher
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     try:
         check_args(args)
         plan = launcher.launch_plan()
     except (ValueError, OSError) as e:
-        print(f"megaemb {args.command}: error: {e}", file=sys.stderr, flush=True)
+        launcher.report_error(f"megaemb {args.command}: error: {e}")
         return 2
     if plan is not None:
         return launcher.relaunch(plan, argv)
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except (ConversionError, FileNotFoundError, FileExistsError, PermissionError,
             ValueError) as e:  # incl. DataError
-        print(f"megaemb {args.command}: error: {e}", file=sys.stderr, flush=True)
+        launcher.report_error(f"megaemb {args.command}: error: {e}")  # once per job, not per rank
         return 2
     finally:
         destroy_parallel()

@@ -3,31 +3,286 @@
 ``NPROC_PER_NODE`` (ranks on this node), ``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``; under Slurm (``SLURM_NNODES``/``SLURM_NODEID``) the node values come from
 Slurm. If this process is not already a rank (no ``LOCAL_RANK``) and more than one rank is
-asked for, re-run the same command under ``torch.distributed.run`` (torchrun).
+asked for, this process becomes the torchelastic agent of its node and starts the ranks.
+
+Design:
+
+- **In-process agent.** ``relaunch`` calls torch's own launcher API
+  (``elastic_launch(LaunchConfig(...), sys.executable)("-m", "megaemb.cli", *argv)``, what
+  ``torchrun`` does after parsing its flags) instead of running ``torchrun`` as a child. The
+  ranks are therefore children of the ``megaemb`` process itself, no process sits in between,
+  and failures (``ChildFailedError``) and signals (``SignalException``) reach this module as
+  exceptions. torchelastic's log lines are silenced unless ``LOGLEVEL`` is set.
+- **Ranks die with their launcher.** The launcher exports ``MEGAEMB_PARENT_PID``; every
+  ``megaemb`` process calls ``die_with_parent()`` first thing, which sets
+  ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` and then checks ``getppid()`` against that pid (the
+  parent may have died before the prctl). Rank 0's HF-export subprocess gets the same through
+  ``child_env()``. Each rank also forks a watcher that SIGKILLs the rank's process group when
+  the rank dies: what the rank started (megatron's checkpoint writer processes, their
+  multiprocessing manager) dies with it. So ``kill -9`` of the launcher leaves no process of
+  the job. Linux only; elsewhere it is a no-op.
+- **Signals stop the job.** SIGTERM/SIGINT/SIGHUP/SIGQUIT to the launcher: torchelastic sends
+  the same signal to the ranks (SIGKILL after 30 s; ranks die of SIGINT quietly, no
+  KeyboardInterrupt), then this module prints one line
+  ``megaemb <cmd>: stopped by SIGTERM`` and exits ``128 + signum`` (143 for SIGTERM).
+- **Errors printed once.** The launcher exports ``MEGAEMB_ERROR_DIR``; a rank failing with a
+  user error writes its one line there (``report_error``) and exits 2 silently. When the job
+  fails the launcher prints the lowest rank's line and exits 2; if no rank left a line (a
+  crash), it prints ``rank N exited with code X`` / ``rank N killed by SIGKILL`` for the first
+  rank that failed (its traceback, if any, is already on stderr above) and exits 1. Ranks
+  started by an external ``torchrun`` (no error directory) each print their own error: a
+  failure seen only on one rank is then not lost.
+- **Ports.** On one node with ``MASTER_PORT`` unset a free port is picked (two jobs on one
+  machine do not collide; the port is free when checked, a race with another program binding
+  it in the next second remains). A ``MASTER_PORT`` in use on node rank 0 (the rendezvous
+  host) is reported before any rank starts.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import logging
 import os
-import subprocess
+import shutil
+import signal
+import socket
 import sys
+import tempfile
+from dataclasses import dataclass
+
+PARENT_PID_ENV = "MEGAEMB_PARENT_PID"
+ERROR_DIR_ENV = "MEGAEMB_ERROR_DIR"
+DEFAULT_PORT = 29500
 
 
-def launch_plan(env=os.environ) -> list[str] | None:
-    """The torchrun argv to run, or None when this process should just run (one rank, or a rank)."""
+@dataclass(frozen=True)
+class Plan:
+    """Ranks to start on this node and where the job's rendezvous is."""
+
+    nproc_per_node: int
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+
+def launch_plan(env=os.environ) -> Plan | None:
+    """The ranks to start, or None when this process should just run (one rank, or a rank).
+
+    Raises ``ValueError`` (one line) for a malformed variable or a busy ``MASTER_PORT``."""
     if "LOCAL_RANK" in env:
         return None
-    nproc = int(env.get("NPROC_PER_NODE", 1))
-    nnodes = int(env.get("NNODES", env.get("SLURM_NNODES", 1)))
+    nproc = _positive_int(env, "NPROC_PER_NODE", 1)
+    nnodes = _positive_int(env, "NNODES", _positive_int(env, "SLURM_NNODES", 1))
     if nproc * nnodes <= 1:
         return None
-    node_rank = env.get("NODE_RANK", env.get("SLURM_NODEID", "0"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--nnodes={nnodes}", f"--node_rank={node_rank}",
-           f"--master_addr={env.get('MASTER_ADDR', '127.0.0.1')}",
-           f"--master_port={env.get('MASTER_PORT', '29500')}"]
-    return cmd
+    node_rank = _int_in(env, "NODE_RANK", _int_in(env, "SLURM_NODEID", 0, nnodes), nnodes)
+    if nnodes > 1 and not env.get("MASTER_ADDR"):
+        raise ValueError(f"NNODES={nnodes} needs MASTER_ADDR (the address of node rank 0)")
+    addr = env.get("MASTER_ADDR") or "127.0.0.1"
+    if env.get("MASTER_PORT"):
+        port = _int_in(env, "MASTER_PORT", 0, 65536, low=1)
+    else:
+        port = _free_port() if nnodes == 1 else DEFAULT_PORT
+    if node_rank == 0 and not port_is_free(port):
+        raise ValueError(f"MASTER_PORT={port} is already in use; set MASTER_PORT to a free port, "
+                         "or unset it on a single node to pick one")
+    return Plan(nproc, nnodes, node_rank, addr, port)
 
 
-def relaunch(plan: list[str], argv: list[str]) -> int:
-    """Run ``megaemb <argv>`` on every rank of this node; returns the exit code."""
-    return subprocess.call(plan + ["-m", "megaemb.cli", *argv])
+def _positive_int(env, name: str, default: int) -> int:
+    """``env[name]`` as an integer >= 1 (``default`` when unset)."""
+    return _int_in(env, name, default, None, low=1, what="a positive integer")
+
+
+def _int_in(env, name: str, default: int, high: int | None, low: int = 0,
+            what: str | None = None) -> int:
+    """``env[name]`` as an integer in ``[low, high)``, else ``ValueError`` naming the variable."""
+    text = env.get(name)
+    if text is None or text == "":
+        return default
+    what = what or f"an integer from {low} to {high - 1}"
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected {what}") from None
+    if value < low or (high is not None and value >= high):
+        raise ValueError(f"{name}={text!r}: expected {what}")
+    return value
+
+
+def _free_port() -> int:
+    """A TCP port nobody listens on now (the kernel's choice)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Whether the rendezvous store could listen on ``port`` (same ``SO_REUSEADDR`` as it)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- the launcher (agent) side
+def relaunch(plan: Plan, argv: list[str]) -> int:
+    """Run ``megaemb <argv>`` on ``plan.nproc_per_node`` ranks of this node; the exit code.
+
+    Prints at most one line of its own: the first rank's user error, a crashed rank, or the
+    signal that stopped the job."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    command = f"megaemb {argv[0] if argv else ''}".strip()
+    _quiet_torchelastic()
+    if plan.nproc_per_node > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: ranks share the cores
+    error_dir = tempfile.mkdtemp(prefix="megaemb-errors-")  # also holds torchelastic's log dir
+    config = LaunchConfig(
+        min_nodes=plan.nnodes, max_nodes=plan.nnodes, nproc_per_node=plan.nproc_per_node,
+        run_id="megaemb", rdzv_backend="static",
+        rdzv_endpoint=f"{plan.master_addr}:{plan.master_port}",
+        rdzv_configs={"rank": plan.node_rank}, max_restarts=0,
+        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(error_dir, "torchelastic")))
+    saved = {k: os.environ.get(k) for k in (PARENT_PID_ENV, ERROR_DIR_ENV)}
+    os.environ.update({PARENT_PID_ENV: str(os.getpid()), ERROR_DIR_ENV: error_dir})
+    previous = {s: signal.signal(s, _raise_signal_exception) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        elastic_launch(config, sys.executable)("-m", "megaemb.cli", *argv)
+        return 0
+    except SignalException as e:
+        print(f"{command}: stopped by {signal.Signals(e.sigval).name}", file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        line, code = _failure_line(command, e, error_dir)
+        print(line, file=sys.stderr, flush=True)
+        return code
+    except Exception as e:  # rendezvous errors and the like: one line, not torch's traceback
+        print(f"{command}: error: launcher: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+        return 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(error_dir, ignore_errors=True)
+
+
+def _raise_signal_exception(signum, frame):
+    """Until torchelastic installs its own handler: the same exception it raises."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
+
+
+def _quiet_torchelastic() -> None:
+    """torchelastic logs every start, failure and shutdown to stderr; this module reports them
+    in one line instead. ``LOGLEVEL=INFO`` (torchelastic's own variable) brings them back."""
+    if os.environ.get("LOGLEVEL"):
+        return
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
+        log = logging.getLogger(name)
+        log.addHandler(logging.NullHandler())
+        log.propagate = False
+
+
+def _failure_line(command: str, error, error_dir: str) -> tuple[str, int]:
+    """The line and exit code for a failed job: the lowest rank's user error as that rank wrote
+    it (2), else the rank that crashed first (1). torchelastic lists the ranks it SIGTERMed
+    after the first failure as failed too: those come last; in the same second a rank killed
+    by a signal comes before one that exited (its peers then fail in their collectives)."""
+    ranks = sorted(int(n[len("rank"):-len(".txt")]) for n in os.listdir(error_dir)
+                   if n.startswith("rank") and n.endswith(".txt"))
+    if ranks:
+        with open(os.path.join(error_dir, f"rank{ranks[0]}.txt")) as f:
+            return f.read().strip(), 2
+    rank, failure = min(error.failures.items(),
+                        key=lambda kv: (kv[1].exitcode == -signal.SIGTERM, kv[1].timestamp,
+                                        kv[1].exitcode >= 0, kv[0]))
+    if failure.exitcode < 0:
+        return f"{command}: error: rank {rank} killed by {failure.signal_name()}", 1
+    return f"{command}: error: rank {rank} exited with code {failure.exitcode}", 1
+
+
+# ---------------------------------------------------------------- the rank (child) side
+def die_with_parent() -> None:
+    """Make this process die (SIGKILL) when the process that started it dies, and with it
+    whatever this process started (see ``_reap_group_on_exit``).
+
+    Acts only when the parent announced itself in ``MEGAEMB_PARENT_PID`` (the launcher, or
+    rank 0 for its export); the variable is then removed so this process's own children do
+    not inherit it. SIGINT then ends this process quietly, as SIGTERM does: torchelastic
+    forwards the launcher's SIGINT to the ranks, and a KeyboardInterrupt traceback per rank is
+    noise. Parent death: Linux only (``prctl``)."""
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if parent is None:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if not sys.platform.startswith("linux"):
+        return
+    if not _set_parent_death_signal(signal.SIGKILL, int(parent)):
+        os.kill(os.getpid(), signal.SIGKILL)  # the parent died before the prctl took effect
+    _reap_group_on_exit()
+
+
+def _set_parent_death_signal(sig: int, parent: int) -> bool:
+    """``prctl(PR_SET_PDEATHSIG, sig)``; False when ``parent`` is no longer our parent."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    return os.getppid() == parent
+
+
+def _reap_group_on_exit() -> None:
+    """If this process leads its process group (torchelastic starts each rank in a new
+    session), fork a watcher that SIGKILLs the group when this process dies, however it dies.
+
+    The group holds what the rank started and that a parent-death signal does not reach:
+    megatron's checkpoint writers and their multiprocessing manager (which ignores SIGINT, so
+    torchelastic's ``killpg(SIGINT)`` leaves it running), the export child. Must run before
+    any thread exists (it forks)."""
+    leader = os.getpid()
+    if os.getpgrp() != leader or os.fork():
+        return
+    try:  # the watcher: a copy of this small interpreter, waiting for its parent to die
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)  # torchelastic signals the whole group: outlive it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        if _set_parent_death_signal(signal.SIGUSR1, leader):
+            signal.sigwait({signal.SIGUSR1})
+        os.killpg(leader, signal.SIGKILL)
+    finally:
+        os._exit(0)
+
+
+def child_env(env: dict | None = None) -> dict:
+    """Environment for a subprocess that must die with this process (it runs ``megaemb``):
+    ``env`` (default ``os.environ``) plus this pid, minus the launcher's error directory (the
+    child reports its errors on its own stderr)."""
+    env = dict(os.environ if env is None else env)
+    env.pop(ERROR_DIR_ENV, None)
+    env[PARENT_PID_ENV] = str(os.getpid())
+    return env
+
+
+def report_error(line: str) -> None:
+    """A rank's one-line user error: to the launcher's error directory when there is one (the
+    launcher prints it once for the job), else to stderr."""
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if error_dir and os.path.isdir(error_dir):
+        path = os.path.join(error_dir, f"rank{int(os.environ.get('RANK', 0))}.txt")
+        with contextlib.suppress(OSError):
+            with open(path + ".tmp", "w") as f:
+                f.write(line + "\n")
+            os.replace(path + ".tmp", path)
+            return
+    print(line, file=sys.stderr, flush=True)

@@ -31,7 +31,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megaemb import checkpoint, platform, preflight
+from megaemb import checkpoint, launcher, platform, preflight
 from megaemb.config import ParallelConfig, SFTConfig
 from megaemb.convert.load import load_model
 from megaemb.data.batching import pad_batch
@@ -296,7 +296,8 @@ class Trainer:
                    "--bf16", str(self.cfg.bf16)]
             if iteration is not None:
                 cmd += ["--iteration", str(iteration)]
-            result = subprocess.run(cmd, env=single_process_env(), capture_output=True, text=True)
+            result = subprocess.run(cmd, env=launcher.child_env(single_process_env()),
+                                    capture_output=True, text=True)
             if result.returncode:
                 error = f"HF export of {self.cfg.save} failed:\n{result.stderr[-3000:]}"
             else:

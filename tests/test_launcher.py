@@ -1,0 +1,277 @@
+"""The launcher: environment -> ranks, one error line per job, no orphans (real processes)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from megaemb import launcher
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+DATA = os.path.join(ROOT, "demo", "data", "train.jsonl")
+LAUNCH_ENV = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK",
+              "RANK", "WORLD_SIZE", "SLURM_NNODES", "SLURM_NODEID", launcher.PARENT_PID_ENV,
+              launcher.ERROR_DIR_ENV)
+
+
+def clean_env(**kw) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env.update(PYTHONWARNINGS="ignore", **kw)
+    return env
+
+
+def megaemb(*args, timeout=120, **env):
+    return subprocess.run([sys.executable, "-m", "megaemb.cli", *args], capture_output=True,
+                          text=True, env=clean_env(**env), timeout=timeout, cwd=ROOT)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """Lines with ``error:``, from ``megaemb`` on (rank 0's tqdm bar ends without a newline)."""
+    return [line[line.find("megaemb "):] for line in stderr.splitlines() if "error:" in line]
+
+
+@pytest.fixture
+def listening_port():
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ environment -> plan (unit)
+
+@pytest.mark.timeout(10)
+def test_one_rank_or_already_a_rank_runs_here():
+    assert launcher.launch_plan({}) is None
+    assert launcher.launch_plan({"NPROC_PER_NODE": "1"}) is None
+    assert launcher.launch_plan({"NPROC_PER_NODE": "two", "LOCAL_RANK": "0"}) is None  # a rank
+
+
+@pytest.mark.timeout(10)
+def test_single_node_picks_a_free_port():
+    plan = launcher.launch_plan({"NPROC_PER_NODE": "2"})
+    assert (plan.nproc_per_node, plan.nnodes, plan.node_rank, plan.master_addr) == (2, 1, 0, "127.0.0.1")
+    assert 0 < plan.master_port < 65536 and launcher.port_is_free(plan.master_port)
+    assert launcher.launch_plan({"NPROC_PER_NODE": "2", "MASTER_PORT": ""}).master_port > 0
+    ports = {launcher.launch_plan({"NPROC_PER_NODE": "2"}).master_port for _ in range(5)}
+    assert len(ports) > 1  # not a fixed default: two jobs on one machine do not collide
+
+
+@pytest.mark.timeout(10)
+def test_multi_node_values_and_default_port():
+    env = {"NPROC_PER_NODE": "8", "NNODES": "4", "NODE_RANK": "3", "MASTER_ADDR": "10.0.0.1"}
+    assert launcher.launch_plan(env) == launcher.Plan(8, 4, 3, "10.0.0.1", 29500)
+    slurm = {"NPROC_PER_NODE": "8", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "MASTER_ADDR": "h0",
+             "MASTER_PORT": "12345"}
+    assert launcher.launch_plan(slurm) == launcher.Plan(8, 2, 1, "h0", 12345)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("env, message", [
+    ({"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE='two': expected a positive integer"),
+    ({"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE='0': expected a positive integer"),
+    ({"NPROC_PER_NODE": "-2"}, "NPROC_PER_NODE='-2': expected a positive integer"),
+    ({"NPROC_PER_NODE": "2", "NNODES": "1.5"}, "NNODES='1.5': expected a positive integer"),
+    ({"NPROC_PER_NODE": "2", "NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"},
+     "NODE_RANK='2': expected an integer from 0 to 1"),
+    ({"NPROC_PER_NODE": "2", "NODE_RANK": "x"}, "NODE_RANK='x': expected an integer from 0 to 0"),
+    ({"NPROC_PER_NODE": "2", "NNODES": "2", "NODE_RANK": "1"}, "NNODES=2 needs MASTER_ADDR"),
+    ({"NPROC_PER_NODE": "2", "MASTER_PORT": "70000"}, "MASTER_PORT='70000': expected an integer from 1"),
+    ({"NPROC_PER_NODE": "2", "SLURM_NNODES": "2", "SLURM_NODEID": "n1", "MASTER_ADDR": "h"},
+     "SLURM_NODEID='n1': expected an integer from 0 to 1"),
+])
+def test_bad_values_are_rejected(env, message):
+    with pytest.raises(ValueError) as e:
+        launcher.launch_plan(env)
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.timeout(10)
+def test_busy_port_is_rejected_on_node_zero_only(listening_port):
+    env = {"NPROC_PER_NODE": "2", "MASTER_PORT": str(listening_port)}
+    with pytest.raises(ValueError, match=f"MASTER_PORT={listening_port} is already in use"):
+        launcher.launch_plan(env)
+    other_node = dict(env, NNODES="2", NODE_RANK="1", MASTER_ADDR="h0")
+    assert launcher.launch_plan(other_node).master_port == listening_port
+
+
+# ------------------------------------------------------------------ CLI: one line, before ranks
+
+@pytest.mark.timeout(60)
+def test_cli_bad_nproc_is_one_line():
+    r = megaemb("sft", "--model", "m", "--dataset", "d.jsonl", NPROC_PER_NODE="two")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "megaemb sft: error: NPROC_PER_NODE='two': expected a positive integer"
+
+
+@pytest.mark.timeout(60)
+def test_cli_busy_master_port_is_one_line(listening_port):
+    r = megaemb("sft", "--model", "m", "--dataset", "d.jsonl", NPROC_PER_NODE="2",
+                MASTER_PORT=str(listening_port))
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"megaemb sft: error: MASTER_PORT={listening_port} is already in use; "
+                                "set MASTER_PORT to a free port, or unset it on a single node to pick one")
+
+
+@pytest.mark.timeout(120)
+def test_user_error_on_every_rank_is_printed_once(tiny_models, tmp_path):
+    missing = str(tmp_path / "missing.jsonl")
+    r = megaemb("sft", "--model", tiny_models["dense"], "--dataset", missing, "--train_iters", "2",
+                "--max_length", "32", "--micro_batch_size", "2", "--global_batch_size", "4",
+                NPROC_PER_NODE="2")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert error_lines(r.stderr) == [f"megaemb sft: error: {missing}: file not found"], r.stderr[-3000:]
+    for noise in ("Traceback", "ChildFailedError", "torch.distributed"):
+        assert noise not in r.stderr, r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ parent death (helpers)
+
+SLEEPER = ("import os, sys, time; from megaemb import launcher; launcher.die_with_parent(); "
+           "print(os.getpid(), flush=True); time.sleep(120)")
+
+
+def _alive(procs) -> list:
+    """The processes still running (zombies count as gone; a reused pid is not ours)."""
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _gone(procs, timeout: float) -> bool:
+    """Whether every process is gone within ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while _alive(procs) and time.time() < deadline:
+        time.sleep(0.2)
+    return not _alive(procs)
+
+
+def _kill(procs) -> None:
+    for p in _alive(procs):
+        p.kill()
+
+
+@pytest.mark.timeout(60)
+def test_child_env_child_dies_with_its_parent():
+    """As rank 0's HF-export subprocess: its parent is SIGKILLed, the child follows."""
+    parent_code = ("import subprocess, sys, time; from megaemb import launcher; "
+                   f"subprocess.Popen([sys.executable, '-c', {SLEEPER!r}], env=launcher.child_env()); "
+                   "time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], env=clean_env(),
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        child = int(parent.stdout.readline())
+        assert psutil.Process(child).ppid() == parent.pid
+        parent.kill()
+        assert _gone([psutil.Process(child)], 10)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+@pytest.mark.timeout(60)
+def test_parent_gone_before_prctl_kills_the_child():
+    """The race: the announced parent is not (or no longer) this process's parent."""
+    env = clean_env(**{launcher.PARENT_PID_ENV: "1" if os.getpid() != 1 else "2"})
+    r = subprocess.run([sys.executable, "-c", SLEEPER], env=env, cwd=ROOT, timeout=30,
+                       capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL and r.stdout == ""
+
+
+@pytest.mark.timeout(60)
+def test_rank_death_takes_its_process_group():
+    """A rank (new session, as torchelastic starts it) SIGKILLed: what it started dies too."""
+    code = ("import os, subprocess, time; from megaemb import launcher; launcher.die_with_parent(); "
+            "p = subprocess.Popen(['sleep', '120']); print(p.pid, flush=True); time.sleep(120)")
+    env = clean_env(**{launcher.PARENT_PID_ENV: str(os.getpid())})
+    rank = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT, start_new_session=True)
+    try:
+        grandchild = psutil.Process(int(rank.stdout.readline()))
+        rank.kill()
+        assert _gone([grandchild], 10)
+    finally:
+        rank.kill()
+        rank.wait()
+
+
+# ------------------------------------------------------------------ killing a real training job
+
+def _start_training(model, save, tmp_path):
+    args = ["sft", "--model", model, "--dataset", f"{DATA}#64", "--train_iters", "100000",
+            "--max_length", "32", "--micro_batch_size", "2", "--global_batch_size", "4",
+            "--log_interval", "1", "--save", str(save), "--save_interval", "2"]
+    out, err = open(tmp_path / "out.txt", "w"), open(tmp_path / "err.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "megaemb.cli", *args], stdout=out, stderr=err,
+                            env=clean_env(NPROC_PER_NODE="2"), cwd=ROOT)
+    tracker = save / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not tracker.is_file():
+        time.sleep(0.1)
+    assert proc.poll() is None, (tmp_path / "err.txt").read_text()[-3000:]
+    assert tracker.is_file(), "no checkpoint within 120 s"
+    job = psutil.Process(proc.pid).children(recursive=True)
+    assert len([p for p in job if p.ppid() == proc.pid]) == 2  # the two ranks
+    return proc, job
+
+
+def _snapshot(save):
+    return sorted(os.listdir(save)), (save / "latest_checkpointed_iteration.txt").read_text()
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_to_launcher_leaves_no_rank(tiny_models, tmp_path):
+    save = tmp_path / "run"
+    proc, job = _start_training(tiny_models["dense"], save, tmp_path)
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert _gone(job, 30), [p.cmdline() for p in _alive(job)]
+        before = _snapshot(save)
+        time.sleep(3)
+        assert _snapshot(save) == before  # no rank goes on saving
+    finally:
+        _kill(job)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_launcher_stops_the_job(tiny_models, tmp_path, sig):
+    """SIGTERM (exit 143) or SIGINT (Ctrl-C, 130): ranks stopped, one line, no traceback."""
+    save = tmp_path / "run"
+    proc, job = _start_training(tiny_models["dense"], save, tmp_path)
+    try:
+        proc.send_signal(sig)
+        assert proc.wait(60) == 128 + sig
+        assert _gone(job, 30)
+        err = (tmp_path / "err.txt").read_text()
+        assert err.count("stopped by") == 1 and f"megaemb sft: stopped by {sig.name}\n" in err, err[-3000:]
+        for noise in ("Traceback", "KeyboardInterrupt", "torch.distributed"):
+            assert noise not in err, err[-3000:]
+    finally:
+        _kill(job)
+
+
+@pytest.mark.timeout(180)
+def test_crashed_rank_is_named_once(tiny_models, tmp_path):
+    """One rank SIGKILLed (as by the OOM killer): the launcher names it in one line, exit 1."""
+    proc, job = _start_training(tiny_models["dense"], tmp_path / "run", tmp_path)
+    try:
+        rank1 = next(p for p in job if p.ppid() == proc.pid and p.environ().get("RANK") == "1")
+        rank1.kill()
+        assert proc.wait(60) == 1
+        assert _gone(job, 30)
+        err = (tmp_path / "err.txt").read_text()
+        assert error_lines(err) == ["megaemb sft: error: rank 1 killed by SIGKILL"], err[-3000:]
+        assert "ChildFailedError" not in err and "torch.distributed.elastic" not in err, err[-3000:]
+    finally:
+        _kill(job)
