@@ -66,7 +66,7 @@ def check_model(path: str, flag: str = "--model") -> None:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{flag} {path}: no such directory")
     if checkpoint.is_checkpoint(path):
-        checkpoint.latest_iteration(path)
+        checkpoint.verify_iteration(checkpoint.iter_dir(path, checkpoint.latest_iteration(path)))
     elif not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{flag} {path}: neither an HF model (no config.json) nor a megaemb "
                                 "checkpoint (no megaemb.json)")
@@ -90,7 +90,7 @@ def resolve_load(cfg) -> str:
         if not checkpoint.is_checkpoint(load):
             raise FileNotFoundError(f"--load {load}: not a megaemb checkpoint (no megaemb.json); "
                                     "to start from HF weights, pass them as --model")
-        checkpoint.latest_iteration(load)
+        checkpoint.verify_iteration(checkpoint.iter_dir(load, checkpoint.latest_iteration(load)))
     if not cfg.save:
         return load
     check_writable_dir(cfg.save, f"--save {cfg.save}")

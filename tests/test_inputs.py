@@ -1,0 +1,212 @@
+"""Inputs a tired user gets wrong: every one ends in one line ``megaemb <cmd>: error: ...``,
+exit code 2, before any model loads (no rank starts), with nothing written or destroyed.
+
+Shipped configs: every YAML in ``configs/`` loads with its values coerced to the fields' types
+(PyYAML reads ``6e-6`` as a string) and validates.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "demo", "data", "train.jsonl")
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+def megaemb(*args, env=None, timeout=120):
+    full = dict(os.environ, PYTHONWARNINGS="ignore")
+    for k in ("NPROC_PER_NODE", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT", "NNODES"):
+        full.pop(k, None)
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "megaemb.cli", *args], capture_output=True,
+                          text=True, env=full, timeout=timeout, cwd=ROOT)
+
+
+def one_error(r, command: str, *fragments: str) -> str:
+    """The run failed with exit 2 and exactly one error line containing ``fragments``."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [l for l in r.stderr.splitlines() if "error:" in l]
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith(f"megaemb {command}: error:") or lines[0].startswith("megaemb"), lines
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------ configs
+
+def _parse(argv):
+    from megaemb.cli import build_parser, sft_config
+
+    return sft_config(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_shipped_configs_load_typed_and_validate(path):
+    cfg = _parse(["sft", "--config", path, "--model", "m", "--dataset", "d.jsonl"])
+    assert isinstance(cfg.lr, float) and cfg.lr > 0
+    assert isinstance(cfg.min_lr, float) and cfg.min_lr <= cfg.lr
+    cfg.validate()
+
+
+def test_yaml_values_are_coerced_or_named(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("lr: 6e-6\nmicro_batch_size: '4'\nbf16: 'true'\ndataset: a.jsonl\nmrl_dims: [64, '128']\n")
+    cfg = _parse(["sft", "--config", str(good), "--model", "m"])
+    assert (cfg.lr, cfg.micro_batch_size, cfg.bf16, cfg.dataset, cfg.mrl_dims) == \
+        (6e-6, 4, True, ["a.jsonl"], [64, 128])
+    # flags override the YAML
+    assert _parse(["sft", "--config", str(good), "--model", "m", "--lr", "1e-3"]).lr == 1e-3
+    cases = {"lr: abc\n": "lr: expected a number", "micro_batch_size: 2.5\n": "micro_batch_size: expected an integer",
+             "bf16: maybe\n": "bf16: expected true or false", "lr: [1, 2]\n": "lr: expected a number",
+             "train_iter: 3\n": "unknown keys ['train_iter']", "- lr\n- 1\n": "expected a mapping",
+             "lr: [1e-5\n": "not valid YAML at line"}
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=None) as e:
+            _parse(["sft", "--config", str(path), "--model", "m", "--dataset", "d"])
+        assert str(path) in str(e.value) and message in str(e.value), (text, str(e.value))
+
+
+# ------------------------------------------------------------------------------ one line, exit 2
+
+SFT = ["--max_length", "32", "--micro_batch_size", "2", "--global_batch_size", "4",
+       "--train_iters", "1"]
+
+
+@pytest.mark.timeout(300)
+def test_flag_mistakes_are_one_line_before_any_load(tiny_models, tmp_path):
+    dense = tiny_models["dense"]
+    base = ["sft", "--model", dense, "--dataset", DATA]
+    cases = [
+        (["--micro_batch_size", "0"], "--micro_batch_size must be > 0"),
+        (["--lr", "1e-5", "--min_lr", "1e-4"], "--min_lr 0.0001 is above --lr 1e-05"),
+        (["--lr_warmup_fraction", "1"], "--lr_warmup_fraction must be in [0, 1)"),
+        (["--split_dataset_ratio", "1.5"], "--split_dataset_ratio must be in [0, 1)"),
+        (["--infonce_temperature", "0"], "--infonce_temperature must be > 0"),
+        (["--loss_type", "infonse"], "--loss_type 'infonse'"),
+        (["--lr", "fast"], "expected a number"),
+        (["--load", str(tmp_path / "nothing")], "--load"),
+        (["--load", dense], "not a megaemb checkpoint"),
+        (["--save", dense], "holds the --model"),
+        (["--save", "/etc/hostname/run"], "is not a directory"),
+        (["--attention", "flash"], "--attention"),
+    ]
+    for extra, fragment in cases:
+        t0 = time.time()
+        args = base + SFT + extra
+        r = megaemb(*args)
+        if "usage:" in r.stderr:  # argparse's own rejection (choices): exit 2, one error line
+            assert r.returncode == 2 and fragment in r.stderr.splitlines()[-1], r.stderr
+        else:
+            one_error(r, "sft", fragment)
+        assert time.time() - t0 < 60, extra
+        assert "step 1" not in r.stdout
+    # an abbreviated flag is an error, not a silent prefix match
+    r = megaemb(*base, "--max_length", "32", "--micro_batch_size", "2", "--global_batch_size", "4",
+                "--train_iter", "1")
+    assert r.returncode == 2 and "unrecognized arguments: --train_iter" in r.stderr, r.stderr
+    r = megaemb(*base, *SFT, env={"NPROC_PER_NODE": "two"})
+    one_error(r, "sft", "NPROC_PER_NODE")
+
+
+@pytest.mark.timeout(300)
+def test_export_and_embed_refuse_to_destroy_inputs(tiny_models, tmp_path):
+    from megaemb.convert.hf_to_mcore import ConversionError  # noqa: F401  (import-safe)
+
+    dense = tiny_models["dense"]
+    mcore = tmp_path / "mcore"
+    r = megaemb("export", "--model", dense, "--to_mcore", "true", "--output_dir", str(mcore))
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = sorted(os.listdir(mcore))
+    one_error(megaemb("export", "--mcore_model", str(mcore), "--to_hf", "true", "--output_dir",
+                      str(mcore), "--overwrite", "true"), "export", "would destroy the input")
+    one_error(megaemb("export", "--mcore_model", str(mcore), "--to_hf", "true", "--output_dir",
+                      str(tmp_path), "--overwrite", "true"), "export", "would destroy the input")
+    one_error(megaemb("export", "--mcore_model", str(mcore), "--to_hf", "true", "--output_dir",
+                      str(mcore / "hf"), "--overwrite", "true"), "export", "part of the checkpoint")
+    one_error(megaemb("export", "--model", dense, "--to_mcore", "true", "--output_dir", dense,
+                      "--overwrite", "true"), "export", "would destroy the input")
+    one_error(megaemb("export", "--model", dense, "--to_mcore", "true", "--output_dir", str(mcore)),
+              "export", "exists and is not empty")
+    one_error(megaemb("export", "--model", dense, "--to_mcore", "true", "--to_hf", "true",
+                      "--output_dir", str(tmp_path / "x")), "export", "exactly one")
+    one_error(megaemb("export", "--mcore_model", dense, "--to_hf", "true", "--output_dir",
+                      str(tmp_path / "x")), "export", "not a megaemb checkpoint")
+    assert sorted(os.listdir(mcore)) == before and os.listdir(dense)
+    # --overwrite works for --to_mcore too
+    r = megaemb("export", "--model", dense, "--to_mcore", "true", "--output_dir", str(mcore),
+                "--overwrite", "true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    texts = tmp_path / "t.txt"
+    texts.write_text("hello\n")
+    one_error(megaemb("embed", "--model", dense, "--input", str(texts), "--output", "x.npy",
+                      "--batch_size", "0"), "embed", "--batch_size must be >= 1")
+    one_error(megaemb("embed", "--model", dense, "--input", str(texts), "--output", str(tmp_path)),
+              "embed", "is a directory")
+    one_error(megaemb("embed", "--model", dense, "--input", str(texts), "--output",
+                      "/etc/hostname/emb.npy"), "embed", "not a directory")
+    one_error(megaemb("embed", "--model", str(tmp_path / "none"), "--input", str(texts), "--output",
+                      "x.npy"), "embed", "no such directory")
+
+
+def _damage(src, dst, how):
+    shutil.copytree(src, dst)
+    it = os.path.join(dst, "iter_0000000")
+    files = sorted(f for f in os.listdir(it) if f.endswith(".distcp"))
+    if how == "truncated":
+        path = os.path.join(it, files[0])
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif how == "missing_distcp":
+        os.remove(os.path.join(it, files[-1]))
+    elif how == "missing_metadata":
+        os.remove(os.path.join(it, ".metadata"))
+    elif how == "bad_tracker":
+        open(os.path.join(dst, "latest_checkpointed_iteration.txt"), "w").write("oops")
+    return dst
+
+
+@pytest.mark.timeout(300)
+def test_damaged_checkpoint_is_one_line(tiny_models, tmp_path):
+    mcore = tmp_path / "mcore"
+    r = megaemb("export", "--model", tiny_models["dense"], "--to_mcore", "true", "--output_dir", str(mcore))
+    assert r.returncode == 0, r.stderr[-3000:]
+    expected = {"truncated": "truncated", "missing_distcp": "missing", "missing_metadata": ".metadata",
+                "bad_tracker": "damaged"}
+    texts = tmp_path / "t.txt"
+    texts.write_text("hello\n")
+    for how, fragment in expected.items():
+        bad = _damage(str(mcore), str(tmp_path / how), how)
+        one_error(megaemb("export", "--mcore_model", bad, "--to_hf", "true", "--output_dir",
+                          str(tmp_path / f"{how}_hf")), "export", fragment)
+        one_error(megaemb("embed", "--model", bad, "--input", str(texts), "--output",
+                          str(tmp_path / "e.npy")), "embed", fragment)
+        assert not os.path.exists(tmp_path / f"{how}_hf")
+
+
+def test_layout_that_cannot_split_the_model_is_named():
+    from megaemb.config import ParallelConfig
+    from megaemb.model.qwen3 import Qwen3Shape, check_parallel_layout
+    from megaemb.tiny import tiny_config
+
+    dense = Qwen3Shape.from_hf(tiny_config().to_dict())  # 4 heads, 2 KV heads, 4 layers
+    moe = Qwen3Shape.from_hf(tiny_config(moe=True).to_dict())  # 4 experts
+    check_parallel_layout(dense, ParallelConfig(tensor_model_parallel_size=2), "m")
+    for shape, kw, fragment in [
+            (dense, dict(tensor_model_parallel_size=4), "--tensor_model_parallel_size 4 does not "
+             "divide the model's 2 key/value heads"),
+            (dense, dict(pipeline_model_parallel_size=3), "--pipeline_model_parallel_size 3 does not "
+             "divide the model's 4 layers"),
+            (moe, dict(expert_model_parallel_size=3), "3 does not divide the model's 4 experts"),
+            (dense, dict(expert_model_parallel_size=2), "needs a MoE model")]:
+        with pytest.raises(ValueError) as e:
+            check_parallel_layout(shape, ParallelConfig(**kw), "m")
+        assert fragment in str(e.value), str(e.value)
