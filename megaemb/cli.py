@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file to write (exactly this path): .npy format, float32 [n, dim]")
     m.add_argument("--text_field", default="text")
     m.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\\nQuery:{text}'")
-    m.add_argument("--max_length", type=int, default=8192)
+    m.add_argument("--max_length", type=int, default=None,
+                   help="tokens per text (default: 8192 or the model's max_position_embeddings)")
     m.add_argument("--batch_size", type=int, default=32)
     m.add_argument("--dim", type=int, default=None, help="Matryoshka dimension")
     add_parallel_flags(m)
@@ -199,7 +200,12 @@ def run_embed(args) -> None:
     parallel = parallel_config(args)
     init_parallel(parallel, seed=args.seed)
     loaded = load_model(args.model, parallel, bf16=args.bf16, attention=args.attention)
+    if args.max_length is None:
+        args.max_length = min(8192, loaded.shape.max_position_embeddings)
     tokenizer = EmbeddingTokenizer(loaded.hf_dir, args.max_length)
+    if args.max_length > loaded.shape.max_position_embeddings:
+        _rank0_print(f"warning: --max_length {args.max_length} is above the model's "
+                     f"max_position_embeddings {loaded.shape.max_position_embeddings}")
     result = embed_texts(loaded.model, tokenizer, texts, batch_size=args.batch_size,
                          instruction=args.instruction, dim=args.dim)
     if result is not None:
@@ -245,7 +251,7 @@ def check_args(args) -> None:
         parse_size(args.max_shard_size)
     elif args.command == "embed":
         for name in ("batch_size", "max_length"):
-            if getattr(args, name) < 1:
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         if args.dim is not None and args.dim < 1:
             raise ValueError(f"--dim must be >= 1, got {args.dim}")
@@ -262,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        plan = launcher.launch_plan()  # the environment first: it decides who runs the checks
         check_args(args)
-        plan = launcher.launch_plan()
     except (ValueError, OSError) as e:
         launcher.report_error(f"megaemb {args.command}: error: {e}")
         return 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import tempfile
 
 from megaemb import checkpoint
@@ -122,7 +123,7 @@ def check_export_dirs(source: str, output_dir: str, source_flag: str, overwrite:
                               "writing there would destroy the input")
     parent = os.path.dirname(_real(output_dir))
     name = os.path.basename(_real(output_dir))
-    if checkpoint.is_checkpoint(parent) and (name == "hf" or name.startswith("iter_")):
+    if checkpoint.is_checkpoint(parent) and re.fullmatch(r"hf|iter_\d+(\.tmp)?", name):
         raise FileExistsError(f"--output_dir {output_dir}: is part of the checkpoint {parent}")
     if not overwrite and os.path.isdir(output_dir) and os.listdir(output_dir):
         raise FileExistsError(f"--output_dir {output_dir}: exists and is not empty "

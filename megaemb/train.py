@@ -177,6 +177,9 @@ class Trainer:
             val = []
         self.eval_examples = val[: cfg.eval_limit] if cfg.eval_limit else val
         self.tokenizer = EmbeddingTokenizer(self.loaded.hf_dir, cfg.max_length)
+        if cfg.max_length > self.loaded.shape.max_position_embeddings:
+            self._log(f"warning: --max_length {cfg.max_length} is above the model's "
+                      f"max_position_embeddings {self.loaded.shape.max_position_embeddings}")
         k = 0
         if cfg.loss_type == "infonce":
             counts = [len(e.negatives) for e in examples]

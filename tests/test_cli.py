@@ -58,10 +58,12 @@ def test_hf_export_is_sharded_and_loads(exported, tiny_models):
 @pytest.mark.timeout(600)
 def test_embed_matches_sentence_transformers(exported):
     root, mcore, hf, _, _ = exported
-    out = str(root / "emb.npy")
+    out = str(root / "emb.bin")  # written as exactly this path (no .npy appended), .npy format
+    before = set(os.listdir(root))
     r = megaemb("embed", "--model", mcore, "--input", str(root / "texts.txt"), "--output", out,
                 "--pipeline_model_parallel_size", "2", "--batch_size", "2", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert set(os.listdir(root)) - before == {"emb.bin"}
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(hf, device="cpu")

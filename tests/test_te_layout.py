@@ -214,7 +214,7 @@ def test_te_attention_without_te_is_a_clear_error():
     with pytest.raises(ValueError, match=r"^--attention te needs Transformer Engine, which is not installed$"):
         block_spec(config, "te")
     cfg = SFTConfig(model="m", dataset=["d"], train_iters=1, attention="flash")
-    with pytest.raises(ValueError, match=r"^--attention flash: expected auto, te, sdpa or local$"):
+    with pytest.raises(ValueError, match=r"^--attention 'flash': expected one of 'auto', 'te', 'sdpa', 'local'$"):
         cfg.validate()
 
 
