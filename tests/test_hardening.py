@@ -20,20 +20,16 @@ import pytest
 import torch
 
 from distributed import run_distributed
+from test_train import _cfg as train_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "demo", "data", "train.jsonl")
-TOL = 1e-5
+TOL = 1e-5  # relative, on losses
 
 
 def _cfg(model, **kw):
-    from megaemb.config import SFTConfig
-
-    base = dict(model=model, dataset=[f"{DATA}#64"], max_length=32, micro_batch_size=2,
-                global_batch_size=4, train_iters=4, lr=1e-4, infonce_temperature=0.05,
-                clip_grad=1e9, log_interval=1, seed=42)
-    base.update(kw)
-    return SFTConfig(**base)
+    """test_train's tiny config, 4 steps by default."""
+    return train_cfg(model, **{"train_iters": 4, **kw})
 
 
 def _train(model, **kw):

@@ -119,8 +119,6 @@ def test_flag_mistakes_are_one_line_before_any_load(tiny_models, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_export_and_embed_refuse_to_destroy_inputs(tiny_models, tmp_path):
-    from megaemb.convert.hf_to_mcore import ConversionError  # noqa: F401  (import-safe)
-
     dense = tiny_models["dense"]
     mcore = tmp_path / "mcore"
     r = megaemb("export", "--model", dense, "--to_mcore", "true", "--output_dir", str(mcore))
