@@ -237,6 +237,8 @@ def check_args(args) -> None:
         cfg = sft_config(args)
         cfg.validate()
         preflight.check_model(cfg.model)
+        preflight.check_datasets(cfg.dataset, "--dataset")
+        preflight.check_datasets(cfg.val_dataset, "--val_dataset")
         preflight.resolve_load(cfg)
     elif args.command == "export":
         if args.to_mcore == args.to_hf:

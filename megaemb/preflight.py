@@ -73,6 +73,16 @@ def check_model(path: str, flag: str = "--model") -> None:
                                 "checkpoint (no megaemb.json)")
 
 
+def check_datasets(specs: list[str], flag: str) -> None:
+    """Every ``path`` / ``path#N`` of ``specs`` exists (rows are checked when read)."""
+    from megaemb.data.formats import parse_spec
+
+    for spec in specs:
+        path, _ = parse_spec(spec)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {spec}: no such file or directory")
+
+
 def completed_iteration(path: str) -> int | None:
     """The latest completed iteration of a megaemb checkpoint dir, else None."""
     if not (path and checkpoint.is_checkpoint(path)

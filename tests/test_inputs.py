@@ -98,6 +98,7 @@ def test_flag_mistakes_are_one_line_before_any_load(tiny_models, tmp_path):
         (["--save", dense], "holds the --model"),
         (["--save", "/etc/hostname/run"], "is not a directory"),
         (["--attention", "flash"], "--attention"),
+        (["--val_dataset", str(tmp_path / "dev.jsonl#5")], "--val_dataset"),
     ]
     for extra, fragment in cases:
         t0 = time.time()
