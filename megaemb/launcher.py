@@ -226,6 +226,8 @@ def die_with_parent() -> None:
     noise. Parent death: Linux only (``prctl``)."""
     parent = os.environ.pop(PARENT_PID_ENV, None)
     if parent is None:
+        if sys.platform.startswith("linux"):
+            _reap_descendants_on_exit()
         return
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if not sys.platform.startswith("linux"):
@@ -260,6 +262,39 @@ def _reap_group_on_exit() -> None:
         if _set_parent_death_signal(signal.SIGUSR1, leader):
             signal.sigwait({signal.SIGUSR1})
         os.killpg(leader, signal.SIGKILL)
+    finally:
+        os._exit(0)
+
+
+def _reap_descendants_on_exit(poll_s: float = 0.5) -> None:
+    """For a ``megaemb`` started from a shell (no launcher above it): fork a watcher that
+    notes this process's descendants every ``poll_s`` and SIGKILLs them when this process
+    dies. Its own process group is the shell's job (it may hold the caller), so unlike
+    ``_reap_group_on_exit`` it kills by pid: megatron's checkpoint writer processes would
+    otherwise outlive a ``kill -9`` of a single-process run. Must run before any thread."""
+    leader = os.getpid()
+    if os.fork():
+        return
+    try:
+        import psutil
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        me, known = os.getpid(), {}
+        alive = _set_parent_death_signal(signal.SIGUSR1, leader)
+        while alive:
+            try:
+                for child in psutil.Process(leader).children(recursive=True):
+                    if child.pid != me:
+                        known[child.pid] = child
+            except psutil.Error:
+                break
+            alive = signal.sigtimedwait({signal.SIGUSR1}, poll_s) is None
+        for child in known.values():
+            with contextlib.suppress(psutil.Error):
+                if child.is_running():  # same pid and start time: not a reused pid
+                    child.kill()
     finally:
         os._exit(0)
 

@@ -1,4 +1,5 @@
 """The launcher: environment -> ranks, one error line per job, no orphans (real processes)."""
+import contextlib
 import os
 import signal
 import socket
@@ -278,3 +279,42 @@ def test_crashed_rank_is_named_once(tiny_models, tmp_path):
         assert "ChildFailedError" not in err and "torch.distributed.elastic" not in err, err[-3000:]
     finally:
         _kill(job)
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_of_single_process_run_leaves_nothing(tiny_models, tmp_path):
+    """One process, no launcher: megatron's checkpoint-writer processes and the HF export child
+    die with it (they are watched by pid: the process group is the caller's)."""
+    save = tmp_path / "run"
+    args = ["sft", "--model", tiny_models["dense"], "--dataset", f"{DATA}#64", "--train_iters", "1",
+            "--max_length", "32", "--micro_batch_size", "2", "--global_batch_size", "4", "--save", str(save)]
+    out = open(tmp_path / "out.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "megaemb.cli", *args], stdout=out,
+                            stderr=subprocess.STDOUT, env=clean_env(), cwd=ROOT)
+    def descendants():
+        try:
+            return psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def exporting(p):
+        with contextlib.suppress(psutil.Error):
+            return "export" in p.cmdline()
+        return False
+
+    deadline, job = time.time() + 120, []
+    try:
+        while time.time() < deadline and proc.poll() is None:  # kill during the HF export
+            if any(exporting(p) for p in descendants()):
+                break
+            time.sleep(0.05)
+        time.sleep(0.6)  # the watcher polls every 0.5 s
+        job = descendants()
+        assert any(exporting(p) for p in job), (tmp_path / "out.txt").read_text()[-3000:]
+        proc.kill()
+        proc.wait(10)
+        assert _gone(job, 20), [p.cmdline() for p in _alive(job)]
+    finally:
+        _kill(job)
+        if proc.poll() is None:
+            proc.kill()
