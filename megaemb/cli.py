@@ -16,6 +16,15 @@ def str2bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``megaemb <cmd>: error: ...`` and exit code 2."""
+
+    def error(self, message):
+        command = next((a for a in sys.argv[1:] if a in COMMANDS), None)
+        prog = self.prog if self.prog != "megaemb" or not command else f"megaemb {command}"
+        self.exit(2, f"{prog}: error: {message} (see {prog} --help)\n")
+
+
 def add_parallel_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism (world size = NPROC_PER_NODE * NNODES)")
     g.add_argument("--tensor_model_parallel_size", type=int, default=1)
@@ -42,8 +51,8 @@ def parallel_config(args):
 
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: a mistyped flag (--train_iter) is an error, never a silent prefix match
-    parser = argparse.ArgumentParser(prog="megaemb", description=__doc__, allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="megaemb", description=__doc__, allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     e = sub.add_parser("export", help="convert HF <-> Megatron-Core checkpoints", allow_abbrev=False)
     e.add_argument("--model", help="HF model directory (with --to_mcore)")
@@ -65,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--input", required=True, help=".txt (a text per line) or .jsonl")
     m.add_argument("--output", required=True,
                    help="file to write (exactly this path): .npy format, float32 [n, dim]")
+    m.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --output")
     m.add_argument("--text_field", default="text")
     m.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\\nQuery:{text}'")
     m.add_argument("--max_length", type=int, default=None,
@@ -131,6 +141,11 @@ def sft_config(args):
 
     cfg = SFTConfig.from_mapping(read_yaml(args.config) if args.config else {}, args.config or "flags")
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
+    # the run length is one choice: a flag for one of the two replaces the YAML's other
+    if "train_iters" in flags and "num_train_epochs" not in flags:
+        flags["num_train_epochs"] = 0.0
+    if "num_train_epochs" in flags and "train_iters" not in flags:
+        flags["train_iters"] = 0
     return dataclasses.replace(cfg, **flags)
 
 
@@ -138,8 +153,16 @@ def run_sft(args) -> None:
     from megaemb.train import run_sft as train
 
     history = train(sft_config(args))
-    _rank0_print(f"megaemb sft: done; eval before {history.get('eval_before')} "
-                 f"after {history.get('eval_after')}")
+
+    def show(metrics: dict) -> str:
+        return ", ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()) or "none"
+
+    message = "megaemb sft: done"
+    if history.get("eval_before"):
+        message += f"; eval before: {show(history['eval_before'])}; after: {show(history['eval_after'])}"
+    if history.get("hf_dir"):
+        message += f"; HF model: {history['hf_dir']}"
+    _rank0_print(message)
 
 
 def parse_size(text: str) -> int:
@@ -228,15 +251,21 @@ def _rank0_print(msg: str) -> None:
 COMMANDS = {"export": run_export, "embed": run_embed, "sft": run_sft}
 
 
-def check_args(args) -> None:
-    """Validate what the flags and the file system show, before any rank starts or any model
-    loads. Raises ``ValueError`` / ``OSError`` subclasses with a one-line message."""
+def check_args(args, world: int = 1) -> None:
+    """Validate what the flags, the environment (``world`` processes) and the files show,
+    before any rank starts or any model loads. Raises ``ValueError`` / ``OSError`` subclasses
+    with a one-line message."""
     from megaemb import preflight
 
     if args.command == "sft":
         cfg = sft_config(args)
         cfg.validate()
         preflight.check_model(cfg.model)
+        preflight.check_layout(cfg.model, cfg.parallel(), world, cfg.mrl_dims, "--mrl_dims")
+        dp = world // cfg.parallel().model_parallel_size
+        if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+            raise ValueError(f"--global_batch_size {cfg.global_batch_size} must be divisible by "
+                             f"--micro_batch_size {cfg.micro_batch_size} x data parallel size {dp}")
         preflight.check_datasets(cfg.dataset, "--dataset")
         preflight.check_datasets(cfg.val_dataset, "--val_dataset")
         preflight.resolve_load(cfg)
@@ -246,21 +275,23 @@ def check_args(args) -> None:
         source, flag = (args.model, "--model") if args.to_mcore else (args.mcore_model, "--mcore_model")
         if not source:
             raise ValueError(f"--to_{'mcore' if args.to_mcore else 'hf'} true needs {flag}")
-        preflight.check_model(source, flag)
+        preflight.check_model(source, flag, None if args.to_mcore else args.iteration)
         if args.to_hf and not os.path.isfile(os.path.join(source, "megaemb.json")):
             raise FileNotFoundError(f"--mcore_model {source}: not a megaemb checkpoint (no megaemb.json)")
+        preflight.check_layout(source, parallel_config(args), world)
         preflight.check_export_dirs(source, args.output_dir, flag, args.overwrite)
         parse_size(args.max_shard_size)
     elif args.command == "embed":
-        for name in ("batch_size", "max_length"):
+        for name in ("batch_size", "max_length", "dim"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-        if args.dim is not None and args.dim < 1:
-            raise ValueError(f"--dim must be >= 1, got {args.dim}")
         preflight.check_model(args.model)
+        preflight.check_layout(args.model, parallel_config(args), world,
+                               [args.dim] if args.dim else [], "--dim")
         if not os.path.isfile(args.input):
             raise FileNotFoundError(f"--input {args.input}: no such file")
-        preflight.check_output_file(args.output, "--output")
+        preflight.check_output_file(args.output, "--output", {"--input": args.input, "--model": args.model},
+                                    args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         plan = launcher.launch_plan()  # the environment first: it decides who runs the checks
-        check_args(args)
+        world = plan.nproc_per_node * plan.nnodes if plan else int(os.environ.get("WORLD_SIZE", 1))
+        check_args(args, world)
     except (ValueError, OSError) as e:
         launcher.report_error(f"megaemb {args.command}: error: {e}")
         return 2

@@ -91,6 +91,14 @@ class SFTConfig:
 
     export_timeout_minutes: float = 240.0  # other ranks wait this long for rank 0's HF export
 
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            expert_model_parallel_size=self.expert_model_parallel_size,
+            context_parallel_size=self.context_parallel_size,
+            sequence_parallel=self.sequence_parallel)
+
     @classmethod
     def from_mapping(cls, values: dict, source: str) -> "SFTConfig":
         """Build from YAML / flag values, coercing each to its field's type; unknown keys and

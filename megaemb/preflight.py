@@ -51,26 +51,65 @@ def check_writable_dir(path: str, flag: str) -> None:
         raise PermissionError(f"{flag}: {existing} is not writable ({e.strerror})") from None
 
 
-def check_output_file(path: str, flag: str) -> None:
-    """``path`` can be written as a file: not a directory, its directory writable."""
+def check_output_file(path: str, flag: str, inputs: dict[str, str], overwrite: bool) -> None:
+    """``path`` can be written as a new file: not a directory, its directory writable, not one
+    of ``inputs`` ({flag: path}) nor inside one, not inside a megaemb checkpoint, and not an
+    existing file unless ``overwrite``."""
     if os.path.isdir(path):
         raise FileExistsError(f"{flag} {path}: is a directory; give a file name")
     check_writable_dir(os.path.dirname(_real(path)), f"{flag} {path}")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise PermissionError(f"{flag} {path}: not writable")
+    for input_flag, source in inputs.items():
+        if contains(source, path):
+            raise FileExistsError(f"{flag} {path}: is or lies inside {input_flag} {source}; "
+                                  "writing there would destroy the input")
+    parent = os.path.dirname(_real(path))
+    while parent != os.path.dirname(parent):
+        if checkpoint.is_checkpoint(parent):
+            raise FileExistsError(f"{flag} {path}: lies inside the megaemb checkpoint {parent}")
+        parent = os.path.dirname(parent)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{flag} {path}: exists (--overwrite true replaces it)")
 
 
-def check_model(path: str, flag: str = "--model") -> None:
-    """An HF model directory (``config.json``) or a megaemb checkpoint."""
+def check_model(path: str, flag: str = "--model", iteration: int | None = None) -> None:
+    """An HF model directory (``config.json``) or a megaemb checkpoint whose ``iteration``
+    (default: the latest) is complete."""
     if not path:
         raise ValueError(f"{flag} is required (HF dir or megaemb checkpoint)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{flag} {path}: no such directory")
     if checkpoint.is_checkpoint(path):
-        checkpoint.verify_iteration(checkpoint.iter_dir(path, checkpoint.latest_iteration(path)))
+        if iteration is None:
+            iteration = checkpoint.latest_iteration(path)
+        elif iteration < 0:
+            raise ValueError(f"--iteration must be >= 0, got {iteration}")
+        checkpoint.verify_iteration(checkpoint.iter_dir(path, iteration))
     elif not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{flag} {path}: neither an HF model (no config.json) nor a megaemb "
                                 "checkpoint (no megaemb.json)")
+
+
+def model_shape(path: str):
+    """The ``Qwen3Shape`` of an HF dir or megaemb checkpoint, from its ``config.json``."""
+    from megaemb.shape import Qwen3Shape, read_hf_config
+
+    hf_dir = os.path.join(path, "hf") if checkpoint.is_checkpoint(path) else path
+    return Qwen3Shape.from_hf(read_hf_config(hf_dir), os.path.join(hf_dir, "config.json"))
+
+
+def check_layout(path: str, parallel, world: int, dims: list[int] = (), dims_flag: str = "") -> None:
+    """``parallel`` splits the model at ``path`` over ``world`` ranks; Matryoshka ``dims``
+    fit its hidden size."""
+    from megaemb.shape import check_parallel_layout
+
+    shape = model_shape(path)
+    check_parallel_layout(shape, parallel, path)
+    if world % parallel.model_parallel_size:
+        raise ValueError(f"{world} processes are not a multiple of tensor x pipeline parallel size "
+                         f"{parallel.model_parallel_size} (set NPROC_PER_NODE / NNODES)")
+    for d in dims:
+        if d > shape.hidden_size:
+            raise ValueError(f"{dims_flag} {d} is above the model's hidden size {shape.hidden_size}")
 
 
 def check_datasets(specs: list[str], flag: str) -> None:
@@ -105,16 +144,20 @@ def resolve_load(cfg) -> str:
     if not cfg.save:
         return load
     check_writable_dir(cfg.save, f"--save {cfg.save}")
-    if contains(cfg.save, cfg.model):
-        raise FileExistsError(f"--save {cfg.save}: holds the --model {cfg.model}; saving there would "
-                              "shadow its weights, pick another directory")
+    if contains(cfg.save, cfg.model) or contains(cfg.model, cfg.save):
+        raise FileExistsError(f"--save {cfg.save}: is, holds or lies inside the --model {cfg.model}; "
+                              "pick another directory")
     done = completed_iteration(cfg.save)
     if done is not None:
         if cfg.finetune or (load and _real(load) != _real(cfg.save)):
             raise FileExistsError(
                 f"--save {cfg.save}: already holds a run (iteration {done}); resume it with "
                 f"--load {cfg.save} and no --finetune, or pick a new --save directory")
-        return cfg.save
+        load = cfg.save
+    if load and not cfg.finetune:
+        check_resume(load, cfg)
+    if done is not None:
+        return load
     if not checkpoint.is_checkpoint(cfg.save) and os.path.isdir(cfg.save):
         found = [n for n in RUN_FILES if os.path.exists(os.path.join(cfg.save, n))]
         found += [os.path.basename(p) for p in glob.glob(os.path.join(cfg.save, "iter_*"))]
@@ -122,6 +165,26 @@ def resolve_load(cfg) -> str:
             raise FileExistsError(f"--save {cfg.save}: holds {found[0]} but no megaemb checkpoint; "
                                   "pick an empty or new directory")
     return load
+
+
+def check_resume(load: str, cfg) -> None:
+    """The checkpoint to resume is complete and was saved with the same optimizer kind (its
+    state's format differs); read from the checkpoint's common state, no model needed."""
+    import torch
+
+    iteration = checkpoint.latest_iteration(load)
+    path = checkpoint.iter_dir(load, iteration)
+    checkpoint.verify_iteration(path)
+    common = torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=False)
+    saved = (common.get("layout") or {}).get("distributed_optimizer")
+    if saved is not None and saved != cfg.use_distributed_optimizer:
+        raise ValueError(
+            f"--load {load}: saved with --use_distributed_optimizer {str(saved).lower()}; resume "
+            "with the same setting (any TP/PP/EP/DP layout works), or take its weights only with "
+            "--finetune true")
+    if "iteration" in common and int(common["iteration"]) > cfg.train_iters > 0:
+        raise ValueError(f"--load {load} is at iteration {int(common['iteration'])}, past "
+                         f"--train_iters {cfg.train_iters}")
 
 
 def check_export_dirs(source: str, output_dir: str, source_flag: str, overwrite: bool) -> None:

@@ -32,7 +32,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megaemb import checkpoint, launcher, platform, preflight
-from megaemb.config import ParallelConfig, SFTConfig
+from megaemb.config import SFTConfig
 from megaemb.convert.load import load_model
 from megaemb.data.batching import pad_batch
 from megaemb.data.formats import Example, load_examples
@@ -119,13 +119,11 @@ class Trainer:
         cfg.validate()
         preflight.check_model(cfg.model)
         self.load_dir = preflight.resolve_load(cfg)
+        if not cfg.save and int(os.environ.get("RANK", 0)) == 0:
+            print("megaemb sft: warning: no --save: the trained weights will not be kept",
+                  file=sys.stderr, flush=True)
         self.cfg = cfg
-        self.parallel = ParallelConfig(
-            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-            expert_model_parallel_size=cfg.expert_model_parallel_size,
-            context_parallel_size=cfg.context_parallel_size,
-            sequence_parallel=cfg.sequence_parallel)
+        self.parallel = cfg.parallel()
         init_parallel(self.parallel, seed=cfg.seed)
         self.rank0 = dist.get_rank() == 0
         self.dp = parallel_state.get_data_parallel_world_size()
@@ -209,6 +207,9 @@ class Trainer:
             self.optimizer, init_lr=0.0 if warmup else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
             lr_warmup_steps=warmup, lr_decay_steps=self.train_iters, lr_decay_style=cfg.lr_decay_style,
             start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=self.train_iters,
+            # a resumed run follows this run's flags (e.g. a raised --train_iters extends the
+            # schedule) from the checkpoint's step, not the schedule the checkpoint was made with
+            override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
             wd_incr_style="constant")
         self.start_step = 0
         if self.load_dir:
@@ -263,7 +264,11 @@ class Trainer:
             self._log(f"loaded weights of {root} (--finetune: new optimizer, scheduler, iteration 0)")
             return
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["opt_param_scheduler"])
+        saved_schedule = state["opt_param_scheduler"]
+        self.scheduler.load_state_dict(saved_schedule)
+        if saved_schedule.get("lr_decay_steps") != self.train_iters:
+            self._log(f"note: {root} was scheduled over {saved_schedule.get('lr_decay_steps')} "
+                      f"iterations; the learning-rate schedule now spans --train_iters {self.train_iters}")
         self.start_step = int(state["iteration"])
         if self.start_step > self.train_iters:
             raise ValueError(f"--load {root} is at iteration {self.start_step}, past --train_iters "
@@ -349,13 +354,14 @@ class Trainer:
             forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
             num_microbatches=len(batches), seq_length=seq_len,
             micro_batch_size=batches[0]["ids"].shape[0], forward_only=False)
+        lr = self.scheduler.get_lr(self.optimizer.param_groups[0])  # the lr this step used
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         loss = torch.stack([d["loss"] for d in losses]).mean() if losses else torch.zeros(())
         loss = _average_loss(loss.float().to(platform.device()))
         lengths = [int(n) for b in batches for n in b["lengths"]]
-        return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": self.scheduler.get_lr(
-            self.optimizer.param_groups[0]), "samples": self.cfg.global_batch_size,
+        return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": lr,
+                "samples": self.cfg.global_batch_size,
                 "tokens": sum(lengths) * self.dp, "flops": train_flops(self.loaded.shape, lengths) * self.dp}
 
     # ------------------------------------------------------------------ evaluation
@@ -410,8 +416,11 @@ class Trainer:
                 self.save()
         self.step = self.train_iters
         progress.close()
-        history["eval_after"] = self.evaluate() if self.eval_examples else {}
-        self.logger.log_eval(self.step, history["eval_after"])
+        if finished:
+            history["eval_after"] = history["eval_before"]
+        else:
+            history["eval_after"] = self.evaluate() if self.eval_examples else {}
+            self.logger.log_eval(self.step, history["eval_after"])
         if cfg.save:
             if not finished and not (cfg.save_interval and self.train_iters % cfg.save_interval == 0):
                 self.save()

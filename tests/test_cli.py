@@ -48,6 +48,8 @@ def test_hf_export_is_sharded_and_loads(exported, tiny_models):
     _, _, hf, _, _ = exported
     index = json.load(open(os.path.join(hf, "model.safetensors.index.json")))
     assert len(set(index["weight_map"].values())) >= 2  # 39 MB embedding + rest over 20 MB shards
+    for shard in set(index["weight_map"].values()):  # readable by others, like every other file
+        assert os.stat(os.path.join(hf, shard)).st_mode & 0o044 == 0o044
     from transformers import AutoModel
 
     ours = AutoModel.from_pretrained(hf).state_dict()
@@ -74,11 +76,13 @@ def test_embed_matches_sentence_transformers(exported):
     # the prompt from config_sentence_transformers.json == megaemb's --instruction format
     q = st.encode(["jq"], prompt_name="query")
     r = megaemb("embed", "--model", hf, "--input", str(root / "texts.txt"), "--output", out,
-                "--instruction", "Given a web search query, retrieve relevant passages that answer the query")
+                "--instruction", "Given a web search query, retrieve relevant passages that answer the query",
+                "--overwrite", "true")
     assert r.returncode == 0, r.stderr[-3000:]
     (root / "q.txt").write_text("jq\n")
     r = megaemb("embed", "--model", hf, "--input", str(root / "q.txt"), "--output", out,
-                "--instruction", "Given a web search query, retrieve relevant passages that answer the query")
+                "--instruction", "Given a web search query, retrieve relevant passages that answer the query",
+                "--overwrite", "true")
     assert np.abs(np.load(out) - q).max() < 1e-5
 
 

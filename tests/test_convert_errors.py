@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from megaemb.convert.hf_to_mcore import ConversionError, HFCheckpoint
 from megaemb.convert.mapping import hf_names_for, merge, qwen3_mappings, split
-from megaemb.model.qwen3 import Qwen3Shape
+from megaemb.shape import Qwen3Shape
 
 
 def _copy(src, dst, **config_changes):

@@ -188,7 +188,9 @@ def _save_reuse(rank, world, model, tmp):
     again = run_sft(_cfg(model, train_iters=2, save=save, save_interval=2))
     out["again"] = (again["losses"], again["finished_before"],
                     os.path.getmtime(f"{save}/hf_model/config.json") == hf_mtime)
-    out["more"] = run_sft(_cfg(model, train_iters=3, save=save))["losses"]
+    more = Trainer(_cfg(model, train_iters=3, save=save))
+    out["more"] = more.run()["losses"]
+    out["decay_steps"] = more.scheduler.lr_decay_steps  # the schedule spans the new length
     out["tracker"] = open(f"{save}/latest_checkpointed_iteration.txt").read()
     for name, kw in [("finetune", dict(load=save, finetune=True)), ("other", dict(load=f"{tmp}/other"))]:
         if name == "other":
@@ -215,7 +217,7 @@ def test_save_dir_with_a_run_resumes_and_is_never_overwritten(tiny_models, tmp_p
     out = run_distributed(_save_reuse, 1, tiny_models["dense"], str(tmp_path), timeout=360)[0]
     assert [s for s, _ in out["first"]] == [1, 2], out
     assert out["again"] == ([], True, True), out  # nothing trained, hf_model untouched
-    assert [s for s, _ in out["more"]] == [3] and out["tracker"] == "3", out
+    assert [s for s, _ in out["more"]] == [3] and out["decay_steps"] == 3 and out["tracker"] == "3", out
     for name in ("finetune", "other"):
         assert "already holds a run (iteration 3)" in out[name], out
     assert out["slurm_export"], out

@@ -61,8 +61,12 @@ def test_yaml_values_are_coerced_or_named(tmp_path):
     cfg = _parse(["sft", "--config", str(good), "--model", "m"])
     assert (cfg.lr, cfg.micro_batch_size, cfg.bf16, cfg.dataset, cfg.mrl_dims) == \
         (6e-6, 4, True, ["a.jsonl"], [64, 128])
-    # flags override the YAML
+    # flags override the YAML; a flag for the run length replaces the YAML's other one
     assert _parse(["sft", "--config", str(good), "--model", "m", "--lr", "1e-3"]).lr == 1e-3
+    eight_b = os.path.join(ROOT, "configs", "qwen3-embedding-8B.yaml")
+    cfg = _parse(["sft", "--config", eight_b, "--model", "m", "--dataset", "d", "--train_iters", "2"])
+    assert (cfg.train_iters, cfg.num_train_epochs) == (2, 0.0)
+    cfg.validate()
     cases = {"lr: abc\n": "lr: expected a number", "micro_batch_size: 2.5\n": "micro_batch_size: expected an integer",
              "bf16: maybe\n": "bf16: expected true or false", "lr: [1, 2]\n": "lr: expected a number",
              "train_iter: 3\n": "unknown keys ['train_iter']", "- lr\n- 1\n": "expected a mapping",
@@ -95,9 +99,13 @@ def test_flag_mistakes_are_one_line_before_any_load(tiny_models, tmp_path):
         (["--lr", "fast"], "expected a number"),
         (["--load", str(tmp_path / "nothing")], "--load"),
         (["--load", dense], "not a megaemb checkpoint"),
-        (["--save", dense], "holds the --model"),
+        (["--save", dense], "is, holds or lies inside the --model"),
         (["--save", "/etc/hostname/run"], "is not a directory"),
         (["--attention", "flash"], "--attention"),
+        (["--mrl_dims", "16", "128"], "--mrl_dims 128 is above the model's hidden size 64"),
+        (["--global_batch_size", "5"], "--global_batch_size 5 must be divisible"),
+        (["--save", os.path.join(dense, "run")], "lies inside the --model"),
+        (["--train_iters", "1.5"], "--train_iters: expected an integer"),
         (["--val_dataset", str(tmp_path / "dev.jsonl#5")], "--val_dataset"),
     ]
     for extra, fragment in cases:
@@ -113,9 +121,16 @@ def test_flag_mistakes_are_one_line_before_any_load(tiny_models, tmp_path):
     # an abbreviated flag is an error, not a silent prefix match
     r = megaemb(*base, "--max_length", "32", "--micro_batch_size", "2", "--global_batch_size", "4",
                 "--train_iter", "1")
-    assert r.returncode == 2 and "unrecognized arguments: --train_iter" in r.stderr, r.stderr
+    one_error(r, "sft", "unrecognized arguments: --train_iter")
     r = megaemb(*base, *SFT, env={"NPROC_PER_NODE": "two"})
     one_error(r, "sft", "NPROC_PER_NODE")
+    # layouts the model or the process count cannot take: caught before any rank starts
+    t0 = time.time()
+    one_error(megaemb(*base, *SFT, "--tensor_model_parallel_size", "4", env={"NPROC_PER_NODE": "4"}),
+              "sft", "--tensor_model_parallel_size 4 does not divide the model's 2 key/value heads")
+    one_error(megaemb(*base, *SFT, "--tensor_model_parallel_size", "2", env={"NPROC_PER_NODE": "3"}),
+              "sft", "3 processes are not a multiple of tensor x pipeline parallel size 2")
+    assert time.time() - t0 < 30
 
 
 @pytest.mark.timeout(300)
@@ -154,6 +169,21 @@ def test_export_and_embed_refuse_to_destroy_inputs(tiny_models, tmp_path):
                       "/etc/hostname/emb.npy"), "embed", "not a directory")
     one_error(megaemb("embed", "--model", str(tmp_path / "none"), "--input", str(texts), "--output",
                       "x.npy"), "embed", "no such directory")
+    # embed never writes over its input, the model, a checkpoint, or an existing file unasked
+    one_error(megaemb("embed", "--model", dense, "--input", str(texts), "--output", str(texts)),
+              "embed", "--input")
+    one_error(megaemb("embed", "--model", dense, "--input", str(texts), "--output",
+                      os.path.join(dense, "model.safetensors")), "embed", "--model")
+    one_error(megaemb("embed", "--model", dense, "--input", str(texts), "--output",
+                      str(mcore / "latest_checkpointed_iteration.txt")), "embed", "checkpoint")
+    existing = tmp_path / "old.npy"
+    existing.write_bytes(b"keep me")
+    one_error(megaemb("embed", "--model", dense, "--input", str(texts), "--output", str(existing)),
+              "embed", "exists (--overwrite true replaces it)")
+    assert existing.read_bytes() == b"keep me" and texts.read_text() == "hello\n"
+    # export of an iteration that does not exist
+    one_error(megaemb("export", "--mcore_model", str(mcore), "--to_hf", "true", "--output_dir",
+                      str(tmp_path / "h"), "--iteration", "5"), "export", "iter_0000005: missing")
 
 
 def _damage(src, dst, how):
@@ -193,7 +223,7 @@ def test_damaged_checkpoint_is_one_line(tiny_models, tmp_path):
 
 def test_layout_that_cannot_split_the_model_is_named():
     from megaemb.config import ParallelConfig
-    from megaemb.model.qwen3 import Qwen3Shape, check_parallel_layout
+    from megaemb.shape import Qwen3Shape, check_parallel_layout
     from megaemb.tiny import tiny_config
 
     dense = Qwen3Shape.from_hf(tiny_config().to_dict())  # 4 heads, 2 KV heads, 4 layers

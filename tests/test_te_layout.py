@@ -205,7 +205,8 @@ def test_export_of_te_checkpoint_is_bit_exact(te_group, name):
 def test_te_attention_without_te_is_a_clear_error():
     from megaemb import platform
     from megaemb.config import ParallelConfig, SFTConfig
-    from megaemb.model.qwen3 import Qwen3Shape, block_spec, transformer_config
+    from megaemb.model.qwen3 import block_spec, transformer_config
+    from megaemb.shape import Qwen3Shape
     from megaemb.tiny import tiny_config
 
     if platform.has_transformer_engine():

@@ -15,24 +15,7 @@ from megatron.core import parallel_state
 from safetensors import safe_open
 
 from megaemb.convert.mapping import find_mapping, hf_names_for, merge, qwen3_mappings
-from megaemb.model.qwen3 import Qwen3Shape
-
-
-class ConversionError(ValueError):
-    """A one-line, user-facing description of what is wrong with a checkpoint."""
-
-
-def read_hf_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isdir(model_dir):
-        raise ConversionError(f"{model_dir}: no such model directory")
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: missing (an HF model directory needs config.json)")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: invalid JSON ({e})") from None
+from megaemb.shape import ConversionError, Qwen3Shape, read_hf_config
 
 
 class HFCheckpoint:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from megaemb import checkpoint
 from megaemb.convert.hf_to_mcore import HFCheckpoint, load_hf_into_model, read_hf_config
 from megaemb.model.embedder import EmbeddingModel, build_model
-from megaemb.model.qwen3 import Qwen3Shape, check_parallel_layout, transformer_config
+from megaemb.model.qwen3 import transformer_config
+from megaemb.shape import Qwen3Shape, check_parallel_layout
 
 
 @dataclass

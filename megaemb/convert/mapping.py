@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megaemb.model.qwen3 import Qwen3Shape
+from megaemb.shape import Qwen3Shape
 
 
 @dataclass(frozen=True)

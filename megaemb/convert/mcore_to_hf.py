@@ -24,7 +24,8 @@ from megaemb.convert.hf_to_mcore import read_hf_config
 from megaemb.convert.mapping import find_mapping, qwen3_mappings, split
 from megaemb.convert.st_files import append_end_token, write_st_files
 from megaemb.model.embedder import EmbeddingModel
-from megaemb.model.qwen3 import Qwen3Shape, transformer_config
+from megaemb.model.qwen3 import transformer_config
+from megaemb.shape import Qwen3Shape
 
 ARCHITECTURES = {"qwen3": "Qwen3Model", "qwen3_moe": "Qwen3MoeModel"}
 
@@ -65,6 +66,12 @@ def stream_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
             yield from zip(rule.hf_names(**index), split(rule.kind, loaded.pop(name), shape))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class ShardWriter:
     """Collects tensors into shards of at most ``max_bytes`` and writes each when full.
 
@@ -102,7 +109,9 @@ class ShardWriter:
                                                       for i in range(n)]
         if not self.write:
             return files
+        mode = 0o666 & ~_umask()  # safetensors writes owner-only files: share them like the rest
         for i, file in enumerate(files):
+            os.chmod(self._part(i), mode)
             os.replace(self._part(i), os.path.join(self.out_dir, file))
         if n > 1:
             weight_map = {name: file for file, names in zip(files, self.parts) for name in names}

@@ -22,7 +22,8 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megaemb import platform
 from megaemb.model.pooling import finish_embedding, last_token_pool
-from megaemb.model.qwen3 import Qwen3Shape, block_spec
+from megaemb.model.qwen3 import block_spec
+from megaemb.shape import Qwen3Shape
 
 
 class EmbeddingModel(MegatronModule):

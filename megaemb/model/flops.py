@@ -7,7 +7,7 @@ FLOPs = 6 * N_matmul * tokens + 6 * layers * heads * head_dim * sum(len_i^2)
 """
 from __future__ import annotations
 
-from megaemb.model.qwen3 import Qwen3Shape
+from megaemb.shape import Qwen3Shape
 
 
 def matmul_params_per_token(shape: Qwen3Shape) -> int:

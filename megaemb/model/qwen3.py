@@ -9,8 +9,6 @@ renormalised weights (``norm_topk_prob``), and optionally dense layers (``mlp_on
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -22,102 +20,7 @@ from megaemb import platform
 from megaemb.config import ParallelConfig
 from megaemb.model.attention import SDPAAttention
 from megaemb.model.norm import HeadRMSNorm, RMSNorm
-
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
-VOCAB_PAD_MULTIPLE = 128  # divisible by every TP size we support, so shapes are layout-free
-
-
-@dataclass(frozen=True)
-class Qwen3Shape:
-    """What megaemb reads from an HF ``config.json`` (a plain dict)."""
-
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    ffn_hidden_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    num_experts: int = 0
-    moe_topk: int = 0
-    moe_ffn_hidden_size: int = 0
-    norm_topk_prob: bool = True
-    moe_layer_pattern: tuple[int, ...] = ()
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = VOCAB_PAD_MULTIPLE
-        return (self.vocab_size + m - 1) // m * m
-
-    @classmethod
-    def from_hf(cls, cfg: dict, source: str = "config.json") -> "Qwen3Shape":
-        model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        try:
-            heads = cfg["num_attention_heads"]
-            hidden = cfg["hidden_size"]
-            rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e6)
-            rope_scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-            if cfg.get("attention_bias"):
-                raise ValueError(f"{source}: attention_bias=true is not supported "
-                                 "(no released Qwen3 uses it)")
-            if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) not in ("default", None):
-                raise ValueError(f"{source}: rope_scaling {rope_scaling} is not supported")
-            kw = dict(
-                model_type=model_type, vocab_size=cfg["vocab_size"], hidden_size=hidden,
-                num_layers=cfg["num_hidden_layers"], num_heads=heads,
-                num_kv_heads=cfg.get("num_key_value_heads", heads),
-                head_dim=cfg.get("head_dim") or hidden // heads,
-                ffn_hidden_size=cfg["intermediate_size"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                rope_theta=float(rope_theta),
-                max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            )
-            if model_type == "qwen3_moe":
-                n = kw["num_layers"]
-                dense = set(cfg.get("mlp_only_layers") or [])
-                step = cfg.get("decoder_sparse_step", 1)
-                kw.update(num_experts=cfg.get("num_experts") or cfg["num_local_experts"], moe_topk=cfg["num_experts_per_tok"],
-                          moe_ffn_hidden_size=cfg["moe_intermediate_size"],
-                          norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-                          moe_layer_pattern=tuple(int(i not in dense and (i + 1) % step == 0)
-                                                  for i in range(n)))
-        except KeyError as e:
-            raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
-        return cls(**kw)
-
-    def is_moe_layer(self, layer: int) -> bool:
-        return bool(self.num_experts) and bool(self.moe_layer_pattern[layer])
-
-
-def check_parallel_layout(shape: Qwen3Shape, parallel: ParallelConfig, source: str) -> None:
-    """``ValueError`` naming the flag when ``parallel`` cannot split this model (checked before
-    megatron builds it, whose own failures are shape errors deep inside a layer)."""
-    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    ep = parallel.expert_model_parallel_size
-    needs = [("attention heads", shape.num_heads, tp, "--tensor_model_parallel_size"),
-             ("key/value heads (num_key_value_heads)", shape.num_kv_heads, tp,
-              "--tensor_model_parallel_size"),
-             ("MLP width (intermediate_size)", shape.ffn_hidden_size, tp, "--tensor_model_parallel_size"),
-             ("layers", shape.num_layers, pp, "--pipeline_model_parallel_size")]
-    if shape.num_experts:
-        needs += [("experts", shape.num_experts, ep, "--expert_model_parallel_size"),
-                  ("expert MLP width (moe_intermediate_size)", shape.moe_ffn_hidden_size, tp,
-                   "--tensor_model_parallel_size")]
-    elif ep > 1:
-        raise ValueError(f"{source}: --expert_model_parallel_size {ep} needs a MoE model "
-                         f"({shape.model_type} has no experts)")
-    for what, count, size, flag in needs:
-        if count % size:
-            raise ValueError(f"{source}: {flag} {size} does not divide the model's {count} {what}")
-
+from megaemb.shape import Qwen3Shape
 
 def transformer_config(shape: Qwen3Shape, parallel: ParallelConfig, *, bf16: bool = False,
                        recompute_granularity: str | None = None) -> TransformerConfig:
