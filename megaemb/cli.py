@@ -297,11 +297,17 @@ def check_args(args, world: int = 1) -> None:
 def main(argv: list[str] | None = None) -> int:
     from megaemb import launcher
 
-    launcher.die_with_parent()  # first: a rank must not outlive its launcher
+    has_parent = launcher.die_with_parent()  # first: a rank must not outlive its launcher
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         plan = launcher.launch_plan()  # the environment first: it decides who runs the checks
+    except ValueError as e:
+        launcher.report_error(f"megaemb {args.command}: error: {e}")
+        return 2
+    if plan is None and not has_parent:  # runs the command itself, started from a shell
+        launcher.reap_descendants_on_exit()  # before torch is imported (it forks)
+    try:
         world = plan.nproc_per_node * plan.nnodes if plan else int(os.environ.get("WORLD_SIZE", 1))
         check_args(args, world)
     except (ValueError, OSError) as e:

@@ -215,7 +215,7 @@ def _failure_line(command: str, error, error_dir: str) -> tuple[str, int]:
 
 
 # ---------------------------------------------------------------- the rank (child) side
-def die_with_parent() -> None:
+def die_with_parent() -> bool:
     """Make this process die (SIGKILL) when the process that started it dies, and with it
     whatever this process started (see ``_reap_group_on_exit``).
 
@@ -226,15 +226,14 @@ def die_with_parent() -> None:
     noise. Parent death: Linux only (``prctl``)."""
     parent = os.environ.pop(PARENT_PID_ENV, None)
     if parent is None:
-        if sys.platform.startswith("linux"):
-            _reap_descendants_on_exit()
-        return
+        return False
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if not sys.platform.startswith("linux"):
-        return
+        return True
     if not _set_parent_death_signal(signal.SIGKILL, int(parent)):
         os.kill(os.getpid(), signal.SIGKILL)  # the parent died before the prctl took effect
     _reap_group_on_exit()
+    return True
 
 
 def _set_parent_death_signal(sig: int, parent: int) -> bool:
@@ -266,14 +265,16 @@ def _reap_group_on_exit() -> None:
         os._exit(0)
 
 
-def _reap_descendants_on_exit(poll_s: float = 0.5) -> None:
-    """For a ``megaemb`` started from a shell (no launcher above it): fork a watcher that
+def reap_descendants_on_exit(poll_s: float = 0.5) -> None:
+    """For a ``megaemb`` that runs its command itself and has no launcher above it (started
+    from a shell; not a launcher, whose ranks watch themselves): fork a watcher that
     notes this process's descendants every ``poll_s`` and SIGKILLs them when this process
     dies. Its own process group is the shell's job (it may hold the caller), so unlike
     ``_reap_group_on_exit`` it kills by pid: megatron's checkpoint writer processes would
-    otherwise outlive a ``kill -9`` of a single-process run. Must run before any thread."""
+    otherwise outlive a ``kill -9`` of a single-process run. Must run before any thread.
+    Linux only."""
     leader = os.getpid()
-    if os.fork():
+    if not sys.platform.startswith("linux") or os.fork():
         return
     try:
         import psutil

@@ -211,21 +211,30 @@ def test_rank_death_takes_its_process_group():
 # ------------------------------------------------------------------ killing a real training job
 
 def _start_training(model, save, tmp_path):
-    args = ["sft", "--model", model, "--dataset", f"{DATA}#64", "--train_iters", "100000",
+    """A 2-rank run that saves every 2 steps, returned once its first save is complete. Bounded
+    (60 steps) so a test that fails before killing it cannot fill the disk; killed here on
+    any failure."""
+    args = ["sft", "--model", model, "--dataset", f"{DATA}#64", "--train_iters", "60",
             "--max_length", "32", "--micro_batch_size", "2", "--global_batch_size", "4",
             "--log_interval", "1", "--save", str(save), "--save_interval", "2"]
     out, err = open(tmp_path / "out.txt", "w"), open(tmp_path / "err.txt", "w")
     proc = subprocess.Popen([sys.executable, "-m", "megaemb.cli", *args], stdout=out, stderr=err,
                             env=clean_env(NPROC_PER_NODE="2"), cwd=ROOT)
-    tracker = save / "latest_checkpointed_iteration.txt"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not tracker.is_file():
-        time.sleep(0.1)
-    assert proc.poll() is None, (tmp_path / "err.txt").read_text()[-3000:]
-    assert tracker.is_file(), "no checkpoint within 120 s"
-    job = psutil.Process(proc.pid).children(recursive=True)
-    assert len([p for p in job if p.ppid() == proc.pid]) == 2  # the two ranks
-    return proc, job
+    try:
+        tracker = save / "latest_checkpointed_iteration.txt"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not tracker.is_file():
+            time.sleep(0.1)
+        assert proc.poll() is None, (tmp_path / "err.txt").read_text()[-3000:]
+        assert tracker.is_file(), "no checkpoint within 120 s"
+        job = psutil.Process(proc.pid).children(recursive=True)
+        ranks = [p for p in job if p.ppid() == proc.pid and "megaemb.cli" in " ".join(p.cmdline())]
+        assert len(ranks) == 2, [p.cmdline() for p in job]  # the two ranks
+        return proc, job
+    except BaseException:
+        _kill(psutil.Process(proc.pid).children(recursive=True))
+        proc.kill()
+        raise
 
 
 def _snapshot(save):
