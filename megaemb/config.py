@@ -144,6 +144,8 @@ class SFTConfig:
                      "eval_limit", "weight_decay", "clip_grad", "min_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ValueError(f"--max_length must be >= 2 (a text and the end token), got {self.max_length}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.min_lr > self.lr:

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import datetime
 import os
-import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -34,10 +32,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megaemb import checkpoint, launcher, platform, preflight
 from megaemb.config import SFTConfig
 from megaemb.convert.load import load_model
-from megaemb.data.batching import pad_batch
-from megaemb.data.formats import Example, load_examples
-from megaemb.data.sampler import GlobalBatchSampler, micro_batches, shard_for_rank
-from megaemb.data.tokenize import EmbeddingTokenizer, format_query
+from megaemb.data.batching import step_micro_batches
+from megaemb.data.formats import load_examples
+from megaemb.data.negatives import fixed_negatives
+from megaemb.data.sampler import GlobalBatchSampler, shard_for_rank
+from megaemb.data.tokenize import EmbeddingTokenizer, format_query, tokenize_examples
 from megaemb.embed import embed_texts
 from megaemb.evaluate import pair_metrics, retrieval_metrics
 from megaemb.logs import TrainLogger
@@ -62,56 +61,6 @@ def infonce_config(cfg: SFTConfig) -> InfoNCEConfig:
         use_batch=_opt_bool(cfg.infonce_use_batch),
         mask_fake_negative=_opt_bool(cfg.infonce_mask_fake_negative),
         include_qq=_opt_bool(cfg.infonce_include_qq), include_dd=_opt_bool(cfg.infonce_include_dd))
-
-
-@dataclass
-class TokenizedExample:
-    query: list[int]
-    doc: list[int]
-    negatives: list[list[int]]
-    label: float | None
-
-
-def fixed_negatives(examples: list[Example], k: int, seed: int) -> tuple[list[list[str]], int]:
-    """Exactly ``k`` hard negatives per example (the loss needs ``[b, k, d]``), as ms-swift:
-    the first ``k`` when a row has more; a row with fewer is topped up by drawing its own
-    negatives again (seeded, with replacement), and a row with none by drawing other rows'
-    positives. Returns the lists and how many rows were topped up."""
-    rng = random.Random(seed)
-
-    def draw(i: int) -> str:
-        if examples[i].negatives:
-            return rng.choice(examples[i].negatives)
-        if len(examples) < 2:
-            raise ValueError(f"{examples[i].source}: no hard negatives and no other rows to draw from")
-        j = rng.randrange(len(examples) - 1)
-        return examples[j + (j >= i)].response  # any row but i
-
-    out, topped = [], 0
-    for i, e in enumerate(examples):
-        negs = list(e.negatives[:k])
-        topped += len(negs) < k
-        out.append(negs + [draw(i) for _ in range(k - len(negs))])
-    return out, topped
-
-
-def tokenize_examples(examples: list[Example], negatives: list[list[str]], tok: EmbeddingTokenizer,
-                      instruction: str) -> list[TokenizedExample]:
-    queries = tok.encode([format_query(e.query, instruction or None) for e in examples])
-    docs = tok.encode([e.response for e in examples])
-    flat = tok.encode([n for row in negatives for n in row])
-    out, at = [], 0
-    for e, q, d, row in zip(examples, queries, docs, negatives):
-        out.append(TokenizedExample(q, d, flat[at:at + len(row)], e.label))
-        at += len(row)
-    return out
-
-
-def make_micro_batch(rows: list[TokenizedExample], pad_id: int, pad_multiple: int) -> dict:
-    seqs = [r.query for r in rows] + [r.doc for r in rows] + [n for r in rows for n in r.negatives]
-    ids, lengths = pad_batch(seqs, pad_id, pad_multiple)
-    labels = torch.tensor([r.label for r in rows], dtype=torch.float32) if rows[0].label is not None else None
-    return {"ids": ids, "lengths": lengths, "m": len(rows), "k": len(rows[0].negatives), "labels": labels}
 
 
 class Trainer:
@@ -341,13 +290,9 @@ class Trainer:
 
     def train_step(self) -> dict:
         rows = shard_for_rank(self.sampler.indices_for_step(self.step), self.dp_rank, self.dp)
-        batches = [make_micro_batch([self.train[i] for i in mb], self.tokenizer.pad_id, self.pad_multiple)
-                   for mb in micro_batches(rows, self.cfg.micro_batch_size)]
-        seq_len = max(b["ids"].shape[1] for b in batches)
-        for b in batches:  # one padded length per step: pipeline stages exchange [s, b, h]
-            if b["ids"].shape[1] < seq_len:
-                b["ids"] = torch.nn.functional.pad(b["ids"], (0, seq_len - b["ids"].shape[1]),
-                                                   value=self.tokenizer.pad_id)
+        batches = step_micro_batches([self.train[i] for i in rows], self.cfg.micro_batch_size,
+                                     self.tokenizer.pad_id, self.pad_multiple)
+        seq_len = batches[0]["ids"].shape[1]
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = get_forward_backward_func()(

@@ -2,7 +2,9 @@
 import pytest
 
 from megaemb.data.formats import Example
-from megaemb.train import fixed_negatives, make_micro_batch, TokenizedExample
+from megaemb.data.batching import make_micro_batch
+from megaemb.data.negatives import fixed_negatives
+from megaemb.data.tokenize import TokenizedExample
 
 
 def _ex(i, negs):

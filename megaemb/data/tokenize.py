@@ -2,6 +2,8 @@
 ``<|endoftext|>`` appended; truncation keeps the end token (it is the one pooled)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 END_TOKEN = "<|endoftext|>"
 
 
@@ -35,3 +37,23 @@ class EmbeddingTokenizer:
                 row = row[: self.max_length - 1]
             out.append(row + [self.end_id])
         return out
+
+
+@dataclass
+class TokenizedExample:
+    query: list[int]
+    doc: list[int]
+    negatives: list[list[int]]
+    label: float | None
+
+
+def tokenize_examples(examples: list, negatives: list[list[str]], tok: EmbeddingTokenizer,
+                      instruction: str) -> list[TokenizedExample]:
+    queries = tok.encode([format_query(e.query, instruction or None) for e in examples])
+    docs = tok.encode([e.response for e in examples])
+    flat = tok.encode([n for row in negatives for n in row])
+    out, at = [], 0
+    for e, q, d, row in zip(examples, queries, docs, negatives):
+        out.append(TokenizedExample(q, d, flat[at:at + len(row)], e.label))
+        at += len(row)
+    return out
