@@ -41,12 +41,7 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
 def parallel_config(args):
     from megaemb.config import ParallelConfig
 
-    return ParallelConfig(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        sequence_parallel=args.sequence_parallel)
+    return ParallelConfig.of(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

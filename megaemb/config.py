@@ -27,6 +27,11 @@ class ParallelConfig:
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             self.sequence_parallel = False  # as in Megatron: meaningless without TP
 
+    @classmethod
+    def of(cls, flags) -> "ParallelConfig":
+        """From any object with the parallel flags as attributes (parsed args, ``SFTConfig``)."""
+        return cls(**{f.name: getattr(flags, f.name) for f in dataclasses.fields(cls)})
+
     @property
     def model_parallel_size(self) -> int:
         return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
@@ -92,12 +97,7 @@ class SFTConfig:
     export_timeout_minutes: float = 240.0  # other ranks wait this long for rank 0's HF export
 
     def parallel(self) -> ParallelConfig:
-        return ParallelConfig(
-            tensor_model_parallel_size=self.tensor_model_parallel_size,
-            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
-            expert_model_parallel_size=self.expert_model_parallel_size,
-            context_parallel_size=self.context_parallel_size,
-            sequence_parallel=self.sequence_parallel)
+        return ParallelConfig.of(self)
 
     @classmethod
     def from_mapping(cls, values: dict, source: str) -> "SFTConfig":
