@@ -26,3 +26,16 @@ def hf_embeddings(model_dir: str, ids: torch.Tensor, lengths: torch.Tensor) -> t
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"cos_min": F.cosine_similarity(a, b, dim=-1).min().item(),
             "max_abs": (a - b).abs().max().item()}
+
+
+def assert_same_weights(hf_dir: str, other_dir: str) -> None:
+    """Both HF folders' ``model.safetensors`` hold the same tensor names, bit for bit."""
+    import os
+
+    from safetensors.torch import load_file
+
+    original = load_file(os.path.join(hf_dir, "model.safetensors"))
+    exported = load_file(os.path.join(other_dir, "model.safetensors"))
+    assert sorted(original) == sorted(exported)
+    for key, tensor in original.items():
+        assert torch.equal(tensor, exported[key]), key

@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from distributed import run_distributed
+from hf_reference import assert_same_weights
 
 COS = 0.99999
 
@@ -108,8 +108,4 @@ def test_mcore_matches_hf(parity, label):
 @pytest.mark.parametrize("name", ["dense", "tied", "moe"])
 def test_roundtrip_bit_exact(parity, name):
     _, models, out = parity
-    original = load_file(os.path.join(models[name], "model.safetensors"))
-    exported = load_file(os.path.join(out, f"{name}-hf", "model.safetensors"))
-    assert sorted(original) == sorted(exported)
-    for key, tensor in original.items():
-        assert torch.equal(tensor, exported[key]), key
+    assert_same_weights(models[name], os.path.join(out, f"{name}-hf"))

@@ -37,9 +37,9 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from distributed import run_distributed
+from hf_reference import assert_same_weights
 
 COS = 0.99999
 
@@ -194,11 +194,7 @@ def test_checkpoint_loads_across_specs_bit_exact(te_group, label):
 @pytest.mark.parametrize("name", ["dense", "moe"])
 def test_export_of_te_checkpoint_is_bit_exact(te_group, name):
     _, models, out = te_group
-    original = load_file(os.path.join(models[name], "model.safetensors"))
-    exported = load_file(os.path.join(out, f"{name}-te-hf", "model.safetensors"))
-    assert sorted(original) == sorted(exported)
-    for key, tensor in original.items():
-        assert torch.equal(tensor, exported[key]), key
+    assert_same_weights(models[name], os.path.join(out, f"{name}-te-hf"))
 
 
 @pytest.mark.timeout(60)
