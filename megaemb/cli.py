@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per text (default: 8192 or the model's max_position_embeddings)")
     m.add_argument("--batch_size", type=int, default=32)
     m.add_argument("--dim", type=int, default=None, help="Matryoshka dimension")
+    m.add_argument("--packing", type=str2bool, default=None,
+                   help="padding-free [1, T] batches (default: true on CUDA, false on CPU)")
     add_parallel_flags(m)
     s = sub.add_parser("sft", help="train an embedding model (contrastive losses)", allow_abbrev=False)
     s.add_argument("--config", help="YAML with the same keys as the flags; flags override it")
@@ -225,7 +227,7 @@ def run_embed(args) -> None:
         _rank0_print(f"warning: --max_length {args.max_length} is above the model's "
                      f"max_position_embeddings {loaded.shape.max_position_embeddings}")
     result = embed_texts(loaded.model, tokenizer, texts, batch_size=args.batch_size,
-                         instruction=args.instruction, dim=args.dim)
+                         instruction=args.instruction, dim=args.dim, packed=args.packing)
     if result is not None:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         tmp = f"{args.output}.tmp"
@@ -251,6 +253,7 @@ def check_args(args, world: int = 1) -> None:
     before any rank starts or any model loads. Raises ``ValueError`` / ``OSError`` subclasses
     with a one-line message."""
     from megaemb import preflight
+    from megaemb.config import check_packing
 
     if args.command == "sft":
         cfg = sft_config(args)
@@ -283,6 +286,7 @@ def check_args(args, world: int = 1) -> None:
         preflight.check_model(args.model)
         preflight.check_layout(args.model, parallel_config(args), world,
                                [args.dim] if args.dim else [], "--dim")
+        check_packing(args.packing, args.attention)
         if not os.path.isfile(args.input):
             raise FileNotFoundError(f"--input {args.input}: no such file")
         preflight.check_output_file(args.output, "--output", {"--input": args.input, "--model": args.model},

@@ -58,6 +58,7 @@ class SFTConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     attention: str = "auto"  # auto | te | sdpa | local (layer spec; auto = te when installed)
+    packing: bool | None = None  # padding-free [1, T] micro-batches; None = true on CUDA
     # batch and schedule
     micro_batch_size: int = 1
     global_batch_size: int = 16
@@ -169,11 +170,18 @@ class SFTConfig:
                 raise ValueError(f"--{name} {getattr(self, name)!r}: expected true or false")
         if any(d <= 0 for d in self.mrl_dims):
             raise ValueError(f"--mrl_dims must be positive, got {self.mrl_dims}")
+        check_packing(self.packing, self.attention)
         if self.finetune and not self.load:
             raise ValueError("--finetune true needs --load CHECKPOINT (the weights to start from)")
         for name in ("save", "load", "model"):
             if getattr(self, name) and not getattr(self, name).strip():
                 raise ValueError(f"--{name} is blank")
+
+
+def check_packing(packing: bool | None, attention: str) -> None:
+    if packing and attention == "local":
+        raise ValueError("--packing true needs --attention sdpa, te or auto (megatron's local "
+                         "attention has no document mask)")
 
 
 def field_kind(f: dataclasses.Field) -> tuple[str, bool, bool]:

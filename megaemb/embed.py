@@ -1,8 +1,9 @@
 """``megaemb embed``: texts -> ``.npy`` of L2-normalised embeddings ``[n, dim]`` (float32).
 
 Rows are split over data-parallel replicas (every replica runs the same number of forward
-steps), sorted by length inside each replica to cut padding, and gathered back in input
-order with a tensor collective; global rank 0 writes the file.
+steps), sorted by length inside each replica (less padding, or packs of similar texts), cut
+into padded or packed micro-batches (``packed``; default: ``model.packs_by_default``),
+and gathered back in input order with a tensor collective; global rank 0 writes the file.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megaemb import platform
-from megaemb.data.batching import pad_batch
 from megaemb.data.tokenize import EmbeddingTokenizer, format_query
 from megaemb.inference import forward_embeddings
 
@@ -49,7 +49,8 @@ def read_texts(path: str, text_field: str = "text") -> list[str]:
 
 
 def embed_texts(model, tokenizer: EmbeddingTokenizer, texts: list[str], *, batch_size: int = 32,
-                instruction: str | None = None, dim: int | None = None) -> np.ndarray | None:
+                instruction: str | None = None, dim: int | None = None,
+                packed: bool | None = None) -> np.ndarray | None:
     """Collective. Returns ``[n, dim]`` on global rank 0, None elsewhere.
 
     Data-parallel rank ``r`` embeds rows ``r, r + dp, ...``, padded with one-token dummy rows
@@ -63,12 +64,10 @@ def embed_texts(model, tokenizer: EmbeddingTokenizer, texts: list[str], *, batch
     seqs = tokenizer.encode([format_query(texts[i], instruction) for i in mine])
     seqs += [[tokenizer.pad_id]] * (per_rank - len(seqs))
     order = sorted(range(per_rank), key=lambda i: len(seqs[i]))
-    device = platform.device()
-    out = torch.empty(per_rank, dim or model.shape.hidden_size, device=device)
-    for start in range(0, per_rank, batch_size):
-        rows = order[start:start + batch_size]
-        ids, lengths = pad_batch([seqs[i] for i in rows], tokenizer.pad_id)
-        out[rows] = forward_embeddings(model, ids, lengths, micro_batch_size=batch_size, dim=dim).float()
+    packed = model.packs_by_default if packed is None else packed
+    out = torch.empty(per_rank, dim or model.shape.hidden_size, device=platform.device())
+    out[order] = forward_embeddings(model, [seqs[i] for i in order], pad_id=tokenizer.pad_id,
+                                    packed=packed, micro_batch_size=batch_size, dim=dim)
     gathered = out.new_empty(dp * per_rank, out.shape[1])
     dist.all_gather_into_tensor(gathered, out, group=parallel_state.get_data_parallel_group())
     if dist.get_rank() != 0:

@@ -61,6 +61,22 @@ def has_transformer_engine() -> bool:
     return True
 
 
+def has_flex_attention() -> bool:
+    """FlexAttention (torch >= 2.5) compiled for CUDA: the packed-batch kernel."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return has_cuda()
+
+
+def default_packing() -> bool:
+    """``--packing`` when not given: padding-free batches on CUDA (FlexAttention or TE's THD
+    kernels skip other documents' blocks); on CPU the exact dense-mask path costs more than
+    padding saves, so batches stay padded."""
+    return has_cuda()
+
+
 _PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 

@@ -3,10 +3,11 @@
 One optimizer step = ``global_batch_size`` examples, chosen by ``GlobalBatchSampler`` from
 (data, seed, global batch) only, split evenly over data-parallel replicas and cut into
 micro-batches run by megatron's ``get_forward_backward_func`` (1F1B under PP). Each
-micro-batch of ``m`` examples is one padded batch of texts::
+micro-batch of ``m`` examples is one batch of texts, padded ``[m*(2+k), s]`` or packed
+``[1, T]`` (``--packing``; ``megaemb.data.batching``)::
 
-    infonce:        [q_1..q_m, p_1..p_m, n_11..n_1k, ..., n_m1..n_mk]   -> [m*(2+k), s]
-    pair losses:    [q_1..q_m, d_1..d_m]                                -> [2m, s]
+    infonce:        [q_1..q_m, p_1..p_m, n_11..n_1k, ..., n_m1..n_mk]   (m*(2+k) texts)
+    pair losses:    [q_1..q_m, d_1..d_m]                                (2m texts)
 
 and the loss (``megaemb.loss``) sees its embeddings on the last pipeline stage, gathering
 in-batch negatives over the data-parallel group with gradient.
@@ -32,7 +33,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megaemb import checkpoint, launcher, platform, preflight
 from megaemb.config import SFTConfig
 from megaemb.convert.load import load_model
-from megaemb.data.batching import step_micro_batches
+from megaemb.data.batching import GroupBatch, step_micro_batches
 from megaemb.data.formats import load_examples
 from megaemb.data.negatives import fixed_negatives
 from megaemb.data.sampler import GlobalBatchSampler, shard_for_rank
@@ -141,7 +142,8 @@ class Trainer:
                   f"to --max_length {cfg.max_length}")
         self.sampler = GlobalBatchSampler(len(self.train), cfg.global_batch_size, cfg.seed)
         self.train_iters = cfg.train_iters or self.sampler.iterations_for_epochs(cfg.num_train_epochs)
-        self.pad_multiple = self.parallel.tensor_model_parallel_size if self.parallel.sequence_parallel else 1
+        self.packed = self.module.packs_by_default if cfg.packing is None else cfg.packing
+        self._log(f"micro-batches: {'packed [1, T]' if self.packed else 'padded [n, s]'} (--packing)")
 
     def _build_optimizer(self):
         cfg = self.cfg
@@ -265,8 +267,8 @@ class Trainer:
             raise RuntimeError(outcome[0])
 
     # ------------------------------------------------------------------ one step
-    def _loss(self, batch: dict, emb: torch.Tensor):
-        m, k = batch["m"], batch["k"]
+    def _loss(self, batch: GroupBatch, emb: torch.Tensor):
+        m, k = batch.m, batch.k
         queries, docs = emb[:m], emb[m:2 * m]
         group = parallel_state.get_data_parallel_group()
         if self.cfg.loss_type == "infonce":
@@ -276,7 +278,7 @@ class Trainer:
         else:
             margin = {} if self.cfg.loss_type == "cosine_similarity" else {"margin": self.cfg.margin}
             fn = partial(PAIR_LOSSES[self.cfg.loss_type], **margin)
-            args = (queries, docs, batch["labels"].to(emb.device))
+            args = (queries, docs, batch.labels.to(emb.device))
         if self.cfg.mrl_dims:
             fn = matryoshka(fn, self.cfg.mrl_dims)
         loss = fn(*args)
@@ -284,30 +286,32 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        device = platform.device()
-        emb = model(batch["ids"].to(device), batch["lengths"].to(device), normalize=True)
+        emb = model(batch.texts.to(platform.device()), normalize=True)
         return emb, partial(self._loss, batch)
 
     def train_step(self) -> dict:
         rows = shard_for_rank(self.sampler.indices_for_step(self.step), self.dp_rank, self.dp)
         batches = step_micro_batches([self.train[i] for i in rows], self.cfg.micro_batch_size,
-                                     self.tokenizer.pad_id, self.pad_multiple)
-        seq_len = batches[0]["ids"].shape[1]
+                                     self.tokenizer.pad_id, packed=self.packed,
+                                     multiple=self.module.sequence_multiple)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        first = batches[0].texts.input_ids
         losses = get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
-            num_microbatches=len(batches), seq_length=seq_len,
-            micro_batch_size=batches[0]["ids"].shape[0], forward_only=False)
+            num_microbatches=len(batches), seq_length=first.shape[1],
+            micro_batch_size=first.shape[0], forward_only=False)
         lr = self.scheduler.get_lr(self.optimizer.param_groups[0])  # the lr this step used
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         loss = torch.stack([d["loss"] for d in losses]).mean() if losses else torch.zeros(())
         loss = _average_loss(loss.float().to(platform.device()))
-        lengths = [int(n) for b in batches for n in b["lengths"]]
+        lengths = [int(n) for b in batches for n in b.texts.lengths]
+        computed = sum(b.texts.input_ids.numel() for b in batches)
         return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": lr,
-                "samples": self.cfg.global_batch_size,
-                "tokens": sum(lengths) * self.dp, "flops": train_flops(self.loaded.shape, lengths) * self.dp}
+                "samples": self.cfg.global_batch_size, "tokens": sum(lengths) * self.dp,
+                "padding": 1 - sum(lengths) / computed,
+                "flops": train_flops(self.loaded.shape, lengths) * self.dp}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
@@ -318,12 +322,12 @@ class Trainer:
         if self.cfg.loss_type == "infonce":
             corpus = sorted(set(e.response for e in ex))
             where = {t: i for i, t in enumerate(corpus)}
-            q = embed_texts(self.module, self.tokenizer, queries)
-            c = embed_texts(self.module, self.tokenizer, corpus)
+            q = embed_texts(self.module, self.tokenizer, queries, packed=self.packed)
+            c = embed_texts(self.module, self.tokenizer, corpus, packed=self.packed)
             metrics = retrieval_metrics(q, c, [{where[e.response]} for e in ex]) if self.rank0 else {}
         else:
-            q = embed_texts(self.module, self.tokenizer, queries)
-            d = embed_texts(self.module, self.tokenizer, [e.response for e in ex])
+            q = embed_texts(self.module, self.tokenizer, queries, packed=self.packed)
+            d = embed_texts(self.module, self.tokenizer, [e.response for e in ex], packed=self.packed)
             metrics = pair_metrics(q, d, [e.label for e in ex]) if self.rank0 else {}
         self.module.train()
         box = [metrics]

@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+PAD = 151643  # <|endoftext|>: Qwen3's end and pad token
+
 
 def random_batch(seed: int = 0, n: int = 6, max_len: int = 13, vocab: int = 151669):
     """Right-padded ids with varied lengths (one full-length row, one of length 1)."""
@@ -9,8 +11,13 @@ def random_batch(seed: int = 0, n: int = 6, max_len: int = 13, vocab: int = 1516
     lengths = torch.randint(2, max_len + 1, (n,), generator=g)
     lengths[0], lengths[1] = max_len, 1
     ids = torch.randint(0, vocab, (n, max_len), generator=g)
-    ids[torch.arange(max_len)[None] >= lengths[:, None]] = 151643
+    ids[torch.arange(max_len)[None] >= lengths[:, None]] = PAD
     return ids, lengths
+
+
+def token_lists(ids: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    """Right-padded ``[n, s]`` -> the ``n`` unpadded token-id lists."""
+    return [ids[i, :lengths[i]].tolist() for i in range(len(ids))]
 
 
 @torch.no_grad()

@@ -97,7 +97,8 @@ def test_embed_with_expert_parallel_does_not_deadlock(tiny_models):
     assert got[1] == {"moe": None, "dense": None}
     for name in ("moe", "dense"):
         tok = EmbeddingTokenizer(tiny_models[name], 64)
-        ids, lengths = pad_batch(tok.encode(TEXTS), tok.pad_id)
+        batch = pad_batch(tok.encode(TEXTS), tok.pad_id)
+        ids, lengths = batch.input_ids, batch.lengths
         stats = compare(torch.as_tensor(got[0][name]), hf_embeddings(tiny_models[name], ids, lengths))
         assert got[0][name].shape == (33, 64) and stats["cos_min"] >= 0.99999, (name, stats)
 

@@ -29,7 +29,7 @@ def _layouts():
 
 
 def _parity_group(rank, world, models, out_root):
-    from hf_reference import compare, hf_embeddings, random_batch
+    from hf_reference import PAD, compare, hf_embeddings, random_batch, token_lists
     from megaemb import export
     from megaemb.config import ParallelConfig as P
     from megaemb.convert.load import load_model
@@ -37,14 +37,20 @@ def _parity_group(rank, world, models, out_root):
     from megaemb.parallel import init_parallel
 
     ids, lengths = random_batch()
+    seqs = token_lists(ids, lengths)
     refs = {k: hf_embeddings(v, ids, lengths) for k, v in models.items()}
     results = {}
+
+    def embed(model, rows=seqs, **kw):
+        return forward_embeddings(model, rows, pad_id=PAD, **kw)
 
     def check(label, path, parallel, reference, **kw):
         init_parallel(parallel)
         lm = load_model(path, parallel, **kw)
-        emb = forward_embeddings(lm.model, ids, lengths, micro_batch_size=4)
-        results[label] = compare(emb, reference)
+        results[label] = compare(embed(lm.model, micro_batch_size=4), reference)
+        if kw.get("attention") != "local":  # the same texts packed [1, T], document-masked
+            results[label + "/packed"] = compare(embed(lm.model, micro_batch_size=4, packed=True),
+                                                 reference)
 
     for name, layout, parallel in _layouts():
         check(f"{name}/{layout}", models[name], parallel, refs[name])
@@ -52,13 +58,14 @@ def _parity_group(rank, world, models, out_root):
     # Matryoshka: first 16 dims renormalised
     init_parallel(P(tensor_model_parallel_size=2))
     lm = load_model(models["dense"], P(tensor_model_parallel_size=2))
-    emb16 = forward_embeddings(lm.model, ids, lengths, dim=16)
+    emb16 = embed(lm.model, dim=16)
     results["dense/mrl16"] = compare(emb16, torch.nn.functional.normalize(
         hf_embeddings_full(models["dense"], ids, lengths)[:, :16], dim=-1))
     # right padding changes nothing: each row alone, unpadded, gives the batched vector
-    alone = torch.cat([forward_embeddings(lm.model, ids[i:i + 1, :lengths[i]], lengths[i:i + 1])
-                       for i in range(len(ids))])
-    results["dense/unpadded-rows"] = compare(alone, forward_embeddings(lm.model, ids, lengths))
+    alone = torch.cat([embed(lm.model, [row]) for row in seqs])
+    results["dense/unpadded-rows"] = compare(alone, embed(lm.model))
+    # one pack of all texts, and packs whose rounding tail is a padding document
+    results["dense/one-pack"] = compare(embed(lm.model, packed=True, micro_batch_size=len(seqs)), alone)
 
     # HF -> MCore (saved under one layout) -> loaded under another -> HF (TP=1, DP=2)
     for name, save_layout, load_layout in [
@@ -93,8 +100,9 @@ def parity(tiny_models, tmp_path_factory):
 
 
 @pytest.mark.timeout(700)
-@pytest.mark.parametrize("label", [f"{n}/{l}" for n, l, _ in _layouts()]
+@pytest.mark.parametrize("label", [f"{n}/{l}{p}" for n, l, _ in _layouts() for p in ("", "/packed")]
                          + ["dense/local-attention", "dense/mrl16", "dense/unpadded-rows",
+                            "dense/one-pack", "moe/mcore-reloaded/packed",
                             "dense/mcore-reloaded",
                             "tied/mcore-reloaded", "moe/mcore-reloaded"])
 def test_mcore_matches_hf(parity, label):

@@ -86,7 +86,7 @@ def _legacy_moe_keys(model):
 
 def _te_group(rank, world, models, out_root):
     import te_fakes
-    from hf_reference import compare, hf_embeddings, random_batch
+    from hf_reference import PAD, compare, hf_embeddings, random_batch, token_lists
     from megaemb import checkpoint, export
     from megaemb.config import ParallelConfig as P
     from megaemb.convert.load import load_model
@@ -95,6 +95,7 @@ def _te_group(rank, world, models, out_root):
 
     t0 = time.time()
     ids, lengths = random_batch()
+    seqs = token_lists(ids, lengths)
     refs = {k: hf_embeddings(models[k], ids, lengths) for k in ("dense", "moe")}
     results = {}
     init_parallel(P())
@@ -106,7 +107,10 @@ def _te_group(rank, world, models, out_root):
         lm = load_model(models[name], parallel, attention="te")
         assert type(lm.model.decoder.layers[0].self_attention.linear_qkv).__name__ == \
             "FakeTELayerNormColumnParallelLinear"
-        res = compare(forward_embeddings(lm.model, ids, lengths, micro_batch_size=4), refs[name])
+        res = compare(forward_embeddings(lm.model, seqs, pad_id=PAD, micro_batch_size=4), refs[name])
+        # packed [1, T] in TE's "thd" format: megatron squeezes b, applies RoPE per document
+        packed = forward_embeddings(lm.model, seqs, pad_id=PAD, micro_batch_size=4, packed=True)
+        results[f"parity/{name}/{layout}/packed-thd"] = compare(packed, refs[name])
         if name == "moe":  # the TE quirk conversion must survive is really there
             fc2 = lm.model.decoder.layers[0].mlp.experts.local_experts[0].linear_fc2.weight
             res["expert_fc2_partition_dim"] = fc2.partition_dim
@@ -171,6 +175,8 @@ def test_fake_te_model_from_hf_matches_hf(te_group, label):
         assert r["cos_min"] >= COS and r["max_abs"] < 1e-4, (rank, label, r)
         if label.startswith("moe/"):
             assert r["expert_fc2_partition_dim"] == 0, "the fake lost TE's partition_dim quirk"
+        r = res[f"parity/{label}/packed-thd"]
+        assert r["cos_min"] >= COS and r["max_abs"] < 1e-4, (rank, label, "packed", r)
 
 
 @pytest.mark.timeout(700)

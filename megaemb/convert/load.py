@@ -35,8 +35,7 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
     check_parallel_layout(shape, parallel, path)
     hf = HFCheckpoint(path) if load_weights and not is_mcore else None
     config = transformer_config(shape, parallel, bf16=bf16, recompute_granularity=recompute_granularity)
-    pad_id = hf_config.get("pad_token_id") or 0
-    model = build_model(config, shape, attention=attention, pad_token_id=pad_id)
+    model = build_model(config, shape, attention=attention)
     if load_weights:
         if is_mcore:
             sharded = model.sharded_state_dict()

@@ -23,8 +23,10 @@ def compare_with_transformers(model, hf_weights_dir: str, tokenizer_dir: str) ->
     """Collective. Rank 0 also runs ``AutoModel`` from ``hf_weights_dir`` (fp32) and returns
     ``{"max_abs_diff", "min_cosine"}``; other ranks return None."""
     tok = EmbeddingTokenizer(tokenizer_dir, max_length=128)
-    ids, lengths = pad_batch(tok.encode(SAMPLE_TEXTS), tok.pad_id)
-    ours = forward_embeddings(model, ids, lengths).cpu()
+    seqs = tok.encode(SAMPLE_TEXTS)
+    ours = forward_embeddings(model, seqs, pad_id=tok.pad_id).cpu()
+    batch = pad_batch(seqs, tok.pad_id)
+    ids, lengths = batch.input_ids, batch.lengths
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     from transformers import AutoModel

@@ -1,35 +1,137 @@
-"""Token-id lists -> right-padded tensors, and one training step's micro-batches."""
+"""Token-id lists -> the tensors of one forward pass, padded or packed, and one training
+step's micro-batches.
+
+Two layouts of the same ``n`` texts (lengths ``l_i``, each ending with its pooled token):
+
+    padded   input_ids [n, s]   s = max l_i; row i holds text i, then pad ids
+    packed   input_ids [1, T]   T = sum l_i rounded up to a bucket size (see ``pack_length``);
+                                texts back to back, RoPE positions restarting at each text,
+                                the rounding tail one extra document of pad ids
+
+The model reads both through one type, ``TextBatch``: ``pool_index`` points at each text's
+end token in the ``[s, b]`` token grid, ``cu_seqlens`` (packed only) at the document
+boundaries its attention must respect (no token sees another document).
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import torch
 
 from megaemb.data.sampler import micro_batches
 
+MIN_PACK = 64  # the smallest packed length
+PACK_STEPS = 4  # bucket sizes per octave: 64, 80, 96, 112, 128, 160, ... (<= 25% rounding)
 
-def pad_batch(seqs: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ``input_ids [b, s]`` (s = longest, rounded up to ``multiple``), ``lengths [b]``."""
+
+def pack_length(tokens: int, multiple: int = 1) -> int:
+    """The bucket size >= ``tokens``: ``2^k * (1 + j / PACK_STEPS)``, at least ``MIN_PACK``,
+    rounded up to ``multiple`` (sequence parallel splits it over TP ranks). A few sizes
+    recur, so kernels compiled for a shape (FlexAttention on CUDA) are reused."""
+    size = MIN_PACK
+    while size < tokens:
+        octave = 1 << (size.bit_length() - 1)
+        size += octave // PACK_STEPS
+    return -(-size // multiple) * multiple
+
+
+@dataclass
+class TextBatch:
+    """``n`` texts laid out for one forward pass (tensors on one device).
+
+    input_ids    [b, s] long      padded: b = n; packed: b = 1, s = T
+    lengths      [n] long         real tokens of each text, end token included
+    pool_index   [n] long         each text's end token in the s-major token grid:
+                                  hidden ``[s, b, h]``.reshape(s * b, h)[pool_index] -> [n, h]
+    position_ids [b, s] long | None   RoPE positions; None = 0..s-1 in every row (padded)
+    cu_seqlens   [d + 1] int32 | None packed: document boundaries (d = n, or n + 1 with a
+                                  padding tail); None = padded (causal attention suffices)
+    max_seqlen   int              longest document
+    """
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    pool_index: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    @property
+    def num_texts(self) -> int:
+        return self.lengths.numel()
+
+    def to(self, device) -> "TextBatch":
+        move = {k: v.to(device, non_blocking=True) for k, v in vars(self).items()
+                if isinstance(v, torch.Tensor)}
+        return replace(self, **move)
+
+
+def _as_list(seq) -> list[int]:
+    return seq.tolist() if hasattr(seq, "tolist") else list(seq)
+
+
+def pad_batch(seqs: list, pad_id: int, multiple: int = 1) -> TextBatch:
+    """Right-padded ``[n, s]``, s = longest rounded up to ``multiple``. Causal attention keeps
+    every real token from seeing the padding after it."""
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    s = int(lengths.max()) if seqs else 0
-    s = (s + multiple - 1) // multiple * multiple
-    ids = torch.full((len(seqs), s), pad_id, dtype=torch.long)
+    n = len(seqs)
+    s = -(-int(lengths.max()) // multiple) * multiple if n else 0
+    ids = torch.full((n, s), pad_id, dtype=torch.long)
     for i, row in enumerate(seqs):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return ids, lengths
+        ids[i, : len(row)] = torch.tensor(_as_list(row), dtype=torch.long)
+    pool_index = (lengths - 1) * n + torch.arange(n)
+    return TextBatch(ids, lengths, pool_index, max_seqlen=s)
 
 
-def make_micro_batch(rows: list, pad_id: int, pad_multiple: int) -> dict:
+def pack_batch(seqs: list, pad_id: int, multiple: int = 1) -> TextBatch:
+    """One row ``[1, T]``, ``T = pack_length(sum of lengths, multiple)``."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    real = int(lengths.sum())
+    total = pack_length(real, multiple)
+    ids = torch.full((1, total), pad_id, dtype=torch.long)
+    if seqs:
+        ids[0, :real] = torch.tensor([t for s in seqs for t in _as_list(s)], dtype=torch.long)
+    docs = lengths.tolist() + ([total - real] if total > real else [])
+    sizes = torch.tensor(docs, dtype=torch.long)
+    cu = torch.zeros(len(docs) + 1, dtype=torch.int32)
+    cu[1:] = sizes.cumsum(0)
+    starts = torch.repeat_interleave(cu[:-1].long(), sizes)
+    positions = (torch.arange(total) - starts).unsqueeze(0)
+    return TextBatch(ids, lengths, cu[1:len(seqs) + 1].long() - 1, position_ids=positions,
+                     cu_seqlens=cu, max_seqlen=max(docs))
+
+
+def text_batch(seqs: list, pad_id: int, *, packed: bool, multiple: int = 1) -> TextBatch:
+    """``seqs``: token-id lists (or 1-D arrays), each ending with its end token."""
+    return (pack_batch if packed else pad_batch)(seqs, pad_id, multiple)
+
+
+@dataclass
+class GroupBatch:
+    """One training micro-batch of ``m`` groups. Its ``texts`` are, in order,
+    ``[q_1..q_m, p_1..p_m, n_11..n_1k, ..., n_m1..n_mk]`` (``m * (2 + k)`` texts);
+    ``labels [m]`` for the pair losses, else None."""
+
+    texts: TextBatch
+    m: int
+    k: int
+    labels: torch.Tensor | None
+
+
+def make_micro_batch(rows: list, pad_id: int, *, packed: bool = False, multiple: int = 1) -> GroupBatch:
     seqs = [r.query for r in rows] + [r.doc for r in rows] + [n for r in rows for n in r.negatives]
-    ids, lengths = pad_batch(seqs, pad_id, pad_multiple)
     labels = torch.tensor([r.label for r in rows], dtype=torch.float32) if rows[0].label is not None else None
-    return {"ids": ids, "lengths": lengths, "m": len(rows), "k": len(rows[0].negatives), "labels": labels}
+    return GroupBatch(text_batch(seqs, pad_id, packed=packed, multiple=multiple),
+                      len(rows), len(rows[0].negatives), labels)
 
 
-def step_micro_batches(rows: list, micro_batch_size: int, pad_id: int, pad_multiple: int) -> list[dict]:
-    """This rank's examples of one step -> micro-batches of ``micro_batch_size`` examples, all
-    padded to the step's longest text (pipeline stages exchange ``[s, b, h]`` of one shape)."""
-    batches = [make_micro_batch(mb, pad_id, pad_multiple) for mb in micro_batches(rows, micro_batch_size)]
-    seq_len = max(b["ids"].shape[1] for b in batches)
-    for b in batches:
-        if b["ids"].shape[1] < seq_len:
-            b["ids"] = torch.nn.functional.pad(b["ids"], (0, seq_len - b["ids"].shape[1]), value=pad_id)
-    return batches
+def step_micro_batches(rows: list, micro_batch_size: int, pad_id: int, *, packed: bool = False,
+                       multiple: int = 1) -> list[GroupBatch]:
+    """This rank's examples of one step -> micro-batches of ``micro_batch_size`` examples, each
+    laid out on its own (pipeline stages exchange shapes: ``variable_seq_lengths``)."""
+    return [make_micro_batch(mb, pad_id, packed=packed, multiple=multiple)
+            for mb in micro_batches(rows, micro_batch_size)]

@@ -4,16 +4,22 @@ No output layer and no vocabulary logits. Under pipeline parallelism each stage 
 slice of layers; the first stage owns the word embedding (``pre_process``), the last owns
 the final norm and pooling (``post_process``).
 
-Shapes per rank (tp = tensor parallel size; sequence parallel scatters the sequence):
-    input_ids [b, s], lengths [b]
+The input is a ``TextBatch`` of ``n`` texts, padded ``[n, s]`` or packed ``[1, T]`` (see
+``megaemb.data.batching``); the layout lives in the batch, the model has no branch on it
+beyond handing a packed batch's document boundaries to attention (``DocumentPacking``:
+megatron's ``PackedSeqParams``, format "thd" for Transformer Engine, "sbhd" for torch
+attention) and its per-token RoPE positions to the rotary embedding.
+
+Shapes per rank (tp = tensor parallel size; sequence parallel scatters the sequence;
+s must divide by tp under SP, which the batch builders ensure):
+    input_ids [b, s]
     -> word embedding [s, b, h] ([s/tp, b, h] with SP)   (vocab rows split over TP)
     -> decoder        [s, b, h] ([s/tp, b, h] with SP)   (non-last stages return this)
-    -> pooled         [b, h] -> embeddings [b, dim]     (last stage, replicated over TP)
+    -> pooled         [n, h] -> embeddings [n, dim]     (last stage, replicated over TP)
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -21,30 +27,32 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megaemb import platform
+from megaemb.data.batching import TextBatch
+from megaemb.model.attention import DocumentPacking
 from megaemb.model.pooling import finish_embedding, last_token_pool
-from megaemb.model.qwen3 import block_spec
+from megaemb.model.qwen3 import block_spec, resolve_attention
 from megaemb.shape import Qwen3Shape
 
 
 class EmbeddingModel(MegatronModule):
     def __init__(self, config, shape: Qwen3Shape, *, pre_process: bool = True,
-                 post_process: bool = True, attention: str = "auto", pad_token_id: int = 0,
+                 post_process: bool = True, attention: str = "auto",
                  vp_stage: int | None = None):
         super().__init__(config=config)
         self.shape = shape
         self.pre_process = pre_process
         self.post_process = post_process
-        self.pad_token_id = pad_token_id
         self.model_type = "encoder_or_decoder"  # read by megatron's schedules
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads (no output layer)
         if pre_process:
             self.embedding = LanguageModelEmbedding(
                 config=config, vocab_size=shape.padded_vocab_size,
                 max_sequence_length=shape.max_position_embeddings, position_embedding_type="rope")
+        self.attention = resolve_attention(attention)
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=shape.rope_theta,
             use_cpu_initialization=config.use_cpu_initialization)
-        self.decoder = TransformerBlock(config=config, spec=block_spec(config, attention),
+        self.decoder = TransformerBlock(config=config, spec=block_spec(config, self.attention),
                                         pre_process=pre_process, post_process=post_process,
                                         vp_stage=vp_stage)
 
@@ -74,43 +82,51 @@ class EmbeddingModel(MegatronModule):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
 
-    def _pad_for_sequence_parallel(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # Sequence parallel splits s over TP ranks: right-pad to a multiple of tp. Causal
-        # attention keeps every real token (and so the pooled one) unchanged.
-        tp = self.config.tensor_model_parallel_size
-        s = input_ids.shape[1]
-        if self.config.sequence_parallel and s % tp:
-            input_ids = F.pad(input_ids, (0, tp - s % tp), value=self.pad_token_id)
-        return input_ids
+    @property
+    def sequence_multiple(self) -> int:
+        """Batches' sequence length must divide by this (sequence parallel splits it over TP)."""
+        return self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, *, dim: int | None = None,
-                normalize: bool = True) -> torch.Tensor:
-        """input_ids ``[b, s]`` right-padded; lengths ``[b]`` real tokens incl. the end token.
+    @property
+    def packs_by_default(self) -> bool:
+        """Whether batches are packed when the user does not say (``--packing``)."""
+        return platform.default_packing() and self.attention != "local"
 
-        Returns embeddings ``[b, dim or h]`` (fp32) on the last stage, else hidden ``[s, b, h]``.
-        """
-        input_ids = self._pad_for_sequence_parallel(input_ids)
+    def forward(self, batch: TextBatch, *, dim: int | None = None, normalize: bool = True) -> torch.Tensor:
+        """Returns embeddings ``[n, dim or h]`` (fp32) on the last stage, else hidden ``[s, b, h]``."""
+        input_ids = batch.input_ids
         seq_len = input_ids.shape[1]
+        if seq_len % self.sequence_multiple:
+            raise ValueError(f"sequence length {seq_len} must divide by the tensor-parallel size "
+                             f"{self.sequence_multiple} under sequence parallelism")
         decoder_input = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
-        rotary = self.rotary_pos_emb(seq_len)
-        hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary)
+        packing = None
+        if batch.packed:
+            # per-token frequencies [T, 1, 1, d]: positions restart at each document
+            rotary = self.rotary_pos_emb(batch.max_seqlen)[batch.position_ids.reshape(-1)]
+            packing = DocumentPacking.of(batch.cu_seqlens, batch.max_seqlen,
+                                         "thd" if self.attention == "te" else "sbhd")
+        else:
+            rotary = self.rotary_pos_emb(seq_len)
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary,
+                              packed_seq_params=packing)
         if not self.post_process:
             return hidden
         if self.config.sequence_parallel:
             # pooling and the loss are replicated over TP: gather forward, split backward
             hidden = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False)
-        return finish_embedding(last_token_pool(hidden, lengths), dim=dim, normalize=normalize)
+        return finish_embedding(last_token_pool(hidden, batch.pool_index), dim=dim, normalize=normalize)
 
 
 def _is_extra_state(key: str) -> bool:
     return key.rsplit(".", 1)[-1].startswith("_extra_state")
 
 
-def build_model(config, shape: Qwen3Shape, *, attention: str = "auto", pad_token_id: int = 0) -> EmbeddingModel:
+def build_model(config, shape: Qwen3Shape, *, attention: str = "auto") -> EmbeddingModel:
     """This rank's pipeline stage of the model, on the current device (call after parallel init)."""
     model = EmbeddingModel(
-        config, shape, attention=attention, pad_token_id=pad_token_id,
+        config, shape, attention=attention,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage())
     return model.to(platform.device())

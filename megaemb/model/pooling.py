@@ -1,8 +1,8 @@
 """Last-token pooling, Matryoshka truncation and L2 normalisation.
 
 Qwen3-Embedding appends ``<|endoftext|>`` (id 151643) to every text and embeds with the
-final-norm hidden state of that token. Batches are right-padded, so the last real token of
-row ``i`` sits at ``lengths[i] - 1``.
+final-norm hidden state of that token. Where that token sits in a padded or packed batch is
+the batch's ``pool_index`` (``megaemb.data.batching.TextBatch``).
 """
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 
-def last_token_pool(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """hidden ``[s, b, h]`` (full sequence, not SP-scattered), lengths ``[b]`` -> ``[b, h]``."""
-    idx = (lengths.to(hidden.device) - 1).clamp(min=0)
-    return hidden[idx, torch.arange(hidden.shape[1], device=hidden.device)]
+def last_token_pool(hidden: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
+    """hidden ``[s, b, h]`` (full sequence, not SP-scattered), pool_index ``[n]`` (flat,
+    s-major: ``position * b + row``) -> ``[n, h]``."""
+    return hidden.reshape(-1, hidden.shape[-1])[pool_index.to(hidden.device)]
 
 
 def finish_embedding(pooled: torch.Tensor, dim: int | None = None, normalize: bool = True) -> torch.Tensor:

@@ -73,6 +73,17 @@ ATTENTION_BACKENDS = ("auto", "te", "sdpa", "local")
 _MOE_LAYER_UNMAPPED = ("pre_mlp_layernorm.",)
 
 
+def resolve_attention(attention: str) -> str:
+    """``auto`` -> ``te`` when Transformer Engine imports, else ``sdpa``; checks the name."""
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {attention!r} (auto, te, sdpa, local)")
+    if attention == "auto":
+        return "te" if platform.has_transformer_engine() else "sdpa"
+    if attention == "te" and not platform.has_transformer_engine():
+        raise ValueError("--attention te needs Transformer Engine, which is not installed")
+    return attention
+
+
 def block_spec(config: TransformerConfig, attention: str = "auto") -> TransformerBlockSubmodules:
     """This pipeline stage's layer specs.
 
@@ -80,13 +91,8 @@ def block_spec(config: TransformerConfig, attention: str = "auto") -> Transforme
     unfused reference), or ``auto`` = ``te`` when it imports, else ``sdpa``. Every choice
     gives the same checkpoint keys (see ``EmbeddingModel.sharded_state_dict``).
     """
-    if attention not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {attention!r} (auto, te, sdpa, local)")
-    if attention == "auto":
-        attention = "te" if platform.has_transformer_engine() else "sdpa"
+    attention = resolve_attention(attention)
     if attention == "te":
-        if not platform.has_transformer_engine():
-            raise ValueError("--attention te needs Transformer Engine, which is not installed")
         return get_gpt_decoder_block_spec(config, use_transformer_engine=True)
     spec = copy.deepcopy(get_gpt_decoder_block_spec(config, use_transformer_engine=False,
                                                     normalization="RMSNorm"))
