@@ -73,7 +73,8 @@ class SFTConfig:
     adam_beta2: float = 0.95
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
-    bf16: bool = False
+    overlap_grad_reduce: bool | None = None  # None = on CUDA with data parallel size > 1
+    bf16: bool | None = None  # None = true on CUDA (fp32 main params and loss), false on CPU
     recompute_granularity: str = ""  # "" | full | selective
     seed: int = 42
     # loss

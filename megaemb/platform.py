@@ -70,6 +70,29 @@ def has_flex_attention() -> bool:
     return has_cuda()
 
 
+def default_bf16() -> bool:
+    """``--bf16`` for training when not given: bf16 weights and activations on CUDA (fp32
+    main params in the optimizer, fp32 pooling, similarities and loss), fp32 on CPU."""
+    return has_cuda()
+
+
+def default_overlap_grad_reduce(data_parallel_size: int) -> bool:
+    """Overlap the data-parallel gradient all-reduce (DDP buckets) with the backward pass:
+    on CUDA when there is more than one replica."""
+    return has_cuda() and data_parallel_size > 1
+
+
+def fusions(attention: str) -> dict:
+    """megatron ``TransformerConfig`` fusion switches for this machine and layer spec
+    (``attention``: the resolved backend). On CUDA: the bias-SwiGLU fusion (megatron's own,
+    compiled by torch); with Transformer Engine's spec also TE's fused RoPE (thd and sbhd) and
+    gradient-accumulation fusion (weight gradients written into fp32 ``main_grad``). On CPU
+    none: each would compile or need CUDA kernels."""
+    cuda, te = has_cuda(), attention == "te"
+    return dict(bias_activation_fusion=cuda, apply_rope_fusion=cuda and te,
+                gradient_accumulation_fusion=cuda and te)
+
+
 def default_packing() -> bool:
     """``--packing`` when not given: padding-free batches on CUDA (FlexAttention or TE's THD
     kernels skip other documents' blocks); on CPU the exact dense-mask path costs more than
@@ -286,6 +309,9 @@ def setup() -> None:
         _bind_te_general_gemm()
         _fix_reshardable_optimizer_load()
     if has_cuda():
+        # TF32 for the matmuls left in fp32 (the fp32 loss / similarities, fp32 runs)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         return
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _install_cuda_stubs()

@@ -93,17 +93,29 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _build_model(self):
         cfg = self.cfg
+        if cfg.bf16 is None:
+            cfg.bf16 = platform.default_bf16()
+        overlap = cfg.overlap_grad_reduce
+        if overlap is None:
+            overlap = platform.default_overlap_grad_reduce(self.dp)
         self.loaded = load_model(cfg.model, self.parallel, bf16=cfg.bf16, attention=cfg.attention,
                                  recompute_granularity=cfg.recompute_granularity or None)
         self.module = self.loaded.model
         self.module.train()
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
             use_distributed_optimizer=cfg.use_distributed_optimizer)
         self.model = DistributedDataParallel(self.module.config, ddp_config, self.module)
+        config = self.module.config
         # run by the schedule after the last backward: all-reduces grads over data-parallel
         # ranks (and SP layernorm / PP embedding grads); without it DP replicas diverge
-        self.module.config.finalize_model_grads_func = finalize_model_grads
+        config.finalize_model_grads_func = finalize_model_grads
+        if overlap:
+            # the schedule holds bucket all-reduces back until the last micro-batch's
+            # backward (no_sync), then DDP starts each bucket as its gradients are ready
+            config.no_sync_func = self.model.no_sync
+            config.grad_sync_func = self.model.start_grad_sync
+        self._log(f"bf16 {cfg.bf16}, overlap_grad_reduce {overlap}")
         self.loss_cfg = infonce_config(cfg) if cfg.loss_type == "infonce" else None
 
     def _build_data(self):

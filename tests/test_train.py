@@ -87,13 +87,16 @@ _BASE_LAYOUTS = [  # label, model, SFTConfig overrides
     ("dense/pp2", "dense", dict(pipeline_model_parallel_size=2)),
     ("dense/dp2", "dense", dict()),
     ("dense/dp2-distopt", "dense", dict(use_distributed_optimizer=True)),
+    # CUDA's default: bucketed gradient reduce-scatter overlapping the backward pass
+    ("dense/dp2-distopt-overlap", "dense", dict(use_distributed_optimizer=True, overlap_grad_reduce=True)),
     ("moe/ep2", "moe", dict(expert_model_parallel_size=2)),
 ]
 # every layout again with packed [1, T] micro-batches, against the same padded reference
 _LAYOUTS = _BASE_LAYOUTS + [(label + "/packed", name, dict(kw, packing=True))
-                            for label, name, kw in _BASE_LAYOUTS if label != "dense/dp2-distopt"]
+                            for label, name, kw in _BASE_LAYOUTS if "distopt" not in label]
 _BASE_REFERENCE = {"dense/tp2": "dense/mbs2", "dense/tp2-sp": "dense/mbs2", "dense/pp2": "dense/mbs2",
-                   "dense/dp2": "dense/mbs4", "dense/dp2-distopt": "dense/mbs4", "moe/ep2": "moe/mbs4"}
+                   "dense/dp2": "dense/mbs4", "dense/dp2-distopt": "dense/mbs4", "dense/dp2-distopt-overlap": "dense/mbs4",
+                   "moe/ep2": "moe/mbs4"}
 _REFERENCE = {label: _BASE_REFERENCE[label.removesuffix("/packed")] for label, _, _ in _LAYOUTS}
 
 

@@ -34,7 +34,8 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
     shape = Qwen3Shape.from_hf(hf_config, os.path.join(hf_dir, "config.json"))
     check_parallel_layout(shape, parallel, path)
     hf = HFCheckpoint(path) if load_weights and not is_mcore else None
-    config = transformer_config(shape, parallel, bf16=bf16, recompute_granularity=recompute_granularity)
+    config = transformer_config(shape, parallel, bf16=bf16, recompute_granularity=recompute_granularity,
+                                attention=attention)
     model = build_model(config, shape, attention=attention)
     if load_weights:
         if is_mcore:

@@ -45,7 +45,7 @@ def stream_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
     unit of loading is one weight kind for all layers. (Loading one layer's slice alone is
     not possible in a single process: megatron's torch_dist loader then expects every slice.)
     """
-    config = transformer_config(shape, ParallelConfig(), bf16=dtype == torch.bfloat16)
+    config = transformer_config(shape, ParallelConfig(), bf16=dtype == torch.bfloat16, attention="sdpa")
     config.use_cpu_initialization, config.perform_initialization = True, False
     # Any spec gives the same checkpoint keys; Transformer Engine modules cannot be built on
     # the meta device, so the (weightless) export model always uses the SDPA spec.

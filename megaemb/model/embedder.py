@@ -101,11 +101,15 @@ class EmbeddingModel(MegatronModule):
                              f"{self.sequence_multiple} under sequence parallelism")
         decoder_input = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
         packing = None
-        if batch.packed:
-            # per-token frequencies [T, 1, 1, d]: positions restart at each document
+        if batch.packed and self.attention == "te":
+            # "thd": megatron / TE apply RoPE per document from cu_seqlens (positions restart),
+            # reading frequencies [max_seqlen, 1, 1, d] from position 0 for each document
+            rotary = self.rotary_pos_emb(batch.max_seqlen)
+            packing = DocumentPacking.of(batch.cu_seqlens, batch.max_seqlen, "thd")
+        elif batch.packed:
+            # "sbhd" [T, 1, ...]: per-token frequencies [T, 1, 1, d] gathered by position
             rotary = self.rotary_pos_emb(batch.max_seqlen)[batch.position_ids.reshape(-1)]
-            packing = DocumentPacking.of(batch.cu_seqlens, batch.max_seqlen,
-                                         "thd" if self.attention == "te" else "sbhd")
+            packing = DocumentPacking.of(batch.cu_seqlens, batch.max_seqlen, "sbhd")
         else:
             rotary = self.rotary_pos_emb(seq_len)
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary,

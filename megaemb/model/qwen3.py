@@ -23,8 +23,10 @@ from megaemb.model.norm import HeadRMSNorm, RMSNorm
 from megaemb.shape import Qwen3Shape
 
 def transformer_config(shape: Qwen3Shape, parallel: ParallelConfig, *, bf16: bool = False,
-                       recompute_granularity: str | None = None) -> TransformerConfig:
-    """Build the megatron-core config (fp32 params, or bf16 with ``bf16=True``)."""
+                       recompute_granularity: str | None = None,
+                       attention: str = "auto") -> TransformerConfig:
+    """Build the megatron-core config (fp32 params, or bf16 with ``bf16=True``); fusions as
+    ``platform.fusions`` decides for this machine and attention backend."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     moe = {}
     if shape.num_experts:
@@ -52,9 +54,9 @@ def transformer_config(shape: Qwen3Shape, parallel: ParallelConfig, *, bf16: boo
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
         variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
-        # fusions that need apex / TE, or compile with inductor
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        # no biases, no dropout, no masked softmax (SDPA / TE attention), no apex layer norm
+        bias_dropout_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        **platform.fusions(resolve_attention(attention)),
         # megatron sets the tensor-parallel attributes of weights (read by the converter, DDP and
         # grad-norm) only while initialising them, so initialise even when weights will load
         perform_initialization=True, use_cpu_initialization=False,
