@@ -97,6 +97,7 @@ class SFTConfig:
     log_interval: int = 10
 
     export_timeout_minutes: float = 240.0  # other ranks wait this long for rank 0's HF export
+    distributed_timeout_minutes: float = 10.0  # a collective waiting longer ends the job
 
     def parallel(self) -> ParallelConfig:
         return ParallelConfig.of(self)
@@ -138,7 +139,8 @@ class SFTConfig:
             raise ValueError("give exactly one of --train_iters and --num_train_epochs")
         positive = ("micro_batch_size", "global_batch_size", "max_length", "log_interval",
                     "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                    "expert_model_parallel_size", "context_parallel_size", "export_timeout_minutes")
+                    "expert_model_parallel_size", "context_parallel_size", "export_timeout_minutes",
+                    "distributed_timeout_minutes")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")

@@ -1,9 +1,26 @@
 """Run as one rank, or start the ranks: the environment decides, as in Megatron-SWIFT.
 
-``NPROC_PER_NODE`` (ranks on this node), ``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``,
-``MASTER_PORT``; under Slurm (``SLURM_NNODES``/``SLURM_NODEID``) the node values come from
-Slurm. If this process is not already a rank (no ``LOCAL_RANK``) and more than one rank is
-asked for, this process becomes the torchelastic agent of its node and starts the ranks.
+``NPROC_PER_NODE`` is the number of ranks on this node. The nodes of the job and the
+rendezvous come from the first of these that is present (``node_topology``):
+
+==============  ==============================  ================  =========================
+source          nodes / this node's rank        rendezvous host   port
+==============  ==============================  ================  =========================
+explicit        ``NNODES`` / ``NODE_RANK``      ``MASTER_ADDR``   ``MASTER_PORT``
+PAI-DLC         ``WORLD_SIZE`` / ``RANK``       ``MASTER_ADDR``   ``MASTER_PORT``
+Slurm           ``SLURM_NNODES`` /              first host of     ``MASTER_PORT``
+                ``SLURM_NODEID``                ``SLURM_JOB_NODELIST``
+==============  ==============================  ================  =========================
+
+PAI-DLC injects, per node, ``MASTER_ADDR``/``MASTER_PORT`` (the master node's service), and
+``WORLD_SIZE``/``RANK`` counting *nodes*, not processes, plus ``NPROC_PER_NODE`` (GPUs per
+node) — Alibaba Cloud, "Platform for AI: Built-in environment variables",
+https://www.alibabacloud.com/help/en/pai/general-environment-variables . It is recognised by
+``WORLD_SIZE`` + ``RANK`` + ``MASTER_ADDR`` without ``LOCAL_RANK`` (a rank started by a launcher
+always has ``LOCAL_RANK``). ``MASTER_PORT`` unset: a free port on one node, else 29500.
+
+If this process is not already a rank (no ``LOCAL_RANK``) and more than one rank is asked
+for, this process becomes the torchelastic agent of its node and starts the ranks.
 
 Design:
 
@@ -73,13 +90,9 @@ def launch_plan(env=os.environ) -> Plan | None:
     if "LOCAL_RANK" in env:
         return None
     nproc = _positive_int(env, "NPROC_PER_NODE", 1)
-    nnodes = _positive_int(env, "NNODES", _positive_int(env, "SLURM_NNODES", 1))
+    nnodes, node_rank, addr = node_topology(env)
     if nproc * nnodes <= 1:
         return None
-    node_rank = _int_in(env, "NODE_RANK", _int_in(env, "SLURM_NODEID", 0, nnodes), nnodes)
-    if nnodes > 1 and not env.get("MASTER_ADDR"):
-        raise ValueError(f"NNODES={nnodes} needs MASTER_ADDR (the address of node rank 0)")
-    addr = env.get("MASTER_ADDR") or "127.0.0.1"
     if env.get("MASTER_PORT"):
         port = _int_in(env, "MASTER_PORT", 0, 65536, low=1)
     else:
@@ -88,6 +101,47 @@ def launch_plan(env=os.environ) -> Plan | None:
         raise ValueError(f"MASTER_PORT={port} is already in use; set MASTER_PORT to a free port, "
                          "or unset it on a single node to pick one")
     return Plan(nproc, nnodes, node_rank, addr, port)
+
+
+def node_topology(env=os.environ) -> tuple[int, int, str]:
+    """``(nodes, this node's rank, rendezvous host)`` from the first source present: explicit
+    ``NNODES``/``NODE_RANK``, PAI-DLC, Slurm, else one node on 127.0.0.1 (module docstring)."""
+    if env.get("NNODES") or env.get("NODE_RANK"):
+        nodes_var, rank_var = "NNODES", "NODE_RANK"
+    elif env.get("WORLD_SIZE") and env.get("RANK") and env.get("MASTER_ADDR"):
+        nodes_var, rank_var = "WORLD_SIZE", "RANK"  # PAI-DLC: both count nodes
+    elif env.get("SLURM_NNODES"):
+        nodes_var, rank_var = "SLURM_NNODES", "SLURM_NODEID"
+    else:
+        return 1, 0, env.get("MASTER_ADDR") or "127.0.0.1"
+    nnodes = _positive_int(env, nodes_var, 1)
+    node_rank = _int_in(env, rank_var, 0, nnodes)
+    addr = env.get("MASTER_ADDR")
+    if not addr and env.get("SLURM_JOB_NODELIST") and nodes_var == "SLURM_NNODES":
+        addr = first_host(env["SLURM_JOB_NODELIST"])
+    if nnodes > 1 and not addr:
+        raise ValueError(f"{nodes_var}={nnodes} needs MASTER_ADDR (the address of node rank 0)")
+    return nnodes, node_rank, addr or "127.0.0.1"
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``gpu[07-09,12],cpu1`` -> ``gpu07`` (what
+    ``scontrol show hostnames | head -n 1`` prints; zero padding kept)."""
+    host, depth = "", 0
+    for i, ch in enumerate(nodelist):
+        if ch == "," and depth == 0:
+            break
+        if ch == "[":
+            depth += 1
+            close = nodelist.index("]", i)
+            host += nodelist[i + 1:close].split(",")[0].split("-")[0]
+        elif ch == "]":
+            depth -= 1
+        elif depth == 0:
+            host += ch
+    if not host:
+        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r}: no host")
+    return host
 
 
 def _positive_int(env, name: str, default: int) -> int:

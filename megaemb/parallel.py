@@ -17,7 +17,8 @@ from megaemb.config import ParallelConfig
 
 
 def init_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600) -> None:
-    """Join the job (torchrun env vars, or a single process) and build TP/PP/EP/CP/DP groups."""
+    """Join the job (torchrun env vars, or a single process) and build TP/PP/EP/CP/DP groups.
+    A collective that waits longer than ``timeout_s`` fails (and so ends the job)."""
     platform.setup()
     from megatron.core import parallel_state, tensor_parallel
 
@@ -41,6 +42,7 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 6
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        distributed_timeout_minutes=max(1, -(-timeout_s // 60)),  # its groups time out alike
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)

@@ -74,7 +74,8 @@ class Trainer:
                   file=sys.stderr, flush=True)
         self.cfg = cfg
         self.parallel = cfg.parallel()
-        init_parallel(self.parallel, seed=cfg.seed)
+        init_parallel(self.parallel, seed=cfg.seed,
+                      timeout_s=round(cfg.distributed_timeout_minutes * 60))
         self.rank0 = dist.get_rank() == 0
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()

@@ -71,8 +71,39 @@ def test_multi_node_values_and_default_port():
     assert launcher.launch_plan(slurm) == launcher.Plan(8, 2, 1, "h0", 12345)
 
 
+DLC = {"MASTER_ADDR": "dlc1-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "2", "RANK": "1",
+       "NPROC_PER_NODE": "8"}  # PAI-DLC's injected variables on worker-0 of a 2-node job
+SLURM = {"NPROC_PER_NODE": "8", "SLURM_NNODES": "3", "SLURM_NODEID": "2",
+         "SLURM_JOB_NODELIST": "gpu[07-08,12]", "MASTER_PORT": "29511"}
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("env, plan", [
+    (DLC, launcher.Plan(8, 2, 1, "dlc1-master-0", 23456)),
+    (SLURM, launcher.Plan(8, 3, 2, "gpu07", 29511)),
+    (dict(SLURM, MASTER_ADDR="10.1.1.1"), launcher.Plan(8, 3, 2, "10.1.1.1", 29511)),
+    # explicit variables win over DLC's and Slurm's; DLC's over Slurm's
+    (dict(DLC, **SLURM, NNODES="4", NODE_RANK="3"), launcher.Plan(8, 4, 3, "dlc1-master-0", 29511)),
+    (dict(SLURM, **DLC), launcher.Plan(8, 2, 1, "dlc1-master-0", 23456)),
+    # a single DLC node: its own port is kept
+    (dict(DLC, WORLD_SIZE="1", RANK="0"), launcher.Plan(8, 1, 0, "dlc1-master-0", 23456)),
+])
+def test_scheduler_environments(env, plan):
+    assert launcher.launch_plan(env) == plan
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("nodelist, first", [
+    ("gpu[07-09,12],cpu1", "gpu07"), ("node1", "node1"), ("h0,h1", "h0"),
+    ("rack1-n[001-004]", "rack1-n001"), ("a[1-2]-ib[3-4]", "a1-ib3"), ("n[5,1-3]", "n5")])
+def test_slurm_first_host(nodelist, first):
+    assert launcher.first_host(nodelist) == first
+
+
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("env, message", [
+    ({"NPROC_PER_NODE": "2", "WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "m"},
+     "RANK='2': expected an integer from 0 to 1"),
     ({"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE='two': expected a positive integer"),
     ({"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE='0': expected a positive integer"),
     ({"NPROC_PER_NODE": "-2"}, "NPROC_PER_NODE='-2': expected a positive integer"),

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Megatron-Core checkpoint (any layout) -> HF + sentence-transformers files. Streamed in one
+# process, one checkpoint tensor at a time.
+#   bash convert/mcore_to_hf.sh MCORE_DIR HF_DIR [megaemb export flags, e.g. --bf16 true]
+set -euo pipefail
+if [ $# -lt 2 ]; then
+    echo "usage: $0 MCORE_DIR HF_DIR [megaemb export flags ...]" >&2
+    exit 2
+fi
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=launch/common.sh
+. "$here/../launch/common.sh"
+src="$1" dst="$2"
+shift 2
+NPROC_PER_NODE=1 NNODES=1 NODE_RANK=0 megaemb_run export --mcore_model "$src" --to_hf true \
+    --output_dir "$dst" "$@"

@@ -1,0 +1,46 @@
+# shellcheck shell=bash
+# Sourced by launch/*.sh, launch/slurm.sbatch and convert/*.sh: what every megaemb job on a
+# GPU node needs. megaemb itself reads the node topology (NNODES/NODE_RANK/MASTER_ADDR/
+# MASTER_PORT, else PAI-DLC's WORLD_SIZE/RANK, else Slurm's SLURM_NNODES/SLURM_NODEID and
+# the first host of SLURM_JOB_NODELIST) and starts NPROC_PER_NODE ranks on this node.
+#
+# Variables (all optional):
+#   NPROC_PER_NODE   ranks on this node; default: the GPUs torch sees (CUDA_VISIBLE_DEVICES
+#                    respected), 1 without a GPU
+#   LOG_DIR          per-node logs go to $LOG_DIR/$JOB_NAME-node<rank>.log (default logs/)
+#   JOB_NAME         default megaemb
+#   MEGAEMB          the command (default megaemb; e.g. "python -m megaemb.cli")
+# NCCL settings that matter (exported only when unset):
+#   NCCL_DEBUG=WARN                 INFO shows the transport chosen (IB, socket) per peer
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING=3  a failed or timed-out collective ends the rank,
+#                                   and so the job, instead of hanging; megaemb's
+#                                   --distributed_timeout_minutes bounds the wait
+#   NCCL_SOCKET_IFNAME / NCCL_IB_HCA  set them when nodes have several interfaces, e.g.
+#                                   NCCL_SOCKET_IFNAME=eth0 (or =^lo,docker), NCCL_IB_HCA=mlx5
+#   NCCL_SHM_DISABLE=1              only in containers started without --ipc=host or a
+#                                   large --shm-size (NCCL needs /dev/shm)
+
+gpu_count() {
+    python -c 'import torch; print(max(torch.cuda.device_count(), 1))' 2>/dev/null || echo 1
+}
+
+export NPROC_PER_NODE="${NPROC_PER_NODE:-$(gpu_count)}"
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}"
+LOG_DIR="${LOG_DIR:-logs}"
+JOB_NAME="${JOB_NAME:-megaemb}"
+read -r -a MEGAEMB_CMD <<< "${MEGAEMB:-megaemb}"
+
+# megaemb_run ARGS...: run megaemb on this node, its output also in this node's log file;
+# exits with megaemb's exit code.
+megaemb_run() {
+    local node="${NODE_RANK:-${SLURM_NODEID:-${RANK:-0}}}"
+    mkdir -p "$LOG_DIR"
+    local log="$LOG_DIR/$JOB_NAME-node$node.log"
+    echo "megaemb: node $node, $NPROC_PER_NODE ranks, log $log" >&2
+    set +e
+    "${MEGAEMB_CMD[@]}" "$@" 2>&1 | tee -a "$log"
+    local code=${PIPESTATUS[0]}
+    set -e
+    return "$code"
+}
