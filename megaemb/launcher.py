@@ -81,6 +81,7 @@ class Plan:
     node_rank: int
     master_addr: str
     master_port: int
+    rdzv_timeout: int = 600  # seconds the nodes wait for each other (RDZV_TIMEOUT)
 
 
 def launch_plan(env=os.environ) -> Plan | None:
@@ -100,7 +101,8 @@ def launch_plan(env=os.environ) -> Plan | None:
     if node_rank == 0 and not port_is_free(port):
         raise ValueError(f"MASTER_PORT={port} is already in use; set MASTER_PORT to a free port, "
                          "or unset it on a single node to pick one")
-    return Plan(nproc, nnodes, node_rank, addr, port)
+    return Plan(nproc, nnodes, node_rank, addr, port,
+                _positive_int(env, "RDZV_TIMEOUT", Plan.rdzv_timeout))
 
 
 def node_topology(env=os.environ) -> tuple[int, int, str]:
@@ -202,12 +204,18 @@ def relaunch(plan: Plan, argv: list[str]) -> int:
         min_nodes=plan.nnodes, max_nodes=plan.nnodes, nproc_per_node=plan.nproc_per_node,
         run_id="megaemb", rdzv_backend="static",
         rdzv_endpoint=f"{plan.master_addr}:{plan.master_port}",
-        rdzv_configs={"rank": plan.node_rank}, max_restarts=0,
+        rdzv_configs={"rank": plan.node_rank, "timeout": plan.rdzv_timeout}, max_restarts=0,
         logs_specs=DefaultLogsSpecs(log_dir=os.path.join(error_dir, "torchelastic")))
     saved = {k: os.environ.get(k) for k in (PARENT_PID_ENV, ERROR_DIR_ENV)}
     os.environ.update({PARENT_PID_ENV: str(os.getpid()), ERROR_DIR_ENV: error_dir})
     previous = {s: signal.signal(s, _raise_signal_exception) for s in (signal.SIGTERM, signal.SIGINT)}
+    if plan.nnodes > 1:
+        print(f"{command}: node {plan.node_rank} of {plan.nnodes}: waiting up to "
+              f"{plan.rdzv_timeout} s (RDZV_TIMEOUT) for all {plan.nnodes} nodes to join "
+              f"{plan.master_addr}:{plan.master_port}", file=sys.stderr, flush=True)
     try:
+        if plan.node_rank > 0:
+            _wait_for_port(plan.master_addr, plan.master_port, plan.rdzv_timeout)
         elastic_launch(config, sys.executable)("-m", "megaemb.cli", *argv)
         return 0
     except SignalException as e:
@@ -218,8 +226,14 @@ def relaunch(plan: Plan, argv: list[str]) -> int:
         print(line, file=sys.stderr, flush=True)
         return code
     except Exception as e:  # rendezvous errors and the like: one line, not torch's traceback
-        print(f"{command}: error: launcher: {type(e).__name__}: {e}",
-              file=sys.stderr, flush=True)
+        if plan.nnodes > 1 and _is_timeout(e):
+            print(f"{command}: error: rendezvous: not all {plan.nnodes} nodes joined "
+                  f"{plan.master_addr}:{plan.master_port} within {plan.rdzv_timeout} s (this is "
+                  f"node {plan.node_rank}; start every node with the same NNODES, MASTER_ADDR and "
+                  "MASTER_PORT, or raise RDZV_TIMEOUT)", file=sys.stderr, flush=True)
+        else:
+            print(f"{command}: error: launcher: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                  file=sys.stderr, flush=True)
         return 1
     finally:
         for s, handler in previous.items():
@@ -230,6 +244,32 @@ def relaunch(plan: Plan, argv: list[str]) -> int:
             else:
                 os.environ[k] = v
         shutil.rmtree(error_dir, ignore_errors=True)
+
+
+def _wait_for_port(host: str, port: int, timeout_s: float) -> None:
+    """Until node 0's rendezvous store listens (``TimeoutError`` after ``timeout_s``). The
+    store's own client would wait too, but logs a C++ stack trace per failed try."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{host}:{port} did not answer") from None
+            time.sleep(1)
+
+
+def _is_timeout(error: BaseException) -> bool:
+    """Whether the rendezvous store gave up waiting (its errors say "timed out"/"timeout")."""
+    while error is not None:
+        text = str(error).lower()
+        if isinstance(error, TimeoutError) or "timed out" in text or "timeout" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _raise_signal_exception(signum, frame):

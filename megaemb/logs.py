@@ -5,7 +5,9 @@ FLOPs from ``megaemb.model.flops.train_flops``; reported as n/a where the peak i
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 import torch.distributed as dist
 from tqdm import tqdm
@@ -26,8 +28,10 @@ class TrainLogger:
             self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
 
     def progress(self, start: int, total: int):
-        return tqdm(total=total, initial=start, desc="train", disable=not self.enabled,
-                    dynamic_ncols=True, mininterval=1.0)
+        """A progress bar on a terminal; none in a log file (no TTY), where the interval
+        lines (``--log_interval``) are the progress, one line each."""
+        return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
+                    disable=not self.enabled or not sys.stderr.isatty())
 
     def record_loss(self, step: int, loss: float) -> None:
         self.losses.append((step, loss))
@@ -71,6 +75,15 @@ class TrainLogger:
             for k, v in metrics.items():
                 self.writer.add_scalar(f"eval/{k}", v, step)
 
+    def write_metrics(self, summary: dict) -> None:
+        """``<out_dir>/metrics.json`` (atomic): the run's summary, numbers as plain floats."""
+        if not self.enabled or not self.out_dir:
+            return
+        path = os.path.join(self.out_dir, "metrics.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(plain(summary), f, indent=2)
+        os.replace(path + ".tmp", path)
+
     def finish(self) -> None:
         """Flush TensorBoard and draw ``curves.png`` (loss, and eval metrics if any)."""
         if not self.enabled or not self.out_dir:
@@ -96,3 +109,14 @@ class TrainLogger:
         fig.tight_layout()
         fig.savefig(os.path.join(self.out_dir, "curves.png"), dpi=100)
         plt.close(fig)
+
+
+def plain(value):
+    """numpy / torch scalars inside dicts and lists -> Python floats and ints (for JSON, print)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "item"):
+        return value.item()
+    return value

@@ -433,11 +433,17 @@ def _average_loss(loss: torch.Tensor) -> float:
 
 
 def run_sft(cfg: SFTConfig) -> dict:
-    """Train; with ``--save``, end with an HF export of the last checkpoint in ``<save>/hf_model``."""
+    """Train; with ``--save``, end with an HF export of the last checkpoint in
+    ``<save>/hf_model`` and the run's summary in ``<save>/metrics.json``."""
     trainer = Trainer(cfg)
     history = trainer.run()
     if cfg.save:
         history["hf_dir"] = os.path.join(cfg.save, "hf_model")
         if not (history["finished_before"] and os.path.isdir(history["hf_dir"])):
             trainer.export_hf(history["hf_dir"])
+        losses = history["losses"]
+        trainer.logger.write_metrics({
+            "iteration": trainer.step, "final_loss": losses[-1][1] if losses else None,
+            "eval_before": history["eval_before"], "eval_after": history["eval_after"],
+            "hf_model": history["hf_dir"]})
     return history

@@ -15,8 +15,8 @@ from megaemb import launcher
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 DATA = os.path.join(ROOT, "demo", "data", "train.jsonl")
 LAUNCH_ENV = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK",
-              "RANK", "WORLD_SIZE", "SLURM_NNODES", "SLURM_NODEID", launcher.PARENT_PID_ENV,
-              launcher.ERROR_DIR_ENV)
+              "RANK", "WORLD_SIZE", "SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_NODELIST",
+              "RDZV_TIMEOUT", launcher.PARENT_PID_ENV, launcher.ERROR_DIR_ENV)
 
 
 def clean_env(**kw) -> dict:
@@ -162,6 +162,65 @@ def test_user_error_on_every_rank_is_printed_once(tiny_models, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"megaemb sft: error: {bad}:1"), r.stderr[-3000:]
     for noise in ("Traceback", "ChildFailedError", "torch.distributed"):
         assert noise not in r.stderr, r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ two nodes on one machine
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("node_rank", ["0", "1"])
+def test_missing_node_times_out_with_a_message(tiny_models, tmp_path, node_rank):
+    texts = tmp_path / "t.txt"
+    texts.write_text("a\n")
+    t0 = time.time()
+    r = megaemb("embed", "--model", tiny_models["dense"], "--input", str(texts), "--output",
+                str(tmp_path / "e.npy"), NPROC_PER_NODE="1", NNODES="2", NODE_RANK=node_rank,
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port(), RDZV_TIMEOUT="4")
+    assert r.returncode == 1 and time.time() - t0 < 40, r.stderr[-2000:]
+    assert f"node {node_rank} of 2: waiting up to 4 s (RDZV_TIMEOUT) for all 2 nodes" in r.stderr
+    assert error_lines(r.stderr) == [error_lines(r.stderr)[0]] and \
+        "rendezvous: not all 2 nodes joined 127.0.0.1:" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "frame #" not in r.stderr, r.stderr[-2000:]
+
+
+def _sft_args(model, save):
+    return ["sft", "--model", model, "--dataset", f"{DATA}#32", "--max_length", "24",
+            "--micro_batch_size", "1", "--global_batch_size", "4", "--train_iters", "3",
+            "--tensor_model_parallel_size", "2", "--log_interval", "1", "--lr", "1e-4",
+            "--save", save]
+
+
+def _losses(stdout: str) -> list[str]:
+    return [line.split(" lr ")[0] for line in stdout.splitlines() if line.startswith("step ")]
+
+
+@pytest.mark.timeout(420)
+def test_two_nodes_on_one_machine_equal_one_node(tiny_models, tmp_path):
+    """NNODES=2 x 2 ranks (TP=2 x DP=2) through two launchers on localhost: the same losses
+    and the same final weights as one node of 4 ranks."""
+    from hf_reference import assert_same_weights
+
+    model = tiny_models["dense"]
+    one = megaemb(*_sft_args(model, str(tmp_path / "one")), NPROC_PER_NODE="4", timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = dict(NPROC_PER_NODE="2", NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port())
+    nodes = [subprocess.Popen([sys.executable, "-m", "megaemb.cli", *_sft_args(model, str(tmp_path / "two"))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=clean_env(NODE_RANK=str(rank), **env)) for rank in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=300) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert [p.returncode for p in nodes] == [0, 0], [err[-3000:] for _, err in outs]
+    assert len(_losses(one.stdout)) == 3 and _losses(outs[0][0]) == _losses(one.stdout), \
+        (_losses(outs[0][0]), _losses(one.stdout))
+    assert_same_weights(os.path.join(tmp_path, "one", "hf_model"), os.path.join(tmp_path, "two", "hf_model"))
 
 
 # ------------------------------------------------------------------ parent death (helpers)
