@@ -209,6 +209,11 @@ def relaunch(plan: Plan, argv: list[str]) -> int:
     saved = {k: os.environ.get(k) for k in (PARENT_PID_ENV, ERROR_DIR_ENV)}
     os.environ.update({PARENT_PID_ENV: str(os.getpid()), ERROR_DIR_ENV: error_dir})
     previous = {s: signal.signal(s, _raise_signal_exception) for s in (signal.SIGTERM, signal.SIGINT)}
+    from megaemb import platform
+
+    shm = platform.shm_problem() if platform.has_cuda() and plan.nproc_per_node > 1 else None
+    if shm and os.environ.get("NCCL_SHM_DISABLE") != "1":
+        print(f"{command}: warning: {shm}", file=sys.stderr, flush=True)
     if plan.nnodes > 1:
         print(f"{command}: node {plan.node_rank} of {plan.nnodes}: waiting up to "
               f"{plan.rdzv_timeout} s (RDZV_TIMEOUT) for all {plan.nnodes} nodes to join "

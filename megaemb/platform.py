@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -91,6 +92,21 @@ def fusions(attention: str) -> dict:
     cuda, te = has_cuda(), attention == "te"
     return dict(bias_activation_fusion=cuda, apply_rope_fusion=cuda and te,
                 gradient_accumulation_fusion=cuda and te)
+
+
+def shm_problem(path: str = "/dev/shm", min_gib: float = 1.0) -> str | None:
+    """Why NCCL will fail between the ranks of this node, if ``path`` is too small: Docker's
+    default 64 MB ``/dev/shm`` makes NCCL die with "failed to extend /dev/shm/nccl-... No
+    space left on device". None when it is large enough (or missing: then nothing to say)."""
+    try:
+        total = shutil.disk_usage(path).total
+    except OSError:
+        return None
+    if total >= min_gib * 2**30:
+        return None
+    return (f"{path} holds only {total / 2**20:.0f} MB; NCCL needs more between the GPUs of a "
+            "node: run the container with --ipc=host or --shm-size=16g (or set NCCL_SHM_DISABLE=1, "
+            "slower)")
 
 
 def default_packing() -> bool:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import tempfile
 
-from megaemb import checkpoint
+from megaemb import checkpoint, platform
 
 RUN_FILES = ("hf_model", "tensorboard", "curves.png", "config.json", "model.safetensors",
              "model.safetensors.index.json")
@@ -49,6 +50,22 @@ def check_writable_dir(path: str, flag: str) -> None:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise PermissionError(f"{flag}: {existing} is not writable ({e.strerror})") from None
+
+
+def check_free_space(path: str, shape, bf16: bool, flag: str) -> None:
+    """Enough free space under ``path`` for one training checkpoint (weights in the model's
+    dtype, fp32 main params and two Adam moments: 12 bytes) plus its HF export; else
+    ``OSError`` before training starts (a full disk mid-save never corrupts the previous
+    checkpoint, see ``checkpoint.save_checkpoint``, but would waste the run up to it)."""
+    existing = _real(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    width = 2 if bf16 else 4
+    need = shape.num_parameters() * (width + 12 + width)
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise OSError(f"{flag}: {free / 2**30:.1f} GiB free on {existing}; a checkpoint and its HF "
+                      f"export need about {need / 2**30:.1f} GiB")
 
 
 def check_output_file(path: str, flag: str, inputs: dict[str, str], overwrite: bool) -> None:
@@ -144,6 +161,8 @@ def resolve_load(cfg) -> str:
     if not cfg.save:
         return load
     check_writable_dir(cfg.save, f"--save {cfg.save}")
+    check_free_space(cfg.save, model_shape(cfg.model), platform.default_bf16() if cfg.bf16 is None
+                     else cfg.bf16, f"--save {cfg.save}")
     if contains(cfg.save, cfg.model) or contains(cfg.model, cfg.save):
         raise FileExistsError(f"--save {cfg.save}: is, holds or lies inside the --model {cfg.model}; "
                               "pick another directory")

@@ -100,6 +100,19 @@ class Qwen3Shape:
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.num_experts) and bool(self.moe_layer_pattern[layer])
 
+    def num_parameters(self) -> int:
+        """Weights of the embedding model (word embedding + decoder; norms left out): what a
+        checkpoint stores per value kind."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
+        total = self.vocab_size * h
+        for layer in range(self.num_layers):
+            if self.is_moe_layer(layer):
+                total += attn + self.num_experts * (3 * h * self.moe_ffn_hidden_size + h)
+            else:
+                total += attn + 3 * h * self.ffn_hidden_size
+        return total
+
 
 def check_parallel_layout(shape: Qwen3Shape, parallel: ParallelConfig, source: str) -> None:
     """``ValueError`` naming the flag when ``parallel`` cannot split this model (checked before

@@ -239,3 +239,35 @@ def test_layout_that_cannot_split_the_model_is_named():
         with pytest.raises(ValueError) as e:
             check_parallel_layout(shape, ParallelConfig(**kw), "m")
         assert fragment in str(e.value), str(e.value)
+
+
+@pytest.mark.timeout(30)
+def test_full_disk_is_refused_before_training(tmp_path):
+    import dataclasses
+
+    from megaemb import preflight
+    from megaemb.shape import Qwen3Shape
+    from megaemb.tiny import tiny_config
+
+    tiny = Qwen3Shape.from_hf(tiny_config().to_dict())
+    preflight.check_free_space(str(tmp_path / "run"), tiny, False, "--save run")  # a few MB: fits
+    # Qwen3-Embedding-8B's shape: ~7.6e9 weights -> ~149 GiB in fp32 (+12 bytes optimizer, +4 export)
+    big = dataclasses.replace(tiny, hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8,
+                              head_dim=128, ffn_hidden_size=12288)
+    assert 7.0e9 < big.num_parameters() < 8.0e9
+    free = __import__("shutil").disk_usage(tmp_path).free
+    if free > big.num_parameters() * 20:
+        pytest.skip("this disk has room for an 8B checkpoint")
+    with pytest.raises(OSError, match=r"--save run: .* GiB free on .*; a checkpoint and its HF export "
+                                      r"need about 1\d\d\.\d GiB"):
+        preflight.check_free_space(str(tmp_path / "run" / "deeper"), big, False, "--save run")
+
+
+@pytest.mark.timeout(30)
+def test_small_dev_shm_is_named_with_its_fix(tmp_path):
+    from megaemb import platform
+
+    assert platform.shm_problem(str(tmp_path), min_gib=1e9).startswith(f"{tmp_path} holds only ")
+    assert "--ipc=host" in platform.shm_problem(str(tmp_path), min_gib=1e9)
+    assert platform.shm_problem(str(tmp_path), min_gib=1e-9) is None
+    assert platform.shm_problem(str(tmp_path / "missing")) is None
