@@ -86,12 +86,13 @@ def default_overlap_grad_reduce(data_parallel_size: int) -> bool:
 def fusions(attention: str) -> dict:
     """megatron ``TransformerConfig`` fusion switches for this machine and layer spec
     (``attention``: the resolved backend). On CUDA: the bias-SwiGLU fusion (megatron's own,
-    compiled by torch); with Transformer Engine's spec also TE's fused RoPE (thd and sbhd) and
-    gradient-accumulation fusion (weight gradients written into fp32 ``main_grad``). On CPU
+    compiled by torch); with Transformer Engine's spec also TE's fused RoPE (thd and sbhd),
+    gradient-accumulation fusion (weight gradients written into fp32 ``main_grad``) and
+    grouped-GEMM MoE experts (``TEGroupedMLP``; the conversion table reads its names). On CPU
     none: each would compile or need CUDA kernels."""
     cuda, te = has_cuda(), attention == "te"
     return dict(bias_activation_fusion=cuda, apply_rope_fusion=cuda and te,
-                gradient_accumulation_fusion=cuda and te)
+                gradient_accumulation_fusion=cuda and te, moe_grouped_gemm=cuda and te)
 
 
 def shm_problem(path: str = "/dev/shm", min_gib: float = 1.0) -> str | None:

@@ -40,6 +40,23 @@ def test_table_covers_checkpoint_and_inverts(tiny_models, kind):
 
 
 @pytest.mark.timeout(60)
+def test_every_spec_spelling_finds_its_row(tiny_models):
+    """Local spec, TE's fused norms and TE's grouped-GEMM experts (``weight{e}``) name the
+    same rows, with the same layer / expert indices."""
+    from megaemb.convert.mapping import find_mapping
+
+    rows = qwen3_mappings(HFCheckpoint(tiny_models["moe"]).shape)
+    for spelling, row, index in [
+        ("decoder.layers.2.mlp.experts.linear_fc1.weight3", "local_experts.{expert}.linear_fc1", (2, 3)),
+        ("decoder.layers.2.mlp.experts.linear_fc2.weight0", "local_experts.{expert}.linear_fc2", (2, 0)),
+        ("decoder.layers.2.mlp.experts.local_experts.1.linear_fc2.weight", "local_experts.{expert}.linear_fc2", (2, 1)),
+        ("decoder.layers.1.self_attention.linear_qkv.layer_norm_weight", "input_layernorm", (1,)),
+    ]:
+        m, found = find_mapping(rows, spelling)
+        assert row in m.mcore and tuple(found.values()) == index, (spelling, m.mcore, found)
+
+
+@pytest.mark.timeout(60)
 def test_qkv_interleave_layout(tiny_models):
     shape = HFCheckpoint(tiny_models["dense"]).shape  # 4 heads, 2 groups, head_dim 32
     d, h = shape.head_dim, shape.hidden_size

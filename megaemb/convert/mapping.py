@@ -20,9 +20,11 @@ weights (vocab, qkv, fc1), 1 for row-parallel ones (o_proj, fc2), None for repli
 Engine's expert linears record ``partition_dim`` 0 for ``linear_fc2``, which is split on 1).
 
 Parameter names depend on the layer spec: Transformer Engine fuses the pre-attention norm into
-``linear_qkv`` and, in dense layers, the pre-MLP norm into ``linear_fc1``. The rows use the
-unfused (local-spec) names; ``FUSED_NORM_ALIASES`` maps the fused spellings onto them, so the
-one table serves both specs in both directions.
+``linear_qkv`` and, in dense layers, the pre-MLP norm into ``linear_fc1``; its grouped-GEMM
+experts (``TEGroupedMLP``) hold expert ``e`` of a rank as ``experts.linear_fc1.weight{e}``. The
+rows use the unfused, per-expert (local-spec) names; ``FUSED_NORM_ALIASES`` and
+``GROUPED_EXPERT`` map the other spellings onto them, so the one table serves every spec in
+both directions.
 """
 from __future__ import annotations
 
@@ -65,15 +67,20 @@ FUSED_NORM_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
+# TEGroupedMLP (grouped GEMM) spelling of expert e's linear -> SequentialMLP's.
+GROUPED_EXPERT = (re.compile(r"\.mlp\.experts\.(linear_fc[12])\.weight(\d+)$"),
+                  r".mlp.experts.local_experts.\2.\1.weight")
 _LAYER_PARAM = re.compile(r"^(decoder\.layers\.\d+\.)(.*)$")
 
 
 def canonical_name(mcore_name: str) -> str:
-    """The table's spelling of a parameter name from any layer spec (TE or local)."""
+    """The table's spelling of a parameter name from any layer spec (TE or local, grouped
+    or sequential experts)."""
     match = _LAYER_PARAM.match(mcore_name)
     if match and match.group(2) in FUSED_NORM_ALIASES:
         return match.group(1) + FUSED_NORM_ALIASES[match.group(2)]
-    return mcore_name
+    pattern, replacement = GROUPED_EXPERT
+    return pattern.sub(replacement, mcore_name)
 
 
 def qwen3_mappings(shape: Qwen3Shape) -> list[Mapping]:

@@ -36,7 +36,6 @@ def transformer_config(shape: Qwen3Shape, parallel: ParallelConfig, *, bf16: boo
             # topk over logits then softmax == softmax, topk, renormalise (norm_topk_prob)
             moe_router_pre_softmax=not shape.norm_topk_prob,
             moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-            moe_grouped_gemm=False,
             moe_layer_freq=list(shape.moe_layer_pattern), moe_router_dtype="fp32",
         )
     return TransformerConfig(
