@@ -72,13 +72,18 @@ class DocumentPacking(PackedSeqParams):
 
 
 _compiled_flex = None
+# one compiled kernel per packed length (``pack_length``: four per octave); torch's default
+# of 8 recompiles would silently fall back to the unfused kernel beyond 8 lengths
+FLEX_SHAPES = 64
 
 
 def _flex_attention(*args, **kwargs):
     global _compiled_flex
     if _compiled_flex is None:
+        import torch._dynamo.config
         from torch.nn.attention.flex_attention import flex_attention
 
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_SHAPES)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(*args, **kwargs)
 
