@@ -89,12 +89,16 @@ def add_dataclass_flags(p: argparse.ArgumentParser) -> None:
     """One flag per ``SFTConfig`` field; defaults are None so YAML values are not overridden."""
     import dataclasses
 
-    from megaemb.config import SFTConfig, field_kind
+    from megaemb.config import SFTConfig, field_docs, field_kind
 
+    docs = field_docs(SFTConfig)
     for f in dataclasses.fields(SFTConfig):
         kind = field_kind(f)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "none" if default in (None, "", []) else str(default).lower() if kind[0] == "bool" else default
         p.add_argument(f"--{f.name}", type=_flag_type(kind), default=None,
-                       nargs="+" if kind[1] else None)
+                       nargs="+" if kind[1] else None, metavar=kind[0].upper(),
+                       help=f"{docs[f.name]} (default: {shown})")
     p.add_argument("--eval_dataset", dest="val_dataset", nargs="+", default=None,
                    help="alias of --val_dataset")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 
@@ -43,59 +44,58 @@ class SFTConfig:
     """``megaemb sft`` settings. Every field is a flag of the same name (Megatron-SWIFT
     spelling) and a key of the optional ``--config`` YAML; flags override the YAML."""
 
-    model: str = ""
-    dataset: list[str] = field(default_factory=list)
-    val_dataset: list[str] = field(default_factory=list)
-    split_dataset_ratio: float = 0.0
+    model: str = ""  # HF model dir (Qwen3 / Qwen3-Embedding / Qwen3-MoE) or megaemb checkpoint
+    dataset: list[str] = field(default_factory=list)  # training files or folders; FILE#N samples N rows
+    val_dataset: list[str] = field(default_factory=list)  # eval files (retrieval or pair metrics)
+    split_dataset_ratio: float = 0.0  # hold out this share of --dataset for eval instead
     loss_type: str = "infonce"  # infonce | cosine_similarity | contrastive | online_contrastive
-    bad_rows: str = "error"  # error | skip
-    max_length: int = 512
-    query_instruction: str = ""
+    bad_rows: str = "error"  # error (stop at file:line) | skip (count in the log)
+    max_length: int = 512  # tokens per text, end token included (longer texts are cut)
+    query_instruction: str = ""  # task for 'Instruct: {task}\nQuery:{query}'; documents get none
     # parallelism
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
-    context_parallel_size: int = 1
-    sequence_parallel: bool = False
+    tensor_model_parallel_size: int = 1  # TP: layers split over this many GPUs
+    pipeline_model_parallel_size: int = 1  # PP: layers in this many stages
+    expert_model_parallel_size: int = 1  # EP: MoE experts spread over this many ranks
+    context_parallel_size: int = 1  # CP (needs Transformer Engine attention)
+    sequence_parallel: bool = False  # SP: split norms/activations over TP ranks along the sequence
     attention: str = "auto"  # auto | te | sdpa | local (layer spec; auto = te when installed)
-    packing: bool | None = None  # padding-free [1, T] micro-batches; None = true on CUDA
+    packing: bool | None = None  # padding-free [1, T] micro-batches; none = true on CUDA
     # batch and schedule
-    micro_batch_size: int = 1
-    global_batch_size: int = 16
-    train_iters: int = 0
-    num_train_epochs: float = 0.0
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    lr_warmup_fraction: float = 0.0
+    micro_batch_size: int = 1  # groups (query, positive, negatives) per forward pass and rank
+    global_batch_size: int = 16  # groups per optimizer step over all data-parallel ranks
+    train_iters: int = 0  # optimizer steps (or give --num_train_epochs)
+    num_train_epochs: float = 0.0  # passes over --dataset (or give --train_iters)
+    lr: float = 1e-5  # peak learning rate
+    min_lr: float = 0.0  # learning rate at the end of the decay
+    lr_warmup_fraction: float = 0.0  # share of the steps with linear warm-up
     lr_decay_style: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = False
-    overlap_grad_reduce: bool | None = None  # None = on CUDA with data parallel size > 1
-    bf16: bool | None = None  # None = true on CUDA (fp32 main params and loss), false on CPU
-    recompute_granularity: str = ""  # "" | full | selective
-    seed: int = 42
+    weight_decay: float = 0.1  # AdamW weight decay
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.95  # Adam beta2
+    clip_grad: float = 1.0  # gradient-norm clipping
+    use_distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
+    overlap_grad_reduce: bool | None = None  # overlap DP gradient reduction with backward; none = on CUDA with DP > 1
+    bf16: bool | None = None  # bf16 weights (fp32 main params, pooling and loss); none = true on CUDA
+    recompute_granularity: str = ""  # activation recompute: "" (none) | full | selective
+    seed: int = 42  # data order, negatives, initialisation
     # loss
-    infonce_temperature: float | None = None  # None: INFONCE_TEMPERATURE env var or 0.01
-    infonce_hard_negatives: int | None = None  # None: INFONCE_HARD_NEGATIVES env var or all
-    infonce_use_batch: str = ""  # "" = env var or true
-    infonce_mask_fake_negative: str = ""
-    infonce_include_qq: str = ""
-    infonce_include_dd: str = ""
-    margin: float = 0.5
-    mrl_dims: list[int] = field(default_factory=list)
+    infonce_temperature: float | None = None  # InfoNCE temperature; none = INFONCE_TEMPERATURE or 0.01
+    infonce_hard_negatives: int | None = None  # hard negatives per query; none = INFONCE_HARD_NEGATIVES or all
+    infonce_use_batch: str = ""  # in-batch negatives from all DP ranks (true | false; "" = env or true)
+    infonce_mask_fake_negative: str = ""  # mask candidates scoring above the positive (true | false)
+    infonce_include_qq: str = ""  # add query-query similarities (true | false)
+    infonce_include_dd: str = ""  # add document-document similarities (true | false)
+    margin: float = 0.5  # margin of the contrastive / online_contrastive losses
+    mrl_dims: list[int] = field(default_factory=list)  # Matryoshka dimensions, e.g. 64 128 256
     # checkpoints, evaluation, logs
-    save: str = ""
-    load: str = ""
-    finetune: bool = False
-    save_interval: int = 0
-    save_hf: bool = False
-    eval_interval: int = 0
-    eval_limit: int = 0  # 0 = all eval rows
-    log_interval: int = 10
-
+    save: str = ""  # run directory: checkpoints, logs, hf_model/, metrics.json (resumed if it holds a run)
+    load: str = ""  # checkpoint to resume (default: --save)
+    finetune: bool = False  # take only the weights of --load (new optimizer, step 0)
+    save_interval: int = 0  # save every N steps (0: at the end only)
+    save_hf: bool = False  # also export HF files at every save
+    eval_interval: int = 0  # evaluate every N steps (0: before and after training only)
+    eval_limit: int = 0  # eval rows used (0: all)
+    log_interval: int = 10  # steps per log line (loss, tokens/s, MFU, memory)
     export_timeout_minutes: float = 240.0  # other ranks wait this long for rank 0's HF export
     distributed_timeout_minutes: float = 10.0  # a collective waiting longer ends the job
 
@@ -179,6 +179,21 @@ class SFTConfig:
         for name in ("save", "load", "model"):
             if getattr(self, name) and not getattr(self, name).strip():
                 raise ValueError(f"--{name} is blank")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Each dataclass field's documentation: the comment ending its line in the class source
+    (``name: type = default  # doc``); ``KeyError`` at ``--help`` for an undocumented field."""
+    import inspect
+    import io
+    import tokenize
+
+    docs = {}
+    for token in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        field_name = re.match(r"\s*(\w+)\s*:", token.line[:token.start[1]])
+        if token.type == tokenize.COMMENT and field_name:
+            docs[field_name.group(1)] = token.string.lstrip("# ").strip()
+    return docs
 
 
 def check_packing(packing: bool | None, attention: str) -> None:

@@ -115,3 +115,21 @@ def test_sft_under_torchrun_saves_and_exports(tiny_models, tmp_path):
 
     emb = SentenceTransformer(str(out / "hf_model"), device="cpu").encode(["jq"])
     assert emb.shape == (1, 64)
+
+
+@pytest.mark.timeout(30)
+def test_every_sft_flag_has_help_with_its_default():
+    """Generated from SFTConfig's field comments: a new undocumented field fails here."""
+    import dataclasses
+
+    from megaemb.cli import build_parser
+    from megaemb.config import SFTConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    actions = {a.option_strings[0][2:]: a for a in sub.choices["sft"]._actions if a.option_strings}
+    for f in dataclasses.fields(SFTConfig):
+        text = actions[f.name].help
+        assert text and "(default: " in text and len(text.split("(default:")[0].strip()) > 5, (f.name, text)
+    assert actions["lr"].help.endswith("(default: 1e-05)")
+    assert actions["bf16"].help.endswith("(default: none)") and "CUDA" in actions["bf16"].help
+    assert actions["sequence_parallel"].help.endswith("(default: false)")
