@@ -10,6 +10,7 @@
 #   LOG_DIR          per-node logs go to $LOG_DIR/$JOB_NAME-node<rank>.log (default logs/)
 #   JOB_NAME         default megaemb
 #   MEGAEMB          the command (default megaemb; e.g. "python -m megaemb.cli")
+#   RDZV_TIMEOUT     seconds the nodes wait for each other before giving up (default 600)
 # NCCL settings that matter (exported only when unset):
 #   NCCL_DEBUG=WARN                 INFO shows the transport chosen (IB, socket) per peer
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING=3  a failed or timed-out collective ends the rank,

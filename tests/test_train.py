@@ -199,9 +199,9 @@ def test_crash_mid_save_keeps_previous_checkpoint(tiny_models, tmp_path):
 
 # ------------------------------------------------------------------------------ CLI: bad data
 
-def _megaemb(*args, timeout=300):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    for k in ("NPROC_PER_NODE", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"):
+def _megaemb(*args, timeout=300, nproc=1):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", NPROC_PER_NODE=str(nproc))
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"):
         env.pop(k, None)
     return subprocess.run([sys.executable, "-m", "megaemb.cli", *args], capture_output=True,
                           text=True, env=env, timeout=timeout, cwd=ROOT)
@@ -246,18 +246,18 @@ def test_bad_row_skip_trains(tiny_models, tmp_path):
 
 @pytest.mark.timeout(420)
 def test_sigkill_after_save_then_resume(tiny_models, tmp_path):
-    """``megaemb sft`` killed (SIGKILL) once its step-2 save is complete resumes to the same
-    step 3-4 losses as an uninterrupted run (printed with 4 decimals by the CLI)."""
+    """A 2-rank ``megaemb sft`` killed (SIGKILL to the launcher: its ranks die with it) once
+    its step-2 save is complete: the same command run again resumes on its own and reaches the
+    same step 3-4 losses as an uninterrupted run (printed with 4 decimals by the CLI)."""
     ckpt = tmp_path / "killed"
     args = ["sft", "--model", tiny_models["dense"], "--dataset", f"{DATA}#64", *SFT_ARGS,
-            "--clip_grad", "1e9"]
+            "--clip_grad", "1e9", "--save_interval", "2"]
     args[args.index("--train_iters") + 1] = "4"
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    for k in ("NPROC_PER_NODE", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", NPROC_PER_NODE="2")
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"):
         env.pop(k, None)
-    proc = subprocess.Popen([sys.executable, "-m", "megaemb.cli", *args, "--save", str(ckpt),
-                             "--save_interval", "2"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "megaemb.cli", *args, "--save", str(ckpt)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tracker = ckpt / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 300
     try:
@@ -272,9 +272,10 @@ def test_sigkill_after_save_then_resume(tiny_models, tmp_path):
             proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    resumed = _megaemb(*args, "--save", str(ckpt), "--load", str(ckpt), "--save_interval", "2")
-    full = _megaemb(*args)
+    resumed = _megaemb(*args, "--save", str(ckpt), nproc=2)  # the same command again
+    full = _megaemb(*args, "--save", str(tmp_path / "full"), nproc=2)
     assert resumed.returncode == 0 and full.returncode == 0, (resumed.stderr[-3000:], full.stderr[-3000:])
+    assert f"resuming from {ckpt} at iteration 2" in resumed.stdout, resumed.stdout[-3000:]
 
     def losses(r):
         out = {}
