@@ -83,6 +83,13 @@ class Plan:
     master_port: int
     rdzv_timeout: int = 600  # seconds the nodes wait for each other (RDZV_TIMEOUT)
 
+    def torchrun_argv(self) -> list[str]:
+        """The ``torchrun`` command this plan equals (``relaunch`` runs its launcher API)."""
+        return ["torchrun", f"--nnodes={self.nnodes}", f"--node_rank={self.node_rank}",
+                f"--nproc_per_node={self.nproc_per_node}", f"--master_addr={self.master_addr}",
+                f"--master_port={self.master_port}", "--rdzv_backend=static",
+                f"--rdzv_conf=timeout={self.rdzv_timeout}", "--max_restarts=0"]
+
 
 def launch_plan(env=os.environ) -> Plan | None:
     """The ranks to start, or None when this process should just run (one rank, or a rank).
@@ -217,7 +224,8 @@ def relaunch(plan: Plan, argv: list[str]) -> int:
     if plan.nnodes > 1:
         print(f"{command}: node {plan.node_rank} of {plan.nnodes}: waiting up to "
               f"{plan.rdzv_timeout} s (RDZV_TIMEOUT) for all {plan.nnodes} nodes to join "
-              f"{plan.master_addr}:{plan.master_port}", file=sys.stderr, flush=True)
+              f"{plan.master_addr}:{plan.master_port} (as {' '.join(plan.torchrun_argv())})",
+              file=sys.stderr, flush=True)
     try:
         if plan.node_rank > 0:
             _wait_for_port(plan.master_addr, plan.master_port, plan.rdzv_timeout)

@@ -89,7 +89,22 @@ SLURM = {"NPROC_PER_NODE": "8", "SLURM_NNODES": "3", "SLURM_NODEID": "2",
     (dict(DLC, WORLD_SIZE="1", RANK="0"), launcher.Plan(8, 1, 0, "dlc1-master-0", 23456)),
 ])
 def test_scheduler_environments(env, plan):
-    assert launcher.launch_plan(env) == plan
+    got = launcher.launch_plan(env)
+    assert got == plan
+    assert got.torchrun_argv() == [
+        "torchrun", f"--nnodes={plan.nnodes}", f"--node_rank={plan.node_rank}",
+        f"--nproc_per_node={plan.nproc_per_node}", f"--master_addr={plan.master_addr}",
+        f"--master_port={plan.master_port}", "--rdzv_backend=static", "--rdzv_conf=timeout=600",
+        "--max_restarts=0"]
+
+
+@pytest.mark.timeout(10)
+def test_exact_torchrun_argv_for_dlc_worker():
+    env = dict(DLC, RDZV_TIMEOUT="90")
+    assert launcher.launch_plan(env).torchrun_argv() == [
+        "torchrun", "--nnodes=2", "--node_rank=1", "--nproc_per_node=8",
+        "--master_addr=dlc1-master-0", "--master_port=23456", "--rdzv_backend=static",
+        "--rdzv_conf=timeout=90", "--max_restarts=0"]
 
 
 @pytest.mark.timeout(10)
