@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 
@@ -51,6 +52,7 @@ class SFTConfig:
     bad_rows: str = "error"  # error | skip
     max_length: int = 512
     query_instruction: str = ""
+    data_cache_dir: str = ""  # token stores; "" = $MEGAEMB_CACHE, else ~/.cache/megaemb/tokens
     # parallelism
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -98,6 +100,12 @@ class SFTConfig:
 
     def parallel(self) -> ParallelConfig:
         return ParallelConfig.of(self)
+
+    def token_cache_dir(self) -> str:
+        """Where token stores live: ``--data_cache_dir``, else ``$MEGAEMB_CACHE``, else
+        ``~/.cache/megaemb/tokens``."""
+        return os.path.expanduser(self.data_cache_dir or os.environ.get("MEGAEMB_CACHE")
+                                  or "~/.cache/megaemb/tokens")
 
     @classmethod
     def from_mapping(cls, values: dict, source: str) -> "SFTConfig":
@@ -171,7 +179,7 @@ class SFTConfig:
             raise ValueError(f"--mrl_dims must be positive, got {self.mrl_dims}")
         if self.finetune and not self.load:
             raise ValueError("--finetune true needs --load CHECKPOINT (the weights to start from)")
-        for name in ("save", "load", "model"):
+        for name in ("save", "load", "model", "data_cache_dir"):
             if getattr(self, name) and not getattr(self, name).strip():
                 raise ValueError(f"--{name} is blank")
 
