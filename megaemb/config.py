@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -52,6 +53,7 @@ class SFTConfig:
     bad_rows: str = "error"  # error (stop at file:line) | skip (count in the log)
     max_length: int = 512  # tokens per text, end token included (longer texts are cut)
     query_instruction: str = ""  # task for 'Instruct: {task}\nQuery:{query}'; documents get none
+    data_cache_dir: str = ""  # tokenised-data stores, reused across runs; none = $MEGAEMB_CACHE or ~/.cache/megaemb/tokens
     # parallelism
     tensor_model_parallel_size: int = 1  # TP: layers split over this many GPUs
     pipeline_model_parallel_size: int = 1  # PP: layers in this many stages
@@ -101,6 +103,12 @@ class SFTConfig:
 
     def parallel(self) -> ParallelConfig:
         return ParallelConfig.of(self)
+
+    def token_cache_dir(self) -> str:
+        """Where token stores live: ``--data_cache_dir``, else ``$MEGAEMB_CACHE``, else
+        ``~/.cache/megaemb/tokens``."""
+        return os.path.expanduser(self.data_cache_dir or os.environ.get("MEGAEMB_CACHE")
+                                  or "~/.cache/megaemb/tokens")
 
     @classmethod
     def from_mapping(cls, values: dict, source: str) -> "SFTConfig":
@@ -176,7 +184,7 @@ class SFTConfig:
         check_packing(self.packing, self.attention)
         if self.finetune and not self.load:
             raise ValueError("--finetune true needs --load CHECKPOINT (the weights to start from)")
-        for name in ("save", "load", "model"):
+        for name in ("save", "load", "model", "data_cache_dir"):
             if getattr(self, name) and not getattr(self, name).strip():
                 raise ValueError(f"--{name} is blank")
 

@@ -35,9 +35,9 @@ from megaemb.config import SFTConfig
 from megaemb.convert.load import load_model
 from megaemb.data.batching import GroupBatch, step_micro_batches
 from megaemb.data.formats import load_examples
-from megaemb.data.negatives import fixed_negatives
 from megaemb.data.sampler import GlobalBatchSampler, shard_for_rank
-from megaemb.data.tokenize import EmbeddingTokenizer, format_query, tokenize_examples
+from megaemb.data.token_store import StoreSpec, open_on_every_rank
+from megaemb.data.tokenize import EmbeddingTokenizer, format_query
 from megaemb.embed import embed_texts
 from megaemb.evaluate import pair_metrics, retrieval_metrics
 from megaemb.logs import TrainLogger
@@ -120,38 +120,34 @@ class Trainer:
         self.loss_cfg = infonce_config(cfg) if cfg.loss_type == "infonce" else None
 
     def _build_data(self):
+        """Training rows come from the token store (built once per node; see
+        ``megaemb.data.token_store``), never as text; eval rows are text."""
         cfg = self.cfg
-        examples, report = load_examples(cfg.dataset, cfg.loss_type, bad_rows=cfg.bad_rows, seed=cfg.seed)
-        self._log(f"train data: {report.summary()}")
-        for msg in report.messages:
-            self._log(f"  skipped: {msg}")
-        if cfg.val_dataset:
-            val, vreport = load_examples(cfg.val_dataset, cfg.loss_type, bad_rows=cfg.bad_rows, seed=cfg.seed)
-            self._log(f"eval data: {vreport.summary()}")
-        elif cfg.split_dataset_ratio > 0:
-            g = torch.Generator().manual_seed(cfg.seed)
-            order = torch.randperm(len(examples), generator=g).tolist()
-            n_val = max(1, int(len(examples) * cfg.split_dataset_ratio))
-            val = [examples[i] for i in order[:n_val]]
-            examples = [examples[i] for i in sorted(order[n_val:])]
-        else:
-            val = []
-        self.eval_examples = val[: cfg.eval_limit] if cfg.eval_limit else val
         self.tokenizer = EmbeddingTokenizer(self.loaded.hf_dir, cfg.max_length)
         if cfg.max_length > self.loaded.shape.max_position_embeddings:
             self._log(f"warning: --max_length {cfg.max_length} is above the model's "
                       f"max_position_embeddings {self.loaded.shape.max_position_embeddings}")
-        k = 0
-        if cfg.loss_type == "infonce":
-            counts = [len(e.negatives) for e in examples]
-            k = max(counts) if self.loss_cfg.hard_negatives is None else self.loss_cfg.hard_negatives
-            negatives, topped = fixed_negatives(examples, k, cfg.seed)
-            self._log(f"infonce: {k} hard negatives per query (rows have {min(counts)}..{max(counts)}; "
-                      f"{topped} rows topped up by resampling)")
+        spec = StoreSpec(datasets=tuple(cfg.dataset), loss_type=cfg.loss_type, bad_rows=cfg.bad_rows,
+                         seed=cfg.seed, split_dataset_ratio=cfg.split_dataset_ratio,
+                         hard_negatives=self.loss_cfg.hard_negatives if self.loss_cfg else None,
+                         max_length=cfg.max_length, query_instruction=cfg.query_instruction,
+                         tokenizer_dir=self.loaded.hf_dir)
+        self.train = open_on_every_rank(spec, cfg.token_cache_dir(), verbose=self.rank0)
+        meta = self.train.meta
+        self._log(f"train data: {self.train.report.summary()}")
+        for msg in self.train.report.messages:
+            self._log(f"  skipped: {msg}")
+        if cfg.val_dataset:
+            val, vreport = load_examples(cfg.val_dataset, cfg.loss_type, bad_rows=cfg.bad_rows, seed=cfg.seed)
+            self._log(f"eval data: {vreport.summary()}")
+            self.eval_examples = val[: cfg.eval_limit] if cfg.eval_limit else val
         else:
-            negatives = [[] for _ in examples]
-        self.train = tokenize_examples(examples, negatives, self.tokenizer, cfg.query_instruction)
-        self._log(f"tokenized {len(self.train)} examples; {self.tokenizer.truncated} texts truncated "
+            self.eval_examples = self.train.held_out(cfg.eval_limit)
+        if cfg.loss_type == "infonce":
+            low, high = meta["negatives_per_row"]
+            self._log(f"infonce: {meta['k']} hard negatives per query (rows have {low}..{high}; "
+                      f"{meta['topped_up']} rows topped up by resampling)")
+        self._log(f"tokenized {len(self.train)} examples; {meta['truncated']} texts truncated "
                   f"to --max_length {cfg.max_length}")
         self.sampler = GlobalBatchSampler(len(self.train), cfg.global_batch_size, cfg.seed)
         self.train_iters = cfg.train_iters or self.sampler.iterations_for_epochs(cfg.num_train_epochs)

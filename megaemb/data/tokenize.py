@@ -41,6 +41,8 @@ class EmbeddingTokenizer:
 
 @dataclass
 class TokenizedExample:
+    """One example's ids: lists from ``tokenize_examples``, int32 arrays from a ``TokenStore``."""
+
     query: list[int]
     doc: list[int]
     negatives: list[list[int]]
