@@ -117,8 +117,8 @@ def read(data: str, cache: str, steps: int, global_batch_size: int, micro_batch_
     t0, seq = time.time(), []
     for step in range(steps):
         batches = step_micro_batches([store[i] for i in sampler.indices_for_step(step)],
-                                     micro_batch_size, 151643, 1)
-        seq.append(batches[0]["ids"].shape[1])
+                                     micro_batch_size, 151643)
+        seq.append(batches[0].texts.input_ids.shape[1])
     return {"phase": "read", "open_seconds": round(open_seconds, 1), "rss_after_open_mb": rss_open,
             "steps": steps, "global_batch_size": global_batch_size, "micro_batch_size": micro_batch_size,
             "seconds_per_step": round((time.time() - t0) / steps, 3), "max_seq": max(seq),

@@ -82,11 +82,13 @@ def test_store_holds_what_memory_tokenised(tmp_path, loss_type, hard_negatives, 
     assert store.held_out() == val and store.held_out(2) == val[:2]
     assert store.report.summary() == "24 rows read, 0 skipped"
     picked = [3, 0, 7, 7, 1, 5, 2, 4]  # batches from arrays equal batches from lists
-    for a, b in zip(step_micro_batches([store[i] for i in picked], 4, 151643, 2),
-                    step_micro_batches([rows[i] for i in picked], 4, 151643, 2)):
-        assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["lengths"], b["lengths"])
-        assert a["k"] == b["k"] and (a["labels"] is None) == (b["labels"] is None)
-        assert a["labels"] is None or torch.equal(a["labels"], b["labels"])
+    for packed in (False, True):
+        for a, b in zip(step_micro_batches([store[i] for i in picked], 4, 151643, packed=packed, multiple=2),
+                        step_micro_batches([rows[i] for i in picked], 4, 151643, packed=packed, multiple=2)):
+            assert torch.equal(a.texts.input_ids, b.texts.input_ids)
+            assert torch.equal(a.texts.lengths, b.texts.lengths) and (a.m, a.k) == (b.m, b.k)
+            assert (a.labels is None) == (b.labels is None)
+            assert a.labels is None or torch.equal(a.labels, b.labels)
 
 
 @pytest.mark.timeout(60)
