@@ -32,16 +32,31 @@ LOG_DIR="${LOG_DIR:-logs}"
 JOB_NAME="${JOB_NAME:-megaemb}"
 read -r -a MEGAEMB_CMD <<< "${MEGAEMB:-megaemb}"
 
+# node_rank: this node's rank as megaemb reads it (NODE_RANK, PAI-DLC's RANK, Slurm's SLURM_NODEID)
+node_rank() {
+    if [ -n "${NNODES:-}${NODE_RANK:-}" ]; then echo "${NODE_RANK:-0}"
+    elif [ -n "${WORLD_SIZE:-}" ] && [ -n "${RANK:-}" ] && [ -n "${MASTER_ADDR:-}" ]; then echo "$RANK"
+    else echo "${SLURM_NODEID:-0}"
+    fi
+}
+
 # megaemb_run ARGS...: run megaemb on this node, its output also in this node's log file;
-# exits with megaemb's exit code.
+# returns megaemb's exit code. SIGTERM / SIGINT to this script are passed on to megaemb (which
+# stops its ranks), so stopping the script stops the job.
 megaemb_run() {
-    local node="${NODE_RANK:-${SLURM_NODEID:-${RANK:-0}}}"
+    local node log pid code=0
+    node="$(node_rank)"
     mkdir -p "$LOG_DIR"
-    local log="$LOG_DIR/$JOB_NAME-node$node.log"
-    echo "megaemb: node $node, $NPROC_PER_NODE ranks, log $log" >&2
-    set +e
-    "${MEGAEMB_CMD[@]}" "$@" 2>&1 | tee -a "$log"
-    local code=${PIPESTATUS[0]}
-    set -e
+    log="$LOG_DIR/$JOB_NAME-node$node.log"
+    echo "megaemb: node $node, ranks per node: $NPROC_PER_NODE, log $log" >&2
+    "${MEGAEMB_CMD[@]}" "$@" > >(tee -a "$log") 2>&1 &
+    pid=$!
+    trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
+    wait "$pid" || code=$?
+    while kill -0 "$pid" 2>/dev/null; do  # woken by a signal: wait for megaemb to finish
+        code=0
+        wait "$pid" || code=$?
+    done
+    trap - TERM INT
     return "$code"
 }

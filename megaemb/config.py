@@ -78,7 +78,7 @@ class SFTConfig:
     use_distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
     overlap_grad_reduce: bool | None = None  # overlap DP gradient reduction with backward; none = on CUDA with DP > 1
     bf16: bool | None = None  # bf16 weights (fp32 main params, pooling and loss); none = true on CUDA
-    recompute_granularity: str = ""  # activation recompute: "" (none) | full | selective
+    recompute_granularity: str = ""  # activation recompute: full | selective; none = off
     seed: int = 42  # data order, negatives, initialisation
     # loss
     infonce_temperature: float | None = None  # InfoNCE temperature; none = INFONCE_TEMPERATURE or 0.01
@@ -91,7 +91,7 @@ class SFTConfig:
     mrl_dims: list[int] = field(default_factory=list)  # Matryoshka dimensions, e.g. 64 128 256
     # checkpoints, evaluation, logs
     save: str = ""  # run directory: checkpoints, logs, hf_model/, metrics.json (resumed if it holds a run)
-    load: str = ""  # checkpoint to resume (default: --save)
+    load: str = ""  # checkpoint to resume; none = --save
     finetune: bool = False  # take only the weights of --load (new optimizer, step 0)
     save_interval: int = 0  # save every N steps (0: at the end only)
     save_hf: bool = False  # also export HF files at every save

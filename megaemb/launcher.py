@@ -142,14 +142,16 @@ def first_host(nodelist: str) -> str:
             break
         if ch == "[":
             depth += 1
-            close = nodelist.index("]", i)
+            close = nodelist.find("]", i)
+            if close < 0:
+                raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r}: unclosed '['")
             host += nodelist[i + 1:close].split(",")[0].split("-")[0]
         elif ch == "]":
             depth -= 1
         elif depth == 0:
             host += ch
-    if not host:
-        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r}: no host")
+    if not host.strip() or any(c.isspace() for c in host):
+        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r}: expected hosts like gpu[01-04],cpu1")
     return host
 
 

@@ -439,7 +439,7 @@ def run_sft(cfg: SFTConfig) -> dict:
             trainer.export_hf(history["hf_dir"])
         losses = history["losses"]
         trainer.logger.write_metrics({
-            "iteration": trainer.step, "final_loss": losses[-1][1] if losses else None,
+            "iteration": trainer.step, "last_step_loss": losses[-1][1] if losses else None,
             "eval_before": history["eval_before"], "eval_after": history["eval_after"],
             "hf_model": history["hf_dir"]})
     return history

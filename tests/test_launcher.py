@@ -116,6 +116,13 @@ def test_slurm_first_host(nodelist, first):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.parametrize("nodelist", ["node[", "   ", "node1 node2", ""])
+def test_bad_slurm_nodelist_names_the_variable(nodelist):
+    with pytest.raises(ValueError, match="SLURM_JOB_NODELIST="):
+        launcher.first_host(nodelist)
+
+
+@pytest.mark.timeout(10)
 @pytest.mark.parametrize("env, message", [
     ({"NPROC_PER_NODE": "2", "WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "m"},
      "RANK='2': expected an integer from 0 to 1"),

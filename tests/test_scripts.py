@@ -65,7 +65,7 @@ def test_dlc_variables_start_the_ranks_and_logs_are_per_node(tiny_models, tmp_pa
     assert out.returncode == 0, out.stderr[-3000:]
     assert np.load(tmp_path / "e.npy").shape == (3, 64)
     log = (tmp_path / "logs" / "dlcjob-node0.log").read_text()
-    assert "3 texts ->" in log and "2 ranks" in out.stderr
+    assert "3 texts ->" in log and "ranks per node: 2" in out.stderr
     # a user error passes its exit code and one line through the script
     bad = subprocess.run(["bash", "launch/torchrun.sh", "embed", "--model", str(tmp_path / "nope"),
                           "--input", str(texts), "--output", str(tmp_path / "x.npy")],
@@ -81,9 +81,46 @@ def test_conversion_wrappers_round_trip(tiny_models, tmp_path):
          "--tensor_model_parallel_size", "2"],
         cwd=ROOT, env=_env(tmp_path, NPROC_PER_NODE="2"), capture_output=True, text=True, timeout=240)
     assert to_mcore.returncode == 0, to_mcore.stderr[-3000:]
-    to_hf = subprocess.run(["bash", "convert/mcore_to_hf.sh", str(mcore), str(hf)],
-                           cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    # as a PAI-DLC start command on 2 nodes: node 0 exports as one plain process, node 1 exits
+    dlc = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port())
+    idle = subprocess.run(["bash", "convert/mcore_to_hf.sh", str(mcore), str(hf)], cwd=ROOT,
+                          env=_env(tmp_path, RANK="1", **dlc), capture_output=True, text=True, timeout=60)
+    assert idle.returncode == 0 and "nothing to do" in idle.stderr and not hf.exists(), idle.stderr
+    to_hf = subprocess.run(["bash", "convert/mcore_to_hf.sh", str(mcore), str(hf)], cwd=ROOT,
+                           env=_env(tmp_path, RANK="0", **dlc), capture_output=True, text=True, timeout=240)
     assert to_hf.returncode == 0, to_hf.stderr[-3000:]
     assert_same_weights(tiny_models["dense"], str(hf))
     usage = subprocess.run(["bash", "convert/mcore_to_hf.sh"], cwd=ROOT, capture_output=True, text=True)
     assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_to_the_script_stops_the_job(tiny_models, tmp_path):
+    """A scheduler or container stopping the script (not megaemb) stops every rank."""
+    import signal
+    import time
+
+    import psutil
+
+    data = os.path.join(ROOT, "demo", "data", "train.jsonl")
+    proc = subprocess.Popen(
+        ["bash", "launch/torchrun.sh", "sft", "--model", tiny_models["dense"], "--dataset", f"{data}#64",
+         "--max_length", "32", "--micro_batch_size", "2", "--global_batch_size", "4",
+         "--train_iters", "150", "--log_interval", "1", "--save", str(tmp_path / "run")],
+        cwd=ROOT, env=_env(tmp_path, NPROC_PER_NODE="2", JOB_NAME="term"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "logs" / "term-node0.log"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (log.exists() and "step 2:" in log.read_text()):
+            time.sleep(0.2)
+        job = psutil.Process(proc.pid).children(recursive=True)
+        assert job, "megaemb did not start"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
+        _, alive = psutil.wait_procs(job, timeout=30)
+        assert not alive, alive
+        assert "stopped by SIGTERM" in log.read_text()
+    finally:
+        for p in psutil.Process(os.getpid()).children(recursive=True):
+            p.kill()

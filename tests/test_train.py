@@ -325,7 +325,7 @@ def test_save_hf_exports_each_save_and_the_end(tiny_models, tmp_path):
     assert stats["cos_min"] >= 0.99999, stats
     with open(os.path.join(save, "metrics.json")) as f:
         metrics = json.load(f)
-    assert metrics["iteration"] == 2 and isinstance(metrics["final_loss"], float), metrics
+    assert metrics["iteration"] == 2 and isinstance(metrics["last_step_loss"], float), metrics
     assert metrics["hf_model"] == os.path.join(save, "hf_model")
 
 
