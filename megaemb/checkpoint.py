@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import torch.distributed as dist
@@ -116,6 +117,20 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, hf_sour
         write_atomic(os.path.join(root, TRACKER), str(iteration))
     _barrier()
     return final
+
+
+def prune_checkpoints(root: str, keep: int) -> list[str]:
+    """Rank 0, after a completed save: delete all but the newest ``keep`` iteration directories
+    (with their ``_hf`` exports). The newest one is the tracker's, so a crash mid-prune leaves
+    a loadable run. Returns the deleted paths."""
+    done = sorted(int(m.group(1)) for m in (re.fullmatch(r"iter_(\d{7})", n) for n in os.listdir(root)) if m)
+    removed = []
+    for iteration in done[:-keep] if keep > 0 else []:
+        for path in (iter_dir(root, iteration), iter_dir(root, iteration) + "_hf"):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
 
 
 def is_checkpoint(root: str) -> bool:

@@ -95,6 +95,7 @@ class SFTConfig:
     finetune: bool = False  # take only the weights of --load (new optimizer, step 0)
     save_interval: int = 0  # save every N steps (0: at the end only)
     save_hf: bool = False  # also export HF files at every save
+    save_total_limit: int = 0  # keep only the newest N checkpoints (and their HF exports); 0 = all
     eval_interval: int = 0  # evaluate every N steps (0: before and after training only)
     eval_limit: int = 0  # eval rows used (0: all)
     log_interval: int = 10  # steps per log line (loss, tokens/s, MFU, memory)
@@ -152,8 +153,8 @@ class SFTConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
-        for name in ("train_iters", "num_train_epochs", "save_interval", "eval_interval",
-                     "eval_limit", "weight_decay", "clip_grad", "min_lr"):
+        for name in ("train_iters", "num_train_epochs", "save_interval", "save_total_limit",
+                     "eval_interval", "eval_limit", "weight_decay", "clip_grad", "min_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.max_length < 2:

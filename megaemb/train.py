@@ -248,6 +248,9 @@ class Trainer:
         self._log(f"saved {path}")
         if self.cfg.save_hf:
             self.export_hf(path + "_hf", iteration=self.step)
+        if self.rank0 and self.cfg.save_total_limit:
+            for old in checkpoint.prune_checkpoints(self.cfg.save, self.cfg.save_total_limit):
+                self._log(f"removed {old} (--save_total_limit {self.cfg.save_total_limit})")
 
     def export_hf(self, out: str, iteration: int | None = None):
         """HF + sentence-transformers export of a saved iteration.

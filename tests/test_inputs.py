@@ -271,3 +271,23 @@ def test_small_dev_shm_is_named_with_its_fix(tmp_path):
     assert "--ipc=host" in platform.shm_problem(str(tmp_path), min_gib=1e9)
     assert platform.shm_problem(str(tmp_path), min_gib=1e-9) is None
     assert platform.shm_problem(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.timeout(30)
+def test_save_total_limit_keeps_the_newest(tmp_path):
+    from megaemb import checkpoint
+    from megaemb.config import SFTConfig
+
+    for i in (1, 2, 3, 4):
+        (tmp_path / f"iter_{i:07d}").mkdir()
+        (tmp_path / f"iter_{i:07d}_hf").mkdir()
+    (tmp_path / "iter_0000005.tmp").mkdir()  # a save in progress is not a checkpoint
+    (tmp_path / "hf_model").mkdir()
+    removed = checkpoint.prune_checkpoints(str(tmp_path), 2)
+    assert sorted(os.path.basename(p) for p in removed) == \
+        ["iter_0000001", "iter_0000001_hf", "iter_0000002", "iter_0000002_hf"]
+    assert sorted(os.listdir(tmp_path)) == ["hf_model", "iter_0000003", "iter_0000003_hf",
+                                            "iter_0000004", "iter_0000004_hf", "iter_0000005.tmp"]
+    assert checkpoint.prune_checkpoints(str(tmp_path), 0) == []
+    with pytest.raises(ValueError, match="--save_total_limit"):
+        SFTConfig(model="m", dataset=["d"], train_iters=1, save_total_limit=-1).validate()
