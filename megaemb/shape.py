@@ -100,11 +100,16 @@ class Qwen3Shape:
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.num_experts) and bool(self.moe_layer_pattern[layer])
 
+    @property
+    def attention_params(self) -> int:
+        """Weights of one layer's q, k, v and output projections."""
+        h, d = self.hidden_size, self.head_dim
+        return h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
+
     def num_parameters(self) -> int:
         """Weights of the embedding model (word embedding + decoder; norms left out): what a
         checkpoint stores per value kind."""
-        h, d = self.hidden_size, self.head_dim
-        attn = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
+        h, attn = self.hidden_size, self.attention_params
         total = self.vocab_size * h
         for layer in range(self.num_layers):
             if self.is_moe_layer(layer):

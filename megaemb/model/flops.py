@@ -11,8 +11,7 @@ from megaemb.shape import Qwen3Shape
 
 
 def matmul_params_per_token(shape: Qwen3Shape) -> int:
-    h, d = shape.hidden_size, shape.head_dim
-    attn = h * (shape.num_heads + 2 * shape.num_kv_heads) * d + shape.num_heads * d * h
+    h, attn = shape.hidden_size, shape.attention_params
     total = 0
     for layer in range(shape.num_layers):
         if shape.is_moe_layer(layer):
