@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 FORMAT = {"format": "megaemb-mcore", "version": 1}
 TRACKER = "latest_checkpointed_iteration.txt"
+LORA_FILE = "lora.json"  # a LoRA run's checkpoint: {"base": model dir, "lora": LoRAConfig} (adapters only)
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
             "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
@@ -62,16 +63,12 @@ def rng_state_object():
     import random
 
     import numpy as np
-    import torch
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from megaemb import platform
+    from megaemb.parallel import rng_states
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(), "accelerator": platform.accelerator_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), **rng_states()}
     return ShardedObject("rng_state", state,
                          (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
                          (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
@@ -83,25 +80,34 @@ def restore_rng_state(state: dict) -> None:
     import random
 
     import numpy as np
-    import torch
-    from megatron.core import tensor_parallel
 
-    from megaemb import platform
+    from megaemb.parallel import set_rng_states
 
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    platform.set_accelerator_rng_state(state["accelerator"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    set_rng_states(state)
 
 
-def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, hf_source: str) -> str:
-    """Collective: every rank passes its sharded state dict. Returns the iteration directory."""
+def read_lora(root: str) -> dict | None:
+    """The ``lora.json`` record of a LoRA checkpoint, or None for a full one."""
+    path = os.path.join(root, LORA_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, hf_source: str,
+                    lora: dict | None = None) -> str:
+    """Collective: every rank passes its sharded state dict (a LoRA run: its adapters', and
+    ``lora`` = the ``lora.json`` record). Returns the iteration directory."""
     final, tmp = iter_dir(root, iteration), iter_dir(root, iteration) + ".tmp"
     if _rank0():
         os.makedirs(root, exist_ok=True)
         if not os.path.isfile(os.path.join(root, "megaemb.json")):
             write_atomic(os.path.join(root, "megaemb.json"), json.dumps(FORMAT))
+        if lora is not None:
+            write_atomic(os.path.join(root, LORA_FILE), json.dumps(lora, indent=2))
         if os.path.abspath(os.path.join(root, "hf")) != os.path.abspath(hf_source):
             copy_hf_files(hf_source, os.path.join(root, "hf"))
         shutil.rmtree(tmp, ignore_errors=True)

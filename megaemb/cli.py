@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint iteration to export with --to_hf (default: the latest)")
     e.add_argument("--overwrite", type=str2bool, default=False,
                    help="replace an existing, non-empty --output_dir")
+    e.add_argument("--merge_lora", type=str2bool, default=False,
+                   help="--to_hf of a LoRA checkpoint: the merged HF model (default: a PEFT adapter folder)")
     add_parallel_flags(e)
 
     m = sub.add_parser("embed", help="embed texts with an HF or MCore checkpoint", allow_abbrev=False)
@@ -196,7 +198,8 @@ def run_export(args) -> None:
     else:
         export.mcore_to_hf(args.mcore_model, args.output_dir, bf16=args.bf16,
                            max_shard_bytes=parse_size(args.max_shard_size),
-                           iteration=args.iteration, overwrite=args.overwrite)
+                           iteration=args.iteration, overwrite=args.overwrite,
+                           merge_lora=args.merge_lora)
         hf_weights = args.output_dir
         loaded = None
     _rank0_print(f"megaemb export: wrote {args.output_dir}")
@@ -265,9 +268,7 @@ def check_args(args, world: int = 1) -> None:
         preflight.check_model(cfg.model)
         preflight.check_layout(cfg.model, cfg.parallel(), world, cfg.mrl_dims, "--mrl_dims")
         dp = world // cfg.parallel().model_parallel_size
-        if cfg.global_batch_size % (cfg.micro_batch_size * dp):
-            raise ValueError(f"--global_batch_size {cfg.global_batch_size} must be divisible by "
-                             f"--micro_batch_size {cfg.micro_batch_size} x data parallel size {dp}")
+        cfg.check_batch(dp)
         preflight.check_datasets(cfg.dataset, "--dataset")
         preflight.check_datasets(cfg.val_dataset, "--val_dataset")
         preflight.resolve_load(cfg)

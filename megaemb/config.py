@@ -5,7 +5,7 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -65,6 +65,8 @@ class SFTConfig:
     # batch and schedule
     micro_batch_size: int = 1  # groups (query, positive, negatives) per forward pass and rank
     global_batch_size: int = 16  # groups per optimizer step over all data-parallel ranks
+    global_negatives: bool = False  # InfoNCE over the whole global batch by gradient caching (one extra forward)
+    max_tokens_per_micro_batch: int = 0  # with --global_negatives: cut micro-batches by tokens, not groups; 0 = by --micro_batch_size
     train_iters: int = 0  # optimizer steps (or give --num_train_epochs)
     num_train_epochs: float = 0.0  # passes over --dataset (or give --train_iters)
     lr: float = 1e-5  # peak learning rate
@@ -79,7 +81,15 @@ class SFTConfig:
     overlap_grad_reduce: bool | None = None  # overlap DP gradient reduction with backward; none = on CUDA with DP > 1
     bf16: bool | None = None  # bf16 weights (fp32 main params, pooling and loss); none = true on CUDA
     recompute_granularity: str = ""  # activation recompute: full | selective; none = off
+    hidden_dropout: float = 0.0  # dropout after attention and MLP (Qwen3 trains without)
+    attention_dropout: float = 0.0  # dropout of attention probabilities
     seed: int = 42  # data order, negatives, initialisation
+    # LoRA (ms-swift's flags)
+    train_type: str = "full"  # full | lora (frozen base, trained low-rank adapters)
+    lora_rank: int = 8  # adapter rank r
+    lora_alpha: float = 32.0  # adapter scale alpha (the update is alpha / r * B A)
+    lora_dropout: float = 0.05  # dropout on the adapters' input
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # all-linear, or linear_qkv linear_proj linear_fc1 linear_fc2 (q_proj ... down_proj map onto them)
     # loss
     infonce_temperature: float | None = None  # InfoNCE temperature; none = INFONCE_TEMPERATURE or 0.01
     infonce_hard_negatives: int | None = None  # hard negatives per query; none = INFONCE_HARD_NEGATIVES or all
@@ -137,6 +147,7 @@ class SFTConfig:
         if not self.dataset:
             raise ValueError("--dataset is required")
         choices = {"loss_type": ("infonce", "cosine_similarity", "contrastive", "online_contrastive"),
+                   "train_type": ("full", "lora"),
                    "bad_rows": ("error", "skip"), "lr_decay_style": ("cosine", "linear", "constant"),
                    "recompute_granularity": ("", "full", "selective"),
                    "attention": ("auto", "te", "sdpa", "local")}
@@ -154,6 +165,7 @@ class SFTConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("train_iters", "num_train_epochs", "save_interval", "save_total_limit",
+                     "max_tokens_per_micro_batch",
                      "eval_interval", "eval_limit", "weight_decay", "clip_grad", "min_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -183,11 +195,93 @@ class SFTConfig:
         if any(d <= 0 for d in self.mrl_dims):
             raise ValueError(f"--mrl_dims must be positive, got {self.mrl_dims}")
         check_packing(self.packing, self.attention)
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.max_tokens_per_micro_batch:
+            if not self.global_negatives:
+                raise ValueError("--max_tokens_per_micro_batch needs --global_negatives true (without "
+                                 "it each micro-batch has its own loss, so the cut changes the loss)")
+            if self.max_tokens_per_micro_batch < self.max_length:
+                raise ValueError(f"--max_tokens_per_micro_batch {self.max_tokens_per_micro_batch} is "
+                                 f"below --max_length {self.max_length} (one text must fit)")
+        if self.train_type == "lora":
+            if self.lora_rank < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
+                raise ValueError(f"LoRA needs --lora_rank >= 1, --lora_alpha > 0 and --lora_dropout in "
+                                 f"[0, 1), got {self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}")
+            if self.attention == "te":
+                raise ValueError("--train_type lora needs --attention sdpa or auto (Transformer Engine "
+                                 "fuses the norm into linear_qkv / linear_fc1, hiding the adapters' input)")
+            target_modules(self.target_modules)
         if self.finetune and not self.load:
             raise ValueError("--finetune true needs --load CHECKPOINT (the weights to start from)")
         for name in ("save", "load", "model", "data_cache_dir"):
             if getattr(self, name) and not getattr(self, name).strip():
                 raise ValueError(f"--{name} is blank")
+
+    def check_batch(self, dp: int) -> None:
+        """The global batch must split evenly over ``dp`` data-parallel ranks and, unless
+        micro-batches are cut by tokens, into whole micro-batches on each."""
+        if self.max_tokens_per_micro_batch:
+            per_step, what = dp, f"the data parallel size {dp}"
+        else:
+            per_step = self.micro_batch_size * dp
+            what = f"--micro_batch_size {self.micro_batch_size} x data parallel size {dp}"
+        if self.global_batch_size % per_step:
+            raise ValueError(f"--global_batch_size {self.global_batch_size} must be divisible by {what}")
+
+
+ALL_LINEAR = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+# what ms-swift / PEFT users name; megatron fuses q/k/v and gate/up into one linear each
+HF_NAMES = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv",
+            "o_proj": "linear_proj", "gate_proj": "linear_fc1", "up_proj": "linear_fc1",
+            "down_proj": "linear_fc2"}
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Adapter settings of ``--train_type lora`` (``megaemb.model.lora``); saved as
+    ``lora.json`` in a LoRA checkpoint."""
+
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ALL_LINEAR
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def of(cls, cfg: "SFTConfig") -> "LoRAConfig":
+        return cls(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, target_modules(cfg.target_modules))
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LoRAConfig":
+        return cls(int(data["rank"]), float(data["alpha"]), float(data["dropout"]),
+                   tuple(data["target_modules"]))
+
+
+def target_modules(names: list[str]) -> tuple[str, ...]:
+    """``--target_modules`` (``all-linear``, megatron or HF projection names) -> megatron names.
+    Raises ``ValueError`` naming what cannot be targeted."""
+    out: list[str] = []
+    for name in names or ["all-linear"]:
+        if name in ("all-linear", "all_linear"):
+            wanted = ALL_LINEAR
+        elif name in ALL_LINEAR:
+            wanted = (name,)
+        elif name in HF_NAMES:
+            wanted = (HF_NAMES[name],)
+        else:
+            raise ValueError(f"--target_modules {name!r}: expected all-linear or some of "
+                             f"{', '.join(ALL_LINEAR + tuple(HF_NAMES))} (MoE experts are not "
+                             "supported yet)")
+        out += [w for w in wanted if w not in out]
+    return tuple(out)
 
 
 def field_docs(cls) -> dict[str, str]:

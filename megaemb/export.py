@@ -72,15 +72,34 @@ def hf_to_mcore(model_dir: str, output_dir: str, parallel: ParallelConfig, bf16:
 
 def mcore_to_hf(mcore_dir: str, output_dir: str, bf16: bool = False,
                 max_shard_bytes: int = 5 * 2**30, iteration: int | None = None,
-                overwrite: bool = False) -> None:
+                overwrite: bool = False, merge_lora: bool = False) -> None:
     """Collective over ranks grouped with TP=PP=EP=1 (extra ranks are data-parallel copies;
     the checkpoint, saved under any layout, is resharded on load one tensor at a time);
-    global rank 0 writes the HF directory."""
+    global rank 0 writes the HF directory. A LoRA checkpoint becomes, with ``merge_lora``,
+    the merged HF model, else a PEFT adapter folder."""
     if parallel_state.get_model_parallel_group().size() != 1:
         raise ValueError("export --to_hf runs with tensor/pipeline/expert parallel size 1 "
                          "(the MCore checkpoint is resharded on load)")
     if not checkpoint.is_checkpoint(mcore_dir):
         raise FileNotFoundError(f"{mcore_dir}: not a megaemb checkpoint (no megaemb.json)")
+    dtype = torch.bfloat16 if bf16 else torch.float32
     with _staged(output_dir, overwrite) as tmp:
-        write_hf_model(mcore_dir, tmp, iteration=iteration, max_shard_bytes=max_shard_bytes,
-                       dtype=torch.bfloat16 if bf16 else torch.float32)
+        if checkpoint.read_lora(mcore_dir) and not merge_lora:
+            write_adapter(mcore_dir, tmp, dtype, iteration)
+        else:
+            write_hf_model(mcore_dir, tmp, iteration=iteration, max_shard_bytes=max_shard_bytes,
+                           dtype=dtype)
+
+
+def write_adapter(mcore_dir: str, out_dir: str, dtype: torch.dtype, iteration: int | None) -> None:
+    """The PEFT adapter folder (global rank 0) with the tokenizer, for ``PeftModel``."""
+    from megaemb.convert.adapters import write_peft_adapter
+    from megaemb.convert.hf_to_mcore import read_hf_config
+    from megaemb.shape import Qwen3Shape
+
+    hf_dir = os.path.join(mcore_dir, "hf")
+    shape = Qwen3Shape.from_hf(read_hf_config(hf_dir), os.path.join(hf_dir, "config.json"))
+    if _rank0():
+        write_peft_adapter(mcore_dir, out_dir, shape, dtype=dtype, iteration=iteration)
+        checkpoint.copy_hf_files(hf_dir, out_dir)
+        os.remove(os.path.join(out_dir, "config.json"))  # the base's; PEFT reads adapter_config.json

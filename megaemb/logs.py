@@ -51,14 +51,18 @@ class TrainLogger:
             "loss": sum(s["loss"] for s in window) / n, "lr": window[-1]["lr"],
             "grad_norm": window[-1]["grad_norm"], "tokens_per_s": tokens / elapsed,
             "samples_per_s": samples / elapsed, "padding": sum(s["padding"] for s in window) / n,
-            **platform.memory_stats(),
+            "micro_batches": window[-1]["micro_batches"], **platform.memory_stats(),
         }
+        replay = [s["replay_error"] for s in window if "replay_error" in s]
+        if replay:  # gradient caching: how far the replayed forward strayed from the first
+            stats["replay_error"] = max(replay)
         mfu = flops / elapsed / (peak * world) if peak else None
         mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
         tqdm.write(f"step {step}: loss {stats['loss']:.4f} lr {stats['lr']:.3e} grad_norm "
                    f"{stats['grad_norm']:.3f} tokens/s {stats['tokens_per_s']:.0f} samples/s "
                    f"{stats['samples_per_s']:.1f} padding {100 * stats['padding']:.0f}% MFU {mfu_text} "
-                   f"mem {stats['mem_peak_gib']:.2f} GiB")
+                   f"mem {stats['mem_peak_gib']:.2f} GiB micro-batches {stats['micro_batches']}"
+                   + (f" replay_error {stats['replay_error']:.1e}" if replay else ""))
         if self.writer:
             for k, v in stats.items():
                 if k != "loss":

@@ -12,13 +12,17 @@ DP=1 on the concatenated batch, and averaging the per-rank parameter gradients o
 groups: pass only the data-parallel group.
 
 The pair losses (:func:`cosine_similarity_loss`, :func:`contrastive_loss`,
-:func:`online_contrastive_loss`) follow sentence-transformers and are local to the rank.
+:func:`online_contrastive_loss`) follow sentence-transformers. :class:`GroupLoss` is what
+training optimises: one of these over a rank's groups, laid out as the batch builders lay
+them out; it gathers pairs over the data-parallel group too, so every loss of DP=N equals
+DP=1 on the concatenated batch.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -141,6 +145,16 @@ class InfoNCEConfig:
         if (self.include_qq or self.include_dd) and not self.use_batch:
             raise ValueError("include_qq / include_dd (INFONCE_INCLUDE_QQ / INFONCE_INCLUDE_DD) "
                              "need use_batch (INFONCE_USE_BATCH=true)")
+
+    def negatives_per_query(self, groups: int, k: int) -> int:
+        """Candidates other than the positive that each query is scored against, when the
+        loss sees ``groups`` groups of ``k`` hard negatives (before fake-negative masking)."""
+        k = k if self.hard_negatives is None else min(k, self.hard_negatives)
+        if not self.use_batch:
+            return k
+        docs = groups * (1 + k)
+        return (docs - 1 + (groups - 1 if self.include_qq else 0)
+                + (docs - 1 if self.include_dd else 0))
 
     @classmethod
     def from_env(cls, **overrides) -> InfoNCEConfig:
@@ -316,3 +330,65 @@ def matryoshka(loss_fn: Callable[..., torch.Tensor],
                    for dim in dims)
 
     return loss
+
+
+PAIR_LOSSES = {"cosine_similarity": cosine_similarity_loss, "contrastive": contrastive_loss,
+               "online_contrastive": online_contrastive_loss}
+LOSS_TYPES = ("infonce", *PAIR_LOSSES)
+
+
+def _all_gather(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """All-gather without gradient: ``[n, ...]`` -> ``[W*n, ...]``, rank-major."""
+    if _group_size(group) == 1:
+        return x
+    out = x.new_empty((_group_size(group) * x.shape[0], *x.shape[1:]))
+    _all_gather_single(out, x.contiguous(), group=group)
+    return out
+
+
+@dataclass(frozen=True)
+class GroupLoss:
+    """The training loss of ``m`` groups on one data-parallel rank.
+
+    ``emb [m*(2+k), d]`` (normalised) holds the groups' embeddings as ``GroupBatch`` lays out
+    their texts: ``[q_1..q_m, p_1..p_m, n_11..n_1k, ..., n_m1..n_mk]``; ``labels [m]`` for the
+    pair losses. Every data-parallel rank passes the same ``m`` and ``k``.
+
+    infonce   :func:`info_nce` of this rank's queries, candidates gathered over ``group``
+              with gradient (rank losses average to the DP=1 loss of the concatenated batch).
+    pairs     the pair loss of all ranks' pairs, gathered over ``group`` with gradient, so a
+              batch-dependent loss (online_contrastive's hard-pair cuts) sees the whole batch;
+              each rank computes the same value and DDP's gradient average gives DP=1's.
+    Wrapped by :func:`matryoshka` when ``mrl_dims`` is given.
+    """
+
+    loss_type: str = "infonce"
+    infonce: InfoNCEConfig | None = None
+    margin: float = 0.5
+    mrl_dims: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss type {self.loss_type!r} ({', '.join(LOSS_TYPES)})")
+
+    def __call__(self, emb: torch.Tensor, m: int, k: int, labels: torch.Tensor | None,
+                 group: dist.ProcessGroup | None) -> torch.Tensor:
+        queries, docs = emb[:m], emb[m:2 * m]
+        if self.loss_type == "infonce":
+            fn = partial(info_nce, cfg=self.infonce, group=group)
+            args = (queries, docs, emb[2 * m:].reshape(m, k, emb.shape[-1]))
+        else:
+            margin = {} if self.loss_type == "cosine_similarity" else {"margin": self.margin}
+            fn = partial(PAIR_LOSSES[self.loss_type], **margin)
+            args = (all_gather_with_grad(queries, group), all_gather_with_grad(docs, group),
+                    _all_gather(labels.to(emb.device), group))
+        if self.mrl_dims:
+            fn = matryoshka(fn, self.mrl_dims)
+        return fn(*args)
+
+    def negatives_per_query(self, groups: int, k: int) -> int:
+        """Negatives each query is scored against when the loss sees ``groups`` groups (over
+        all data-parallel ranks); 0 for the pair losses."""
+        if self.loss_type != "infonce":
+            return 0
+        return (self.infonce or InfoNCEConfig()).negatives_per_query(groups, k)

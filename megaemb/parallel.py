@@ -48,6 +48,27 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 6
     torch.manual_seed(seed)
 
 
+def rng_states() -> dict:
+    """A copy of every generator a forward pass draws from: torch's (CPU), the accelerator's
+    default (hidden dropout on GPU) and megatron's tracker streams (attention dropout under
+    TP, expert-parallel streams). The tracker returns references, hence the clones."""
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return {"torch": torch.get_rng_state(), "accelerator": platform.accelerator_rng_state(),
+            "tracker": {k: v.clone() for k, v in tracker.items()}}
+
+
+def set_rng_states(states: dict) -> None:
+    """Inverse of :func:`rng_states` (the states are copied in, so they can be set again)."""
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(states["torch"])
+    platform.set_accelerator_rng_state(states["accelerator"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {k: v.clone() for k, v in states["tracker"].items()})
+
+
 def destroy_parallel() -> None:
     from megatron.core import parallel_state
 

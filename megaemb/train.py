@@ -1,16 +1,15 @@
 """``megaemb sft``: contrastive training of an ``EmbeddingModel`` with megatron-core.
 
 One optimizer step = ``global_batch_size`` examples, chosen by ``GlobalBatchSampler`` from
-(data, seed, global batch) only, split evenly over data-parallel replicas and cut into
-micro-batches run by megatron's ``get_forward_backward_func`` (1F1B under PP). Each
-micro-batch of ``m`` examples is one batch of texts, padded ``[m*(2+k), s]`` or packed
-``[1, T]`` (``--packing``; ``megaemb.data.batching``)::
+(data, seed, global batch) only and split evenly over data-parallel replicas. A rank's
+groups become texts laid out as ``megaemb.data.batching.group_texts`` says::
 
     infonce:        [q_1..q_m, p_1..p_m, n_11..n_1k, ..., n_m1..n_mk]   (m*(2+k) texts)
     pair losses:    [q_1..q_m, d_1..d_m]                                (2m texts)
 
-and the loss (``megaemb.loss``) sees its embeddings on the last pipeline stage, gathering
-in-batch negatives over the data-parallel group with gradient.
+and ``megaemb.step`` runs their forward and backward passes: per micro-batch losses, or with
+``--global_negatives`` the loss of the whole global batch by gradient caching. This module
+is the loop around it: set-up, the optimizer step, evaluation, logs and checkpoints.
 """
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -28,12 +26,11 @@ from megatron.core.distributed import (DistributedDataParallel, DistributedDataP
                                        finalize_model_grads)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megaemb import checkpoint, launcher, platform, preflight
-from megaemb.config import SFTConfig
+from megaemb.config import LoRAConfig, SFTConfig
 from megaemb.convert.load import load_model
-from megaemb.data.batching import GroupBatch, step_micro_batches
+from megaemb.data.batching import step_micro_batches
 from megaemb.data.formats import load_examples
 from megaemb.data.sampler import GlobalBatchSampler, shard_for_rank
 from megaemb.data.token_store import StoreSpec, open_on_every_rank
@@ -41,14 +38,13 @@ from megaemb.data.tokenize import EmbeddingTokenizer, format_query
 from megaemb.embed import embed_texts
 from megaemb.evaluate import pair_metrics, retrieval_metrics
 from megaemb.logs import TrainLogger
-from megaemb.loss import (InfoNCEConfig, contrastive_loss, cosine_similarity_loss, info_nce,
-                          matryoshka, online_contrastive_loss)
+from megaemb.loss import GroupLoss, InfoNCEConfig
 from megaemb.model.flops import train_flops
+from megaemb.model.lora import is_lora_name
 from megaemb.parallel import init_parallel
+from megaemb.step import Layout, cached_chunks, cached_step, plain_step
 
 OPTIMIZER_CKPT_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
-PAIR_LOSSES = {"cosine_similarity": cosine_similarity_loss, "contrastive": contrastive_loss,
-               "online_contrastive": online_contrastive_loss}
 
 
 def _opt_bool(text: str) -> bool | None:
@@ -79,11 +75,7 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        per_step = cfg.micro_batch_size * self.dp
-        if cfg.global_batch_size % per_step:
-            raise ValueError(f"--global_batch_size {cfg.global_batch_size} must be divisible by "
-                             f"--micro_batch_size {cfg.micro_batch_size} x data parallel size {self.dp}")
-        self.num_microbatches = cfg.global_batch_size // per_step
+        cfg.check_batch(self.dp)
         self.wait_group = dist.new_group(  # rank 0's HF export: see export_hf
             backend="gloo", timeout=datetime.timedelta(minutes=cfg.export_timeout_minutes))
         self._build_model()
@@ -99,10 +91,23 @@ class Trainer:
         overlap = cfg.overlap_grad_reduce
         if overlap is None:
             overlap = platform.default_overlap_grad_reduce(self.dp)
-        self.loaded = load_model(cfg.model, self.parallel, bf16=cfg.bf16, attention=cfg.attention,
-                                 recompute_granularity=cfg.recompute_granularity or None)
+        self.lora = LoRAConfig.of(cfg) if cfg.train_type == "lora" else None
+        # LoRA wraps megatron's own linears: auto picks SDPA (TE fuses norms into them)
+        attention = "sdpa" if self.lora and cfg.attention == "auto" else cfg.attention
+        self.loaded = load_model(cfg.model, self.parallel, bf16=cfg.bf16, attention=attention,
+                                 recompute_granularity=cfg.recompute_granularity or None,
+                                 hidden_dropout=cfg.hidden_dropout,
+                                 attention_dropout=cfg.attention_dropout, lora=self.lora, seed=cfg.seed)
         self.module = self.loaded.model
         self.module.train()
+        if self.lora:
+            trained = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+            frozen = sum(p.numel() for p in self.module.parameters() if not p.requires_grad)
+            self._log(f"LoRA r={self.lora.rank} alpha={self.lora.alpha} on {', '.join(self.lora.target_modules)}: "
+                      f"{trained:,} trained parameters, {frozen:,} frozen (no gradient buffer or "
+                      "optimizer state) on this rank")
+        if cfg.hidden_dropout or cfg.attention_dropout:
+            self._log(f"dropout: hidden {cfg.hidden_dropout}, attention {cfg.attention_dropout}")
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
             use_distributed_optimizer=cfg.use_distributed_optimizer)
@@ -118,6 +123,7 @@ class Trainer:
             config.grad_sync_func = self.model.start_grad_sync
         self._log(f"bf16 {cfg.bf16}, overlap_grad_reduce {overlap}")
         self.loss_cfg = infonce_config(cfg) if cfg.loss_type == "infonce" else None
+        self.loss = GroupLoss(cfg.loss_type, self.loss_cfg, cfg.margin, tuple(cfg.mrl_dims))
 
     def _build_data(self):
         """Training rows come from the token store (built once per node; see
@@ -152,7 +158,16 @@ class Trainer:
         self.sampler = GlobalBatchSampler(len(self.train), cfg.global_batch_size, cfg.seed)
         self.train_iters = cfg.train_iters or self.sampler.iterations_for_epochs(cfg.num_train_epochs)
         self.packed = self.module.packs_by_default if cfg.packing is None else cfg.packing
-        self._log(f"micro-batches: {'packed [1, T]' if self.packed else 'padded [n, s]'} (--packing)")
+        self.layout = Layout(self.tokenizer.pad_id, self.packed, self.module.sequence_multiple)
+        self._log(f"micro-batches: {'packed [1, T]' if self.packed else 'padded [n, s]'} (--packing)"
+                  + (f", at most {cfg.max_tokens_per_micro_batch} tokens each"
+                     if cfg.max_tokens_per_micro_batch else ""))
+        if cfg.loss_type == "infonce":
+            seen = cfg.global_batch_size if cfg.global_negatives else cfg.micro_batch_size * self.dp
+            self.negatives = self.loss.negatives_per_query(seen, meta["k"])
+            self._log(f"infonce: {self.negatives} negatives per query (the loss sees {seen} groups: "
+                      + ("the global batch, --global_negatives)" if cfg.global_negatives else
+                         "micro-batch x data parallel size; --global_negatives true: the global batch)"))
 
     def _build_optimizer(self):
         cfg = self.cfg
@@ -184,8 +199,17 @@ class Trainer:
                 "ep": self.parallel.expert_model_parallel_size,
                 "distributed_optimizer": self.cfg.use_distributed_optimizer}
 
+    def _model_state(self) -> dict:
+        """The model's sharded state dict; a LoRA run's holds only the adapters (the base is
+        ``lora.json``'s model)."""
+        state = self.module.sharded_state_dict()
+        return {k: v for k, v in state.items() if is_lora_name(k)} if self.lora else state
+
+    def _lora_record(self) -> dict | None:
+        return {"base": os.path.abspath(self.cfg.model), "lora": self.lora.to_json()} if self.lora else None
+
     def _state(self, is_loading: bool, with_rng: bool = True) -> dict:
-        model_sd = self.module.sharded_state_dict()
+        model_sd = self._model_state()
         state = dict(model_sd)  # model keys at top level: same layout as `export --to_mcore`
         if not self.cfg.finetune or not is_loading:
             # fully_reshardable: the distributed optimizer saves per-parameter state in the plain
@@ -214,9 +238,16 @@ class Trainer:
                 "TP/PP/EP/DP layout works), or take its weights only with --finetune true")
         if not self.cfg.finetune:
             _create_optimizer_state(self.optimizer)
+        saved_lora = checkpoint.read_lora(root)
+        if (saved_lora or {}).get("lora") != (self._lora_record() or {}).get("lora"):
+            raise ValueError(f"--load {root}: saved with "
+                             + (f"LoRA {saved_lora['lora']}" if saved_lora else "--train_type full")
+                             + ", this run is " + (f"LoRA {self.lora.to_json()}" if self.lora else
+                                                   "--train_type full")
+                             + " (resume with the same adapter flags)")
         same_layout = all(saved.get(k) == now[k] for k in ("tp", "pp", "ep"))
         state = checkpoint.load_checkpoint(root, self._state(is_loading=True, with_rng=same_layout))
-        self.module.load_state_dict({k: state[k] for k in self.module.sharded_state_dict()})
+        self.module.load_state_dict({k: state[k] for k in self._model_state()}, strict=not self.lora)
         if self.cfg.finetune:
             # the optimizer copied fp32 main params from the --model weights when it was built
             # (bf16): refresh them from the loaded weights, or the first step restores the old ones
@@ -244,7 +275,7 @@ class Trainer:
 
     def save(self):
         path = checkpoint.save_checkpoint(self.cfg.save, self.step, self._state(is_loading=False),
-                                          self.loaded.hf_dir)
+                                          self.loaded.hf_dir, lora=self._lora_record())
         self._log(f"saved {path}")
         if self.cfg.save_hf:
             self.export_hf(path + "_hf", iteration=self.step)
@@ -264,7 +295,7 @@ class Trainer:
         if self.rank0:
             cmd = [sys.executable, "-m", "megaemb.cli", "export", "--mcore_model", self.cfg.save,
                    "--to_hf", "true", "--output_dir", out, "--overwrite", "true",
-                   "--bf16", str(self.cfg.bf16)]
+                   "--bf16", str(self.cfg.bf16)] + (["--merge_lora", "true"] if self.lora else [])
             if iteration is not None:
                 cmd += ["--iteration", str(iteration)]
             result = subprocess.run(cmd, env=launcher.child_env(single_process_env()),
@@ -279,51 +310,35 @@ class Trainer:
             raise RuntimeError(outcome[0])
 
     # ------------------------------------------------------------------ one step
-    def _loss(self, batch: GroupBatch, emb: torch.Tensor):
-        m, k = batch.m, batch.k
-        queries, docs = emb[:m], emb[m:2 * m]
-        group = parallel_state.get_data_parallel_group()
-        if self.cfg.loss_type == "infonce":
-            negatives = emb[2 * m:].reshape(m, k, emb.shape[-1])
-            fn = partial(info_nce, cfg=self.loss_cfg, group=group)
-            args = (queries, docs, negatives)
-        else:
-            margin = {} if self.cfg.loss_type == "cosine_similarity" else {"margin": self.cfg.margin}
-            fn = partial(PAIR_LOSSES[self.cfg.loss_type], **margin)
-            args = (queries, docs, batch.labels.to(emb.device))
-        if self.cfg.mrl_dims:
-            fn = matryoshka(fn, self.cfg.mrl_dims)
-        loss = fn(*args)
-        return loss, {"loss": loss.detach().clone()}
-
-    def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
-        emb = model(batch.texts.to(platform.device()), normalize=True)
-        return emb, partial(self._loss, batch)
+    def forward_backward(self, rows: list):
+        """This rank's ``rows`` of the step -> ``step.StepOutput``; gradients in DDP's buffers."""
+        cfg = self.cfg
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        if cfg.global_negatives:
+            chunks = cached_chunks(rows, self.layout, micro_batch_size=cfg.micro_batch_size,
+                                   max_tokens=cfg.max_tokens_per_micro_batch)
+            return cached_step(self.model, rows, chunks, self.loss, self.layout)
+        micro = step_micro_batches(rows, cfg.micro_batch_size, self.layout.pad_id,
+                                   packed=self.layout.packed, multiple=self.layout.multiple)
+        return plain_step(self.model, micro, self.loss)
 
     def train_step(self) -> dict:
         rows = shard_for_rank(self.sampler.indices_for_step(self.step), self.dp_rank, self.dp)
-        batches = step_micro_batches([self.train[i] for i in rows], self.cfg.micro_batch_size,
-                                     self.tokenizer.pad_id, packed=self.packed,
-                                     multiple=self.module.sequence_multiple)
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        first = batches[0].texts.input_ids
-        losses = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
-            num_microbatches=len(batches), seq_length=first.shape[1],
-            micro_batch_size=first.shape[0], forward_only=False)
+        out = self.forward_backward([self.train[i] for i in rows])
         lr = self.scheduler.get_lr(self.optimizer.param_groups[0])  # the lr this step used
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        loss = torch.stack([d["loss"] for d in losses]).mean() if losses else torch.zeros(())
-        loss = _average_loss(loss.float().to(platform.device()))
-        lengths = [int(n) for b in batches for n in b.texts.lengths]
-        computed = sum(b.texts.input_ids.numel() for b in batches)
-        return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": lr,
-                "samples": self.cfg.global_batch_size, "tokens": sum(lengths) * self.dp,
-                "padding": 1 - sum(lengths) / computed,
-                "flops": train_flops(self.loaded.shape, lengths) * self.dp}
+        loss = _average_loss(out.loss.to(platform.device()))
+        lengths = [int(n) for b in out.batches for n in b.lengths]
+        computed = sum(b.input_ids.numel() for b in out.batches)
+        stats = {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": lr,
+                 "samples": self.cfg.global_batch_size, "tokens": sum(lengths) * self.dp,
+                 "padding": 1 - sum(lengths) / computed, "micro_batches": len(out.batches),
+                 "flops": train_flops(self.loaded.shape, lengths) * self.dp}
+        if out.replay_error is not None:
+            stats["replay_error"] = out.replay_error
+        return stats
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:

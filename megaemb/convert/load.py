@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megaemb import checkpoint
+from megaemb.config import LoRAConfig
 from megaemb.convert.hf_to_mcore import HFCheckpoint, load_hf_into_model, read_hf_config
 from megaemb.model.embedder import EmbeddingModel, build_model
 from megaemb.model.qwen3 import transformer_config
@@ -18,6 +19,7 @@ class LoadedModel:
     hf_config: dict
     hf_dir: str  # where config.json and the tokenizer live
     is_mcore: bool
+    lora: LoRAConfig | None = None  # adapters on the model (``megaemb.model.lora``)
 
 
 def hf_files_dir(path: str) -> str:
@@ -26,16 +28,41 @@ def hf_files_dir(path: str) -> str:
 
 
 def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "auto",
-               recompute_granularity: str | None = None, load_weights: bool = True) -> LoadedModel:
-    """Collective over all ranks. ``path``: HF model dir or megaemb checkpoint dir."""
+               recompute_granularity: str | None = None, load_weights: bool = True,
+               hidden_dropout: float = 0.0, attention_dropout: float = 0.0,
+               lora: LoRAConfig | None = None, seed: int = 0) -> LoadedModel:
+    """Collective over all ranks. ``path``: HF model dir or megaemb checkpoint dir; a LoRA
+    checkpoint loads its base model (``lora.json``), then its adapters. ``lora``: add fresh
+    adapters (seeded by ``seed``) to the loaded model and freeze the rest."""
+    from megaemb.model.lora import apply_lora, is_lora_name
+
     is_mcore = checkpoint.is_checkpoint(path)
+    meta = checkpoint.read_lora(path) if is_mcore else None
+    if meta:
+        if lora is not None:
+            raise ValueError(f"{path} is a LoRA checkpoint: give it as --load (resume), or export "
+                             "it with --merge_lora true and train from that")
+        base = meta["base"]
+        if not os.path.isdir(base):
+            raise FileNotFoundError(f"{path}/{checkpoint.LORA_FILE}: its base model {base} is gone "
+                                    "(the adapters need it)")
+        loaded = load_model(base, parallel, bf16=bf16, attention=attention,
+                            recompute_granularity=recompute_granularity, load_weights=load_weights,
+                            hidden_dropout=hidden_dropout, attention_dropout=attention_dropout)
+        lora = LoRAConfig.from_json(meta["lora"])
+        apply_lora(loaded.model, lora, init=False)
+        if load_weights:
+            adapters = {k: v for k, v in loaded.model.sharded_state_dict().items() if is_lora_name(k)}
+            loaded.model.load_state_dict(checkpoint.load_checkpoint(path, adapters), strict=False)
+        return replace(loaded, hf_dir=hf_files_dir(path), is_mcore=True, lora=lora)
     hf_dir = hf_files_dir(path)
     hf_config = read_hf_config(hf_dir)
     shape = Qwen3Shape.from_hf(hf_config, os.path.join(hf_dir, "config.json"))
     check_parallel_layout(shape, parallel, path)
     hf = HFCheckpoint(path) if load_weights and not is_mcore else None
     config = transformer_config(shape, parallel, bf16=bf16, recompute_granularity=recompute_granularity,
-                                attention=attention)
+                                attention=attention, hidden_dropout=hidden_dropout,
+                                attention_dropout=attention_dropout)
     model = build_model(config, shape, attention=attention)
     if load_weights:
         if is_mcore:
@@ -45,4 +72,6 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
             model.load_state_dict({k: state[k] for k in sharded})
         else:
             load_hf_into_model(model, hf)
-    return LoadedModel(model, shape, hf_config, hf_dir, is_mcore)
+    if lora is not None:
+        apply_lora(model, lora, seed=seed)
+    return LoadedModel(model, shape, hf_config, hf_dir, is_mcore, lora)

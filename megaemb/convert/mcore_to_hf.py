@@ -124,13 +124,20 @@ def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None
                    dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 2**30,
                    max_seq_length: int = 8192) -> None:
     """Collective. Everything ``AutoModel`` and ``SentenceTransformer`` need, into ``out_dir``
-    (which must exist), from ``iteration`` (default: the latest); written by global rank 0."""
+    (which must exist), from ``iteration`` (default: the latest); written by global rank 0.
+    A LoRA checkpoint is written merged (``convert.adapters``)."""
     hf_dir = os.path.join(mcore_dir, "hf")
     hf_config = read_hf_config(hf_dir)
     shape = Qwen3Shape.from_hf(hf_config, os.path.join(hf_dir, "config.json"))
     write = not dist.is_initialized() or dist.get_rank() == 0
     writer = ShardWriter(out_dir, max_shard_bytes, write)
-    for name, tensor in stream_hf_tensors(mcore_dir, shape, dtype, iteration):
+    if checkpoint.read_lora(mcore_dir):  # adapters merged into their base
+        from megaemb.convert.adapters import merged_hf_tensors
+
+        tensors = merged_hf_tensors(mcore_dir, shape, dtype, iteration)
+    else:
+        tensors = stream_hf_tensors(mcore_dir, shape, dtype, iteration)
+    for name, tensor in tensors:
         writer.add(name, tensor)
     writer.close()
     if not write:

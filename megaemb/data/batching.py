@@ -122,11 +122,17 @@ class GroupBatch:
     labels: torch.Tensor | None
 
 
-def make_micro_batch(rows: list, pad_id: int, *, packed: bool = False, multiple: int = 1) -> GroupBatch:
+def group_texts(rows: list) -> tuple[list, int, int, torch.Tensor | None]:
+    """``m`` groups -> (their texts ``[q_1..q_m, p_1..p_m, n_11..n_1k, ..., n_m1..n_mk]``,
+    ``m``, ``k``, labels ``[m]`` or None): the layout ``GroupBatch`` and the loss share."""
     seqs = [r.query for r in rows] + [r.doc for r in rows] + [n for r in rows for n in r.negatives]
     labels = torch.tensor([r.label for r in rows], dtype=torch.float32) if rows[0].label is not None else None
-    return GroupBatch(text_batch(seqs, pad_id, packed=packed, multiple=multiple),
-                      len(rows), len(rows[0].negatives), labels)
+    return seqs, len(rows), len(rows[0].negatives), labels
+
+
+def make_micro_batch(rows: list, pad_id: int, *, packed: bool = False, multiple: int = 1) -> GroupBatch:
+    seqs, m, k, labels = group_texts(rows)
+    return GroupBatch(text_batch(seqs, pad_id, packed=packed, multiple=multiple), m, k, labels)
 
 
 def step_micro_batches(rows: list, micro_batch_size: int, pad_id: int, *, packed: bool = False,
@@ -135,3 +141,56 @@ def step_micro_batches(rows: list, micro_batch_size: int, pad_id: int, *, packed
     laid out on its own (pipeline stages exchange shapes: ``variable_seq_lengths``)."""
     return [make_micro_batch(mb, pad_id, packed=packed, multiple=multiple)
             for mb in micro_batches(rows, micro_batch_size)]
+
+
+# ---------------------------------------------------------------- micro-batches of texts
+# Gradient caching (``megaemb.step``) embeds a rank's texts in any grouping, so its
+# micro-batches are lists of text indices into ``group_texts``' layout.
+
+def group_chunks(m: int, k: int, micro_batch_size: int) -> list[list[int]]:
+    """Text indices of each micro-batch of ``micro_batch_size`` consecutive groups, in the
+    micro-batch's own group layout (the texts ``make_micro_batch`` would hold)."""
+    chunks = []
+    for start in micro_batches(list(range(m)), micro_batch_size):
+        g = range(start[0], start[-1] + 1)
+        chunks.append(list(g) + [m + i for i in g] + [2 * m + i * k + j for i in g for j in range(k)])
+    return chunks
+
+
+def chunk_cost(lengths: list[int], *, packed: bool, multiple: int = 1) -> int:
+    """Tokens one micro-batch of texts with these ``lengths`` computes: packed, its bucket
+    size ``pack_length(sum)``; padded, rows x longest (rounded to ``multiple``)."""
+    if not lengths:
+        return 0
+    if packed:
+        return pack_length(sum(lengths), multiple)
+    return len(lengths) * -(-max(lengths) // multiple) * multiple
+
+
+def token_chunks(lengths: list[int], max_tokens: int, *, packed: bool, multiple: int = 1,
+                 count: int = 0) -> list[list[int]]:
+    """Text indices cut into micro-batches that each compute at most ``max_tokens`` tokens
+    (``chunk_cost``; a text costlier on its own is a micro-batch alone).
+
+    Texts go longest first (padded micro-batches then hold similar lengths), each micro-batch
+    filled greedily. With ``count`` above the greedy number, the costliest micro-batches are
+    halved until there are ``count`` (ranks that must run equally many micro-batches, e.g.
+    expert-parallel ones, pass the largest count of the group); ``count`` <= ``len(lengths)``.
+    """
+    if count > len(lengths):
+        raise ValueError(f"cannot cut {len(lengths)} texts into {count} micro-batches")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    chunks: list[list[int]] = []
+    for i in order:
+        if chunks and chunk_cost([lengths[j] for j in chunks[-1] + [i]], packed=packed,
+                                 multiple=multiple) <= max_tokens:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    while len(chunks) < count:
+        cost = [chunk_cost([lengths[j] for j in c], packed=packed, multiple=multiple)
+                if len(c) > 1 else -1 for c in chunks]
+        at = cost.index(max(cost))
+        half = len(chunks[at]) // 2
+        chunks[at:at + 1] = [chunks[at][:half], chunks[at][half:]]
+    return chunks

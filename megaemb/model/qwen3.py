@@ -23,10 +23,11 @@ from megaemb.model.norm import HeadRMSNorm, RMSNorm
 from megaemb.shape import Qwen3Shape
 
 def transformer_config(shape: Qwen3Shape, parallel: ParallelConfig, *, bf16: bool = False,
-                       recompute_granularity: str | None = None,
-                       attention: str = "auto") -> TransformerConfig:
+                       recompute_granularity: str | None = None, attention: str = "auto",
+                       hidden_dropout: float = 0.0, attention_dropout: float = 0.0) -> TransformerConfig:
     """Build the megatron-core config (fp32 params, or bf16 with ``bf16=True``); fusions as
-    ``platform.fusions`` decides for this machine and attention backend."""
+    ``platform.fusions`` decides for this machine and attention backend. Dropout is off
+    unless asked for (Qwen3 is trained without)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     moe = {}
     if shape.num_experts:
@@ -45,7 +46,7 @@ def transformer_config(shape: Qwen3Shape, parallel: ParallelConfig, *, bf16: boo
         normalization="RMSNorm", layernorm_epsilon=shape.rms_norm_eps, qk_layernorm=True,
         add_bias_linear=False, add_qkv_bias=False,
         gated_linear_unit=True, activation_func=F.silu,
-        hidden_dropout=0.0, attention_dropout=0.0,
+        hidden_dropout=hidden_dropout, attention_dropout=attention_dropout,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
@@ -53,7 +54,7 @@ def transformer_config(shape: Qwen3Shape, parallel: ParallelConfig, *, bf16: boo
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
         variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
-        # no biases, no dropout, no masked softmax (SDPA / TE attention), no apex layer norm
+        # no biases, no masked softmax (SDPA / TE attention), no apex layer norm
         bias_dropout_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         **platform.fusions(resolve_attention(attention)),
         # megatron sets the tensor-parallel attributes of weights (read by the converter, DDP and

@@ -1,0 +1,161 @@
+"""LoRA adapters on megatron-core's tensor-parallel linears (``--train_type lora``).
+
+A targeted linear ``y = W x`` becomes ``y = W x + (alpha / r) * B A dropout(x)`` with ``W``
+frozen, ``A [r, in]`` and ``B [out, r]`` trained (A: PEFT's Kaiming-uniform init, drawn on the
+whole tensor from a generator seeded by ``--seed`` and the weight's global name, so every
+layout starts from the same adapter; B: zeros, so training starts at the base model).
+
+The adapter follows its base layer's tensor-parallel split (tp ranks, SP = sequence parallel):
+
+    column-parallel base (linear_qkv, linear_fc1; W split on out):
+        x [s, b, in] (SP: [s/tp, b, in], gathered first; backward splits, since the adapter
+        path's input gradient is whole on every rank)
+        A [r, in]        replicated; h = A x [s, b, r]
+        h                copy_to_tensor_model_parallel_region: backward all-reduces dh
+        B [out/tp, r]    split on out, like W; adds to the base's [s, b, out/tp]
+    row-parallel base (linear_proj, linear_fc2; W split on in):
+        x [s, b, in/tp]
+        A [r, in/tp]     split on in, like W; h = reduce_from_tensor_model_parallel_region(A x)
+        B [out, r]       replicated; B h [s, b, out] (SP: scattered to [s/tp, b, out])
+
+Parameter and checkpoint names are the base's plus ``lora_a.weight`` / ``lora_b.weight``
+(``...linear_qkv.lora_b.weight``): the base keeps its names, so conversion and checkpoints of
+the frozen weights are unchanged. ``linear_fc1``'s B is saved with megatron's SwiGLU factory,
+like its weight, so a LoRA checkpoint loads under any TP layout. The adapters of the fused
+megatron linears map onto PEFT's per-projection adapters exactly: ``linear_qkv``'s A is
+q_proj's, k_proj's and v_proj's A, and its B splits into their B's as W splits
+(``convert.mapping.split``); likewise gate_proj / up_proj for ``linear_fc1``.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                  set_tensor_model_parallel_attributes)
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from megaemb.config import LoRAConfig
+
+PEFT_TARGETS = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
+                "linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",)}
+
+
+class LoRAMixin:
+    """Mixed into a ColumnParallelLinear / RowParallelLinear instance by :func:`apply_lora`."""
+
+    lora: LoRAConfig
+    lora_row: bool  # row-parallel base
+    lora_gated: bool  # the gated MLP's linear_fc1 ([gate; up] rows)
+
+    def forward(self, x, *args, **kwargs):
+        out, bias = super().forward(x, *args, **kwargs)
+        return out + self.lora_delta(x), bias
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_a.weight, self.lora_b.weight
+        sp = self.config.sequence_parallel
+        if self.lora_row:  # x [s, b, in/tp]: each rank's dropout masks its own slice
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                x = self.lora_dropout(x)
+            h = tensor_parallel.reduce_from_tensor_model_parallel_region(F.linear(x, a))
+            y = F.linear(h, b)
+            if sp:
+                y = tensor_parallel.scatter_to_sequence_parallel_region(y)
+        else:  # the same dropout mask on every rank (the default generator is shared over TP)
+            if sp:
+                x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+            h = F.linear(self.lora_dropout(x), a)
+            y = F.linear(tensor_parallel.copy_to_tensor_model_parallel_region(h), b)
+        return y * self.lora.scale
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        base = {k: v for k, v in super().sharded_state_dict(prefix, sharded_offsets, metadata).items()
+                if ".lora_" not in k}
+        state = {"lora_a.weight": self.lora_a.weight, "lora_b.weight": self.lora_b.weight}
+        axis = {"lora_a.weight": 1} if self.lora_row else {"lora_b.weight": 0}
+        lora = make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets,
+                                                   tp_group=self.tp_group,
+                                                   dp_cp_group=(metadata or {}).get("dp_cp_group"))
+        if self.lora_gated:
+            key = f"{prefix}lora_b.weight"
+            lora[key] = apply_swiglu_sharded_factory(lora[key], sharded_offsets,
+                                                     (metadata or {}).get("singleton_local_shards", False))
+        return {**base, **lora}
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _lora_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"LoRA{cls.__name__}", (LoRAMixin, cls), {})
+    return _CLASSES[cls]
+
+
+def is_lora_name(name: str) -> bool:
+    return ".lora_a." in name or ".lora_b." in name
+
+
+def _init_a(shape: tuple[int, int], seed: int, name: str) -> torch.Tensor:
+    """PEFT's init of A (``kaiming_uniform_(a=sqrt(5))``) on the whole ``[r, in]`` tensor."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    bound = 1 / math.sqrt(shape[1])  # kaiming_uniform with a=sqrt(5): gain sqrt(1/3) * sqrt(3/fan_in)
+    return (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1).mul_(bound).float()
+
+
+def apply_lora(model, cfg: LoRAConfig, *, seed: int = 0, init: bool = True) -> list[str]:
+    """Add adapters to ``model``'s targeted dense linears (of this pipeline stage) and freeze
+    every other parameter. Returns the adapted modules' global names
+    (``decoder.layers.{global}.self_attention.linear_qkv``)."""
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank() if init else 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    done = []
+    for layer in model.decoder.layers:
+        for target in cfg.target_modules:
+            owner = "self_attention" if target in ("linear_qkv", "linear_proj") else "mlp"
+            module = getattr(getattr(layer, owner), target, None)
+            if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                if target in ("linear_fc1", "linear_fc2"):
+                    continue  # an MoE layer: experts are not adapted
+                raise ValueError(f"--train_type lora: {target} is a {type(module).__name__}; LoRA "
+                                 "wraps megatron's ColumnParallelLinear / RowParallelLinear "
+                                 "(use --attention sdpa)")
+            name = f"decoder.layers.{layer.layer_number - 1}.{owner}.{target}"
+            _adapt(module, cfg, name, seed, tp_rank, init, gated=target == "linear_fc1"
+                   and model.config.gated_linear_unit)
+            done.append(name)
+    return done
+
+
+def _adapt(module, cfg: LoRAConfig, name: str, seed: int, tp_rank: int, init: bool, gated: bool):
+    row = isinstance(module, RowParallelLinear)
+    out_local, in_local = module.weight.shape
+    in_full = in_local * module.tp_group.size() if row and init else in_local
+    like = dict(device=module.weight.device, dtype=module.weight.dtype)
+    a = torch.nn.Linear(in_local, cfg.rank, bias=False, **like)
+    b = torch.nn.Linear(cfg.rank, out_local, bias=False, **like)
+    with torch.no_grad():
+        if init:
+            full = _init_a((cfg.rank, in_full), seed, name)
+            a.weight.copy_(full[:, tp_rank * in_local:(tp_rank + 1) * in_local] if row else full)
+            b.weight.zero_()
+    split = a.weight if row else b.weight
+    set_tensor_model_parallel_attributes(split, True, 1 if row else 0, 1)
+    module.__class__ = _lora_class(type(module))
+    module.lora, module.lora_row, module.lora_gated = cfg, row, gated
+    module.lora_a, module.lora_b = a, b
+    module.lora_dropout = torch.nn.Dropout(cfg.dropout) if cfg.dropout else torch.nn.Identity()
+
+
+@torch.no_grad()
+def merge_delta(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``weight + scale * b @ a`` computed in fp32, cast once to ``weight``'s dtype."""
+    return (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
