@@ -94,7 +94,7 @@ def write_peft_adapter(mcore_dir: str, out_dir: str, shape: Qwen3Shape, *,
     tensors = {}
     for name, (a, b) in adapter_hf_tensors(mcore_dir, shape, iteration).items():
         module = PEFT_PREFIX + name.removesuffix(".weight")
-        tensors[f"{module}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"{module}.lora_A.weight"] = a.to(dtype).clone()  # q/k/v share A: own copies
         tensors[f"{module}.lora_B.weight"] = b.to(dtype).contiguous()
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {

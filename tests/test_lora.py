@@ -1,0 +1,235 @@
+"""``--train_type lora``: adapters on megatron-core's tensor-parallel linears, their checkpoints
+(adapters + a reference to the base) and exports (merged HF weights, PEFT adapter folder).
+Real gloo groups on CPU, fp32."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from distributed import run_distributed
+from test_global_negatives import PROBE
+from test_train import DATA, ROOT, TOL, _cfg as train_cfg, _close
+
+DEV = os.path.join(ROOT, "demo", "data", "dev.jsonl")
+
+
+def _cfg(model, **kw):
+    return train_cfg(model, **{"train_type": "lora", "lora_dropout": 0.0, "lr": 1e-3, **kw})
+
+
+def _steps(cfg):
+    from megaemb.train import Trainer
+
+    trainer, out = Trainer(cfg), []
+    for trainer.step in range(cfg.train_iters):
+        stats = trainer.train_step()
+        out.append((trainer.step + 1, stats["loss"], stats["grad_norm"]))
+    return out
+
+
+# ------------------------------------------------------------------------------ units
+
+def test_target_modules_and_flags():
+    from megaemb.config import target_modules
+
+    assert target_modules(["all-linear"]) == ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    assert target_modules(["q_proj", "v_proj", "down_proj"]) == ("linear_qkv", "linear_fc2")
+    with pytest.raises(ValueError, match="experts"):
+        target_modules(["router"])
+    with pytest.raises(ValueError, match="Transformer Engine"):
+        _cfg("m", attention="te").validate()
+    with pytest.raises(ValueError, match="lora_rank"):
+        _cfg("m", lora_rank=0).validate()
+
+
+# ------------------------------------------------------------------------------ one rank
+
+def _one_rank(rank, world, model, save):
+    """LoRA forward == merged forward; training moves only adapters; checkpoint + exports."""
+    from megaemb.config import LoRAConfig, ParallelConfig
+    from megaemb.convert.load import load_model
+    from megaemb.data.tokenize import EmbeddingTokenizer
+    from megaemb.embed import embed_texts
+    from megaemb.model.lora import merge_delta
+    from megaemb.parallel import init_parallel
+    from megaemb.train import Trainer
+
+    out = {}
+    init_parallel(ParallelConfig())
+    loaded = load_model(model, ParallelConfig(), lora=LoRAConfig(rank=4, alpha=8.0), seed=1)
+    m = loaded.model.eval()
+    tok = EmbeddingTokenizer(loaded.hf_dir, max_length=64)
+    torch.manual_seed(0)
+    adapted = [mod for mod in m.modules() if hasattr(mod, "lora_b")]
+    with torch.no_grad():
+        for mod in adapted:
+            mod.lora_b.weight.normal_(0, 0.05)
+    with_lora = embed_texts(m, tok, PROBE)
+    with torch.no_grad():
+        for mod in adapted:
+            mod.weight.copy_(merge_delta(mod.weight, mod.lora_a.weight, mod.lora_b.weight, mod.lora.scale))
+            mod.lora_b.weight.zero_()
+    merged = embed_texts(m, tok, PROBE)
+    out["forward_vs_merged_cos"] = float((with_lora * merged).sum(-1).min())
+    out["adapted"] = len(adapted)
+
+    cfg = _cfg(model, train_iters=3, save=save, save_interval=3)
+    trainer = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
+    trainer.run()
+    changed = {n for n, p in trainer.module.named_parameters() if not torch.equal(p, before[n])}
+    out["changed"] = sorted(changed)
+    out["names"] = sorted(before)
+    out["trainable"] = sorted(n for n, p in trainer.module.named_parameters() if p.requires_grad)
+    trainer.module.eval()
+    out["trained"] = embed_texts(trainer.module, trainer.tokenizer, PROBE)
+    return out
+
+
+def _embed_cli(model, texts_file, out):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", NPROC_PER_NODE="1")
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "megaemb.cli", "embed", "--model", model, "--input",
+                        texts_file, "--output", out], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return np.load(out)
+
+
+def _export(*args):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", NPROC_PER_NODE="1")
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "megaemb.cli", "export", *args], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _hf_embed(model, texts, tokenizer_dir):
+    """transformers + last-token pooling (left padding); the exported tokenizer appends the
+    end token itself."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    batch = tok(texts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        h = model.eval()(**batch).last_hidden_state[:, -1]
+    return torch.nn.functional.normalize(h, dim=-1).numpy()
+
+
+@pytest.mark.timeout(600)
+def test_lora_forward_training_checkpoint_and_exports(tiny_models, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    base = tiny_models["dense"]
+    save = str(tmp_path / "lora")
+    out = run_distributed(_one_rank, 1, base, save, timeout=400)[0]
+    assert out["forward_vs_merged_cos"] >= 0.99999, out["forward_vs_merged_cos"]
+    assert out["adapted"] == 16  # 4 layers x qkv, proj, fc1, fc2
+    # only adapters train, and every adapter moved
+    assert out["trainable"] == [n for n in out["names"] if ".lora_" in n] and len(out["trainable"]) == 32
+    assert out["changed"] == out["trainable"], out["changed"]
+    # the checkpoint holds adapters and a reference to the base, not base weights
+    from megaemb import checkpoint
+
+    meta = checkpoint.read_lora(save)
+    assert meta["base"] == os.path.abspath(base) and meta["lora"]["rank"] == 8
+    ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(save, "iter_0000003"))
+                     for f in fs)
+    assert ckpt_bytes < 2_000_000, ckpt_bytes  # the frozen base alone is 40 MB
+    # exports: merged HF weights, and a PEFT adapter folder; the LoRA checkpoint embeds directly
+    _export("--mcore_model", save, "--to_hf", "true", "--output_dir", str(tmp_path / "merged"),
+            "--merge_lora", "true")
+    _export("--mcore_model", save, "--to_hf", "true", "--output_dir", str(tmp_path / "adapter"))
+    assert sorted(os.listdir(tmp_path / "adapter"))[:2] == ["adapter_config.json", "adapter_model.safetensors"]
+    tok = str(tmp_path / "merged")
+    merged = _hf_embed(AutoModel.from_pretrained(tok), PROBE, tok)
+    plain = _hf_embed(AutoModel.from_pretrained(base), PROBE, tok)
+    peft = _hf_embed(PeftModel.from_pretrained(AutoModel.from_pretrained(base), str(tmp_path / "adapter")),
+                     PROBE, tok)
+    texts = tmp_path / "probe.txt"
+    texts.write_text("\n".join(PROBE) + "\n")
+    direct = _embed_cli(save, str(texts), str(tmp_path / "direct.npy"))
+    diffs = {"merged_vs_base": float(abs(merged - plain).max()),
+             "merged_vs_peft": float(abs(merged - peft).max()),
+             "merged_vs_trainer": float(abs(merged - out["trained"]).max()),
+             "merged_vs_embed_cli": float(abs(merged - direct).max())}
+    print("LoRA export differences:", diffs)
+    assert diffs["merged_vs_base"] > 1e-3, diffs  # the merge is not the base model
+    assert diffs["merged_vs_peft"] <= 1e-5 and diffs["merged_vs_trainer"] <= 1e-5, diffs
+    assert diffs["merged_vs_embed_cli"] <= 1e-5, diffs
+
+
+# ------------------------------------------------------------------------------ layouts, resume
+
+def _reference(rank, world, model, save):
+    from megaemb.train import Trainer
+
+    full = _steps(_cfg(model, train_iters=4))
+    saved = Trainer(_cfg(model, train_iters=4, save=save, save_interval=2)).run()["losses"]
+    return full, saved
+
+
+_LAYOUTS = [("tp2", dict(tensor_model_parallel_size=2)),
+            ("tp2-sp", dict(tensor_model_parallel_size=2, sequence_parallel=True)),
+            ("pp2", dict(pipeline_model_parallel_size=2))]
+
+
+def _layouts(rank, world, model, save, resumed):
+    from megaemb.train import Trainer
+
+    out = {label: _steps(_cfg(model, train_iters=4, **kw)) for label, kw in _LAYOUTS}
+    # resume the world-1 LoRA checkpoint (step 2) under TP=2: steps 3-4 continue its run
+    import shutil
+
+    if rank == 0:  # as if killed after the step-2 save
+        from megaemb import checkpoint
+
+        shutil.copytree(save, resumed)
+        shutil.rmtree(os.path.join(resumed, "iter_0000004"))
+        checkpoint.write_atomic(os.path.join(resumed, checkpoint.TRACKER), "2")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    out["resumed-tp2"] = Trainer(_cfg(model, train_iters=4, save=resumed, tensor_model_parallel_size=2,
+                                      save_interval=0)).run()["losses"]
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_lora_layouts_and_resume_equal_one_rank(tiny_models, tmp_path):
+    model = tiny_models["dense"]
+    save = str(tmp_path / "ref")
+    ref, saved = run_distributed(_reference, 1, model, save, timeout=300)[0]
+    got = run_distributed(_layouts, 2, model, save, str(tmp_path / "resumed"), timeout=500)[0]
+    diffs = {label: _close(got[label], ref) for label, _ in _LAYOUTS}
+    diffs["saved-run"] = _close(saved, [r[:2] for r in ref])
+    diffs["resumed-tp2"] = _close(got["resumed-tp2"], saved[2:])
+    print("LoRA layout differences:", {k: f"{v:.1e}" for k, v in diffs.items()})
+    assert abs(ref[0][1] - ref[3][1]) > 1e-3  # it trains
+    assert all(v <= TOL for v in diffs.values()), (diffs, got, ref)
+
+
+# ------------------------------------------------------------------------------ learning
+
+def _learn(rank, world, model):
+    from megaemb.train import Trainer
+
+    cfg = train_cfg(model, dataset=[f"{DATA}#512"], val_dataset=[DEV], eval_limit=200, train_type="lora",
+                    lora_rank=16, lora_alpha=32.0, lr=2e-3, micro_batch_size=16, global_batch_size=16,
+                    train_iters=40, max_length=64, lr_decay_style="constant", log_interval=20)
+    history = Trainer(cfg).run()
+    return history["eval_before"], history["eval_after"]
+
+
+@pytest.mark.timeout(600)
+def test_lora_raises_dev_recall(tiny_models):
+    before, after = run_distributed(_learn, 1, tiny_models["dense"], timeout=540)[0]
+    print(f"LoRA dev recall@10 {before['recall@10']:.3f} -> {after['recall@10']:.3f}")
+    assert after["recall@10"] > before["recall@10"] + 0.05, (before, after)
