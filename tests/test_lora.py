@@ -2,8 +2,6 @@
 (adapters + a reference to the base) and exports (merged HF weights, PEFT adapter folder).
 Real gloo groups on CPU, fp32."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 
 from distributed import run_distributed
 from test_global_negatives import PROBE
-from test_train import DATA, ROOT, TOL, _cfg as train_cfg, _close
+from test_train import DATA, ROOT, TOL, _cfg as train_cfg, _close, _megaemb
 
 DEV = os.path.join(ROOT, "demo", "data", "dev.jsonl")
 
@@ -89,23 +87,8 @@ def _one_rank(rank, world, model, save):
     return out
 
 
-def _embed_cli(model, texts_file, out):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", NPROC_PER_NODE="1")
-    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([sys.executable, "-m", "megaemb.cli", "embed", "--model", model, "--input",
-                        texts_file, "--output", out], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return np.load(out)
-
-
-def _export(*args):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", NPROC_PER_NODE="1")
-    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([sys.executable, "-m", "megaemb.cli", "export", *args], capture_output=True,
-                       text=True, env=env, cwd=ROOT, timeout=300)
+def _cli(*args):
+    r = _megaemb(*args)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -143,9 +126,9 @@ def test_lora_forward_training_checkpoint_and_exports(tiny_models, tmp_path):
                      for f in fs)
     assert ckpt_bytes < 2_000_000, ckpt_bytes  # the frozen base alone is 40 MB
     # exports: merged HF weights, and a PEFT adapter folder; the LoRA checkpoint embeds directly
-    _export("--mcore_model", save, "--to_hf", "true", "--output_dir", str(tmp_path / "merged"),
-            "--merge_lora", "true")
-    _export("--mcore_model", save, "--to_hf", "true", "--output_dir", str(tmp_path / "adapter"))
+    _cli("export", "--mcore_model", save, "--to_hf", "true", "--output_dir", str(tmp_path / "merged"),
+         "--merge_lora", "true")
+    _cli("export", "--mcore_model", save, "--to_hf", "true", "--output_dir", str(tmp_path / "adapter"))
     assert sorted(os.listdir(tmp_path / "adapter"))[:2] == ["adapter_config.json", "adapter_model.safetensors"]
     tok = str(tmp_path / "merged")
     merged = _hf_embed(AutoModel.from_pretrained(tok), PROBE, tok)
@@ -154,7 +137,8 @@ def test_lora_forward_training_checkpoint_and_exports(tiny_models, tmp_path):
                      PROBE, tok)
     texts = tmp_path / "probe.txt"
     texts.write_text("\n".join(PROBE) + "\n")
-    direct = _embed_cli(save, str(texts), str(tmp_path / "direct.npy"))
+    _cli("embed", "--model", save, "--input", str(texts), "--output", str(tmp_path / "direct.npy"))
+    direct = np.load(tmp_path / "direct.npy")
     diffs = {"merged_vs_base": float(abs(merged - plain).max()),
              "merged_vs_peft": float(abs(merged - peft).max()),
              "merged_vs_trainer": float(abs(merged - out["trained"]).max()),
@@ -219,11 +203,15 @@ def test_lora_layouts_and_resume_equal_one_rank(tiny_models, tmp_path):
 # ------------------------------------------------------------------------------ learning
 
 def _learn(rank, world, model):
+    """test_learning's run (debian-desc slice, 16 groups a step), as LoRA: the embedding
+    table and norms stay random, only the adapters learn."""
+    from megaemb.config import SFTConfig
     from megaemb.train import Trainer
 
-    cfg = train_cfg(model, dataset=[f"{DATA}#512"], val_dataset=[DEV], eval_limit=200, train_type="lora",
-                    lora_rank=16, lora_alpha=32.0, lr=2e-3, micro_batch_size=16, global_batch_size=16,
-                    train_iters=40, max_length=64, lr_decay_style="constant", log_interval=20)
+    cfg = SFTConfig(model=model, dataset=[f"{DATA}#1200"], val_dataset=[DEV], eval_limit=200,
+                    max_length=64, micro_batch_size=16, global_batch_size=16, train_iters=120,
+                    lr=1e-3, lr_decay_style="constant", weight_decay=0.0, infonce_temperature=0.05,
+                    log_interval=40, seed=42, train_type="lora", lora_rank=16, lora_alpha=32.0)
     history = Trainer(cfg).run()
     return history["eval_before"], history["eval_after"]
 
@@ -232,4 +220,4 @@ def _learn(rank, world, model):
 def test_lora_raises_dev_recall(tiny_models):
     before, after = run_distributed(_learn, 1, tiny_models["dense"], timeout=540)[0]
     print(f"LoRA dev recall@10 {before['recall@10']:.3f} -> {after['recall@10']:.3f}")
-    assert after["recall@10"] > before["recall@10"] + 0.05, (before, after)
+    assert after["recall@10"] >= before["recall@10"] + 0.1, (before, after)  # measured 0.14 -> 0.34
