@@ -281,6 +281,13 @@ def check_args(args, world: int = 1) -> None:
         preflight.check_model(source, flag, None if args.to_mcore else args.iteration)
         if args.to_hf and not os.path.isfile(os.path.join(source, "megaemb.json")):
             raise FileNotFoundError(f"--mcore_model {source}: not a megaemb checkpoint (no megaemb.json)")
+        if args.to_hf and not args.merge_lora:
+            from megaemb import checkpoint
+            from megaemb.config import LoRAConfig
+
+            lora = checkpoint.read_lora(source)
+            if lora:
+                LoRAConfig.from_json(lora["lora"]).check_peft_export(f"--mcore_model {source}")
         preflight.check_layout(source, parallel_config(args), world)
         preflight.check_export_dirs(source, args.output_dir, flag, args.overwrite)
         parse_size(args.max_shard_size)

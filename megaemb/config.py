@@ -89,7 +89,7 @@ class SFTConfig:
     lora_rank: int = 8  # adapter rank r
     lora_alpha: float = 32.0  # adapter scale alpha (the update is alpha / r * B A)
     lora_dropout: float = 0.05  # dropout on the adapters' input
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # all-linear, or linear_qkv linear_proj linear_fc1 linear_fc2 (q_proj ... down_proj map onto them)
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # all-linear (dense linears), experts (MoE experts, opt-in), or linear_qkv linear_proj linear_fc1 linear_fc2 (q_proj ... down_proj map onto them)
     # loss
     infonce_temperature: float | None = None  # InfoNCE temperature; none = INFONCE_TEMPERATURE or 0.01
     infonce_hard_negatives: int | None = None  # hard negatives per query; none = INFONCE_HARD_NEGATIVES or all
@@ -259,6 +259,13 @@ class LoRAConfig:
     def to_json(self) -> dict:
         return {**asdict(self), "target_modules": list(self.target_modules)}
 
+    def check_peft_export(self, where: str) -> None:
+        """PEFT adapters exist for dense projections only."""
+        if "experts" in self.target_modules:
+            raise ValueError(f"{where}: its MoE experts have adapters, and transformers holds "
+                             "Qwen3-MoE experts in fused 3-D parameters that PEFT cannot adapt: "
+                             "export with --merge_lora true")
+
     @classmethod
     def from_json(cls, data: dict) -> "LoRAConfig":
         return cls(int(data["rank"]), float(data["alpha"]), float(data["dropout"]),
@@ -276,10 +283,11 @@ def target_modules(names: list[str]) -> tuple[str, ...]:
             wanted = (name,)
         elif name in HF_NAMES:
             wanted = (HF_NAMES[name],)
+        elif name == "experts":  # opt-in: every routed expert's linear_fc1 and linear_fc2
+            wanted = ("experts",)
         else:
-            raise ValueError(f"--target_modules {name!r}: expected all-linear or some of "
-                             f"{', '.join(ALL_LINEAR + tuple(HF_NAMES))} (MoE experts are not "
-                             "supported yet)")
+            raise ValueError(f"--target_modules {name!r}: expected all-linear, experts or some of "
+                             f"{', '.join(ALL_LINEAR + tuple(HF_NAMES))}")
         out += [w for w in wanted if w not in out]
     return tuple(out)
 

@@ -151,12 +151,17 @@ def test_lora_forward_training_checkpoint_and_exports(tiny_models, tmp_path):
 
 # ------------------------------------------------------------------------------ layouts, resume
 
-def _reference(rank, world, model, save):
+EXPERTS = ["all-linear", "experts"]
+
+
+def _reference(rank, world, models, save, moe_save):
     from megaemb.train import Trainer
 
-    full = _steps(_cfg(model, train_iters=4))
-    saved = Trainer(_cfg(model, train_iters=4, save=save, save_interval=2)).run()["losses"]
-    return full, saved
+    full = _steps(_cfg(models["dense"], train_iters=4))
+    saved = Trainer(_cfg(models["dense"], train_iters=4, save=save, save_interval=2)).run()["losses"]
+    moe = Trainer(_cfg(models["moe"], train_iters=3, target_modules=EXPERTS, save=moe_save,
+                       save_interval=3, micro_batch_size=4)).run()["losses"]
+    return full, saved, moe
 
 
 _LAYOUTS = [("tp2", dict(tensor_model_parallel_size=2)),
@@ -164,10 +169,14 @@ _LAYOUTS = [("tp2", dict(tensor_model_parallel_size=2)),
             ("pp2", dict(pipeline_model_parallel_size=2))]
 
 
-def _layouts(rank, world, model, save, resumed):
+def _layouts(rank, world, models, save, resumed):
     from megaemb.train import Trainer
 
+    model = models["dense"]
     out = {label: _steps(_cfg(model, train_iters=4, **kw)) for label, kw in _LAYOUTS}
+    # experts adapted too, EP=2 (DP=2: one micro-batch of 2 a rank = the reference's one of 4)
+    out["moe/ep2"] = Trainer(_cfg(models["moe"], train_iters=3, target_modules=EXPERTS,
+                                  expert_model_parallel_size=2)).run()["losses"]
     # resume the world-1 LoRA checkpoint (step 2) under TP=2: steps 3-4 continue its run
     import shutil
 
@@ -186,17 +195,33 @@ def _layouts(rank, world, model, save, resumed):
     return out
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(800)
 def test_lora_layouts_and_resume_equal_one_rank(tiny_models, tmp_path):
-    model = tiny_models["dense"]
-    save = str(tmp_path / "ref")
-    ref, saved = run_distributed(_reference, 1, model, save, timeout=300)[0]
-    got = run_distributed(_layouts, 2, model, save, str(tmp_path / "resumed"), timeout=500)[0]
+    """TP=2, TP=2+SP, PP=2 and (experts adapted) EP=2 equal one rank; a LoRA checkpoint
+    resumes under TP=2; a MoE LoRA checkpoint exports merged (its experts' adapters too) and
+    refuses a PEFT export, which transformers' fused experts could not load."""
+    save, moe_save = str(tmp_path / "ref"), str(tmp_path / "moe")
+    ref, saved, moe = run_distributed(_reference, 1, tiny_models, save, moe_save, timeout=400)[0]
+    got = run_distributed(_layouts, 2, tiny_models, save, str(tmp_path / "resumed"), timeout=500)[0]
     diffs = {label: _close(got[label], ref) for label, _ in _LAYOUTS}
     diffs["saved-run"] = _close(saved, [r[:2] for r in ref])
     diffs["resumed-tp2"] = _close(got["resumed-tp2"], saved[2:])
+    diffs["moe/ep2"] = _close(got["moe/ep2"], moe)
+    merged = str(tmp_path / "moe_merged")
+    _cli("export", "--mcore_model", moe_save, "--to_hf", "true", "--output_dir", merged, "--merge_lora", "true")
+    texts = tmp_path / "probe.txt"
+    texts.write_text("\n".join(PROBE) + "\n")
+    vectors = {}
+    for name, path in (("merged", merged), ("lora", moe_save), ("base", tiny_models["moe"])):
+        _cli("embed", "--model", path, "--input", str(texts), "--output", str(tmp_path / f"{name}.npy"))
+        vectors[name] = np.load(tmp_path / f"{name}.npy")
+    diffs["moe merged vs lora checkpoint"] = float(abs(vectors["merged"] - vectors["lora"]).max())
+    moved = float(abs(vectors["merged"] - vectors["base"]).max())
+    peft = _megaemb("export", "--mcore_model", moe_save, "--to_hf", "true", "--output_dir",
+                    str(tmp_path / "moe_adapter"))
+    assert peft.returncode == 2 and "--merge_lora true" in peft.stderr, peft.stderr[-2000:]
     print("LoRA layout differences:", {k: f"{v:.1e}" for k, v in diffs.items()})
-    assert abs(ref[0][1] - ref[3][1]) > 1e-3  # it trains
+    assert abs(ref[0][1] - ref[3][1]) > 1e-3 and moved > 1e-3, moved  # it trains
     assert all(v <= TOL for v in diffs.values()), (diffs, got, ref)
 
 

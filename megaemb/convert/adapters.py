@@ -91,6 +91,7 @@ def write_peft_adapter(mcore_dir: str, out_dir: str, shape: Qwen3Shape, *,
 
     meta = checkpoint.read_lora(mcore_dir)
     lora = LoRAConfig.from_json(meta["lora"])
+    lora.check_peft_export(mcore_dir)
     tensors = {}
     for name, (a, b) in adapter_hf_tensors(mcore_dir, shape, iteration).items():
         module = PEFT_PREFIX + name.removesuffix(".weight")

@@ -57,20 +57,23 @@ class LoRAMixin:
         return out + self.lora_delta(x), bias
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.lora_a.weight, self.lora_b.weight
-        sp = self.config.sequence_parallel
+        """Experts (expert tensor parallel size 1, see :func:`apply_lora`) see the dispatched
+        tokens ``[t, h]``: no sequence parallelism, and the tensor-parallel ops are no-ops."""
+        a, b, group = self.lora_a.weight, self.lora_b.weight, self.tp_group
+        sp = self.config.sequence_parallel and not self.is_expert
         if self.lora_row:  # x [s, b, in/tp]: each rank's dropout masks its own slice
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 x = self.lora_dropout(x)
-            h = tensor_parallel.reduce_from_tensor_model_parallel_region(F.linear(x, a))
+            h = tensor_parallel.reduce_from_tensor_model_parallel_region(F.linear(x, a), group)
             y = F.linear(h, b)
             if sp:
-                y = tensor_parallel.scatter_to_sequence_parallel_region(y)
+                y = tensor_parallel.scatter_to_sequence_parallel_region(y, group)
         else:  # the same dropout mask on every rank (the default generator is shared over TP)
             if sp:
-                x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+                x = tensor_parallel.gather_from_sequence_parallel_region(
+                    x, tensor_parallel_output_grad=False, group=group)
             h = F.linear(self.lora_dropout(x), a)
-            y = F.linear(tensor_parallel.copy_to_tensor_model_parallel_region(h), b)
+            y = F.linear(tensor_parallel.copy_to_tensor_model_parallel_region(h, group), b)
         return y * self.lora.scale
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -118,8 +121,11 @@ def apply_lora(model, cfg: LoRAConfig, *, seed: int = 0, init: bool = True) -> l
     for p in model.parameters():
         p.requires_grad_(False)
     done = []
+    gated = model.config.gated_linear_unit
     for layer in model.decoder.layers:
-        for target in cfg.target_modules:
+        if "experts" in cfg.target_modules and hasattr(layer.mlp, "experts"):
+            done += _adapt_experts(layer, cfg, seed, init, gated)
+        for target in (t for t in cfg.target_modules if t != "experts"):
             owner = "self_attention" if target in ("linear_qkv", "linear_proj") else "mlp"
             module = getattr(getattr(layer, owner), target, None)
             if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
@@ -129,10 +135,32 @@ def apply_lora(model, cfg: LoRAConfig, *, seed: int = 0, init: bool = True) -> l
                                  "wraps megatron's ColumnParallelLinear / RowParallelLinear "
                                  "(use --attention sdpa)")
             name = f"decoder.layers.{layer.layer_number - 1}.{owner}.{target}"
-            _adapt(module, cfg, name, seed, tp_rank, init, gated=target == "linear_fc1"
-                   and model.config.gated_linear_unit)
+            _adapt(module, cfg, name, seed, tp_rank, init, gated=gated and target == "linear_fc1")
             done.append(name)
     return done
+
+
+def _adapt_experts(layer, cfg: LoRAConfig, seed: int, init: bool, gated: bool) -> list[str]:
+    """Every local expert's linear_fc1 / linear_fc2 (``SequentialMLP``), named by its global
+    expert index. Expert tensor parallelism > 1 communicates explicitly in the token
+    dispatcher, which the adapters do not follow: refused."""
+    experts = layer.mlp.experts
+    if not hasattr(experts, "local_experts"):
+        raise ValueError(f"--target_modules experts: {type(experts).__name__} keeps its experts in "
+                         "grouped weights; LoRA needs SequentialMLP (--attention sdpa)")
+    first = experts.local_experts[0].linear_fc1
+    if first.tp_group.size() > 1:
+        raise ValueError("--target_modules experts needs expert tensor parallel size 1 "
+                         "(--tensor_model_parallel_size 1; use --expert_model_parallel_size)")
+    offset = experts.ep_group.rank() * experts.num_local_experts if init else 0
+    names = []
+    for i, expert in enumerate(experts.local_experts):
+        prefix = f"decoder.layers.{layer.layer_number - 1}.mlp.experts.local_experts.{offset + i}"
+        for target in ("linear_fc1", "linear_fc2"):
+            _adapt(getattr(expert, target), cfg, f"{prefix}.{target}", seed, 0, init,
+                   gated=gated and target == "linear_fc1")
+            names.append(f"{prefix}.{target}")
+    return names
 
 
 def _adapt(module, cfg: LoRAConfig, name: str, seed: int, tp_rank: int, init: bool, gated: bool):
@@ -149,6 +177,8 @@ def _adapt(module, cfg: LoRAConfig, name: str, seed: int, tp_rank: int, init: bo
             b.weight.zero_()
     split = a.weight if row else b.weight
     set_tensor_model_parallel_attributes(split, True, 1 if row else 0, 1)
+    for p in (a.weight, b.weight):  # experts' weights: reduced over expert-data-parallel ranks only
+        p.allreduce = getattr(module.weight, "allreduce", True)
     module.__class__ = _lora_class(type(module))
     module.lora, module.lora_row, module.lora_gated = cfg, row, gated
     module.lora_a, module.lora_b = a, b
