@@ -81,6 +81,61 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--packing", type=str2bool, default=None,
                    help="padding-free [1, T] batches (default: true on CUDA, false on CPU)")
     add_parallel_flags(m)
+    v = sub.add_parser("eval", help="retrieval / STS metrics of an HF or MCore checkpoint", allow_abbrev=False)
+    v.add_argument("--model", required=True, help="HF model dir or megaemb MCore checkpoint dir (LoRA too)")
+    v.add_argument("--dataset", required=True, nargs="+",
+                   help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/*.tsv), infonce rows "
+                        "(query/response/rejected_response) or pairs with float labels")
+    v.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\nQuery:{query}'")
+    v.add_argument("--mrl_dims", type=int, nargs="+", default=None,
+                   help="Matryoshka dimensions: one row each, and a PNG beside --output")
+    v.add_argument("--output", default=None, help="metrics JSON (flat keys: recall@10, ndcg@10, ...)")
+    v.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --output")
+    v.add_argument("--cache_dir", default=None,
+                   help="corpus embeddings by content hash (default: $MEGAEMB_CACHE/embeddings or "
+                        "~/.cache/megaemb/embeddings)")
+    v.add_argument("--max_length", type=int, default=None,
+                   help="tokens per text (default: 8192 or the model's max_position_embeddings)")
+    v.add_argument("--batch_size", type=int, default=32)
+    v.add_argument("--packing", type=str2bool, default=None,
+                   help="padding-free [1, T] batches (default: true on CUDA, false on CPU)")
+    add_parallel_flags(v)
+    n = sub.add_parser("mine", help="hard negatives from a dataset's own corpus -> infonce JSONL",
+                       allow_abbrev=False)
+    n.add_argument("--model", required=True, help="HF model dir or megaemb MCore checkpoint dir (LoRA too)")
+    n.add_argument("--dataset", required=True, nargs="+", help="infonce rows (query/response[/rejected_response])")
+    n.add_argument("--output", required=True, help="JSONL to write: query, response, rejected_response")
+    n.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --output")
+    n.add_argument("--num_negatives", type=int, default=7, help="hard negatives per row")
+    n.add_argument("--range", default="10-100",
+                   help="LO-HI: candidates ranked LO+1..HI by similarity (skips the LO closest)")
+    n.add_argument("--margin", type=float, default=0.95,
+                   help="drop candidates scoring above MARGIN x the positive's score (false negatives)")
+    n.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\nQuery:{query}'")
+    n.add_argument("--cache_dir", default=None, help="corpus embeddings by content hash (as eval)")
+    n.add_argument("--max_length", type=int, default=None,
+                   help="tokens per text (default: 8192 or the model's max_position_embeddings)")
+    n.add_argument("--batch_size", type=int, default=32)
+    n.add_argument("--packing", type=str2bool, default=None,
+                   help="padding-free [1, T] batches (default: true on CUDA, false on CPU)")
+    add_parallel_flags(n)
+    r = sub.add_parser("serve", help="OpenAI-compatible /v1/embeddings server", allow_abbrev=False)
+    r.add_argument("--model", required=True, help="HF model dir or megaemb MCore checkpoint dir (LoRA too)")
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    r.add_argument("--served_model_name", default=None, help="the model id clients send (default: the "
+                   "--model directory's name)")
+    r.add_argument("--max_length", type=int, default=None,
+                   help="longest input in tokens, end token included; longer ones get a 400 "
+                        "(default: 8192 or the model's max_position_embeddings)")
+    r.add_argument("--batch_size", type=int, default=32, help="texts per forward micro-batch")
+    r.add_argument("--max_batch_texts", type=int, default=256,
+                   help="dynamic batching: most texts of concurrent requests run together")
+    r.add_argument("--batch_wait_ms", type=float, default=5.0,
+                   help="dynamic batching: how long a first request waits for others")
+    r.add_argument("--packing", type=str2bool, default=None,
+                   help="padding-free [1, T] batches (default: true on CUDA, false on CPU)")
+    add_parallel_flags(r)
     s = sub.add_parser("sft", help="train an embedding model (contrastive losses)", allow_abbrev=False)
     s.add_argument("--config", help="YAML with the same keys as the flags; flags override it")
     add_dataclass_flags(s)
@@ -218,21 +273,10 @@ def run_export(args) -> None:
 def run_embed(args) -> None:
     import numpy as np
 
-    from megaemb.convert.load import load_model
-    from megaemb.data.tokenize import EmbeddingTokenizer
     from megaemb.embed import embed_texts, read_texts
-    from megaemb.parallel import init_parallel
 
     texts = read_texts(args.input, args.text_field)
-    parallel = parallel_config(args)
-    init_parallel(parallel, seed=args.seed)
-    loaded = load_model(args.model, parallel, bf16=args.bf16, attention=args.attention)
-    if args.max_length is None:
-        args.max_length = min(8192, loaded.shape.max_position_embeddings)
-    tokenizer = EmbeddingTokenizer(loaded.hf_dir, args.max_length)
-    if args.max_length > loaded.shape.max_position_embeddings:
-        _rank0_print(f"warning: --max_length {args.max_length} is above the model's "
-                     f"max_position_embeddings {loaded.shape.max_position_embeddings}")
+    loaded, tokenizer = _load_for_inference(args)
     result = embed_texts(loaded.model, tokenizer, texts, batch_size=args.batch_size,
                          instruction=args.instruction, dim=args.dim, packed=args.packing)
     if result is not None:
@@ -245,6 +289,123 @@ def run_embed(args) -> None:
               f"{tokenizer.truncated} truncated to --max_length {args.max_length}", flush=True)
 
 
+def _load_for_inference(args):
+    """Parallel groups, the model (HF, MCore or LoRA checkpoint) and its tokenizer, with
+    ``--max_length`` defaulting to the model's limit (a warning above it)."""
+    from megaemb.convert.load import load_model
+    from megaemb.data.tokenize import EmbeddingTokenizer
+    from megaemb.parallel import init_parallel
+
+    parallel = parallel_config(args)
+    init_parallel(parallel, seed=args.seed)
+    loaded = load_model(args.model, parallel, bf16=args.bf16, attention=args.attention)
+    if args.max_length is None:
+        args.max_length = min(8192, loaded.shape.max_position_embeddings)
+    if args.max_length > loaded.shape.max_position_embeddings:
+        _rank0_print(f"warning: --max_length {args.max_length} is above the model's "
+                     f"max_position_embeddings {loaded.shape.max_position_embeddings}")
+    return loaded, EmbeddingTokenizer(loaded.hf_dir, args.max_length)
+
+
+def default_cache(kind: str) -> str:
+    root = os.environ.get("MEGAEMB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "megaemb")
+    return os.path.join(root, kind)
+
+
+def run_eval(args) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from megaemb.benchmark import EmbeddingCache, evaluate_set, flat, plot_dims, read_eval_set, table
+    from megaemb.data.eval_sets import PairSet
+    from megaemb.embed import embed_texts
+
+    data = read_eval_set(args.dataset)
+    loaded, tokenizer = _load_for_inference(args)
+    cache = EmbeddingCache(args.cache_dir or default_cache("embeddings"), args.model, args.max_length)
+
+    def encode(texts, instruction):
+        return embed_texts(loaded.model, tokenizer, texts, batch_size=args.batch_size,
+                           instruction=instruction, packed=args.packing)
+
+    pairs = isinstance(data, PairSet)
+    first, second = (data.texts1, data.texts2) if pairs else (data.queries, data.corpus)
+    queries = encode(first, args.instruction)
+    docs, hit = cache.embed(encode, second) if not pairs else (encode(second, None), False)
+    if dist.get_rank() != 0:
+        return
+    kind = "pairs" if pairs else "retrieval"
+    width = loaded.shape.hidden_size
+    dims = sorted(set(args.mrl_dims)) if args.mrl_dims else [None]
+    results = evaluate_set(data, queries, docs, dims)
+    size = f"{len(first)} pairs" if pairs else (f"{len(first)} queries, {len(second)} documents"
+                                                 + (" (cached embeddings)" if hit else ""))
+    print(f"megaemb eval: {args.model} on {' '.join(args.dataset)}: {size}\n{table(kind, results, width)}",
+          flush=True)
+    if args.output:
+        tmp = f"{args.output}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(flat(kind, results, width), f, indent=2)
+        os.replace(tmp, args.output)
+        if len(dims) > 1:
+            plot_dims(kind, results, width, os.path.splitext(args.output)[0] + "_dims.png")
+
+
+def run_mine(args) -> None:
+    import torch.distributed as dist
+
+    from megaemb.benchmark import EmbeddingCache
+    from megaemb.data.formats import load_examples
+    from megaemb.embed import embed_texts
+    from megaemb.mine import mine_negatives, parse_range, write_mined
+
+    lo, hi = parse_range(args.range)
+    examples, _ = load_examples(args.dataset, "infonce")
+    corpus: dict[str, int] = {}
+    for e in examples:
+        for text in (e.response, *e.negatives):
+            corpus.setdefault(text, len(corpus))
+    positives: dict[str, set[int]] = {}
+    for e in examples:
+        positives.setdefault(e.query, set()).add(corpus[e.response])
+    loaded, tokenizer = _load_for_inference(args)
+    cache = EmbeddingCache(args.cache_dir or default_cache("embeddings"), args.model, args.max_length)
+
+    def encode(texts, instruction):
+        return embed_texts(loaded.model, tokenizer, texts, batch_size=args.batch_size,
+                           instruction=instruction, packed=args.packing)
+
+    queries = encode([e.query for e in examples], args.instruction)
+    docs, _ = cache.embed(encode, list(corpus))
+    if dist.get_rank() != 0:
+        return
+    negatives = mine_negatives(queries, docs, [corpus[e.response] for e in examples],
+                               [positives[e.query] for e in examples], num_negatives=args.num_negatives,
+                               lo=lo, hi=hi, margin=args.margin)
+    write_mined(args.output, [(e.query, e.response) for e in examples], list(corpus), negatives)
+    short = sum(len(n) < args.num_negatives for n in negatives)
+    print(f"megaemb mine: {len(examples)} rows, corpus of {len(corpus)} documents -> {args.output}: "
+          f"{sum(map(len, negatives)) / len(negatives):.2f} negatives per row (ranks {lo + 1}-{hi}, "
+          f"margin {args.margin}); {short} rows with fewer than {args.num_negatives}", flush=True)
+
+
+def run_serve(args) -> None:
+    from megaemb.data.tokenize import EmbeddingTokenizer
+    from megaemb.serve import ServeConfig, serve
+
+    loaded, tokenizer = _load_for_inference(args)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    cfg = ServeConfig(name=name, width=loaded.shape.hidden_size, max_length=args.max_length,
+                      vocab_size=loaded.shape.vocab_size, end_id=tokenizer.end_id,
+                      max_batch_texts=args.max_batch_texts, batch_wait_ms=args.batch_wait_ms)
+    # full length here: an over-long input is refused by the server, not cut
+    full = EmbeddingTokenizer(loaded.hf_dir, 1 << 30)
+    packed = loaded.model.packs_by_default if args.packing is None else args.packing
+    serve(loaded.model, cfg, full.encode, host=args.host, port=args.port, pad_id=tokenizer.pad_id,
+          packed=packed, micro_batch_size=args.batch_size)
+
+
 def _rank0_print(msg: str) -> None:
     import torch.distributed as dist
 
@@ -252,7 +413,8 @@ def _rank0_print(msg: str) -> None:
         print(msg, flush=True)
 
 
-COMMANDS = {"export": run_export, "embed": run_embed, "sft": run_sft}
+COMMANDS = {"export": run_export, "embed": run_embed, "eval": run_eval, "mine": run_mine,
+            "serve": run_serve, "sft": run_sft}
 
 
 def check_args(args, world: int = 1) -> None:
@@ -291,6 +453,40 @@ def check_args(args, world: int = 1) -> None:
         preflight.check_layout(source, parallel_config(args), world)
         preflight.check_export_dirs(source, args.output_dir, flag, args.overwrite)
         parse_size(args.max_shard_size)
+    elif args.command == "eval":
+        for name in ("batch_size", "max_length"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        preflight.check_model(args.model)
+        preflight.check_layout(args.model, parallel_config(args), world, args.mrl_dims or [], "--mrl_dims")
+        check_packing(args.packing, args.attention)
+        preflight.check_datasets(args.dataset, "--dataset")
+        if args.output:
+            preflight.check_output_file(args.output, "--output", {"--model": args.model}, args.overwrite)
+    elif args.command == "mine":
+        from megaemb.mine import parse_range
+
+        for name in ("batch_size", "max_length", "num_negatives"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        parse_range(args.range)
+        if not args.margin > 0:
+            raise ValueError(f"--margin must be > 0, got {args.margin}")
+        preflight.check_model(args.model)
+        preflight.check_layout(args.model, parallel_config(args), world)
+        check_packing(args.packing, args.attention)
+        preflight.check_datasets(args.dataset, "--dataset")
+        inputs = {"--model": args.model, **{"--dataset": d.split("#")[0] for d in args.dataset}}
+        preflight.check_output_file(args.output, "--output", inputs, args.overwrite)
+    elif args.command == "serve":
+        for name in ("batch_size", "max_length", "max_batch_texts"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if not 0 <= args.port < 65536:
+            raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+        preflight.check_model(args.model)
+        preflight.check_layout(args.model, parallel_config(args), world)
+        check_packing(args.packing, args.attention)
     elif args.command == "embed":
         for name in ("batch_size", "max_length", "dim"):
             if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -33,39 +33,68 @@ def _check_relevant(relevant: Sequence[set[int]], num_queries: int, corpus_size:
             raise ValueError(f"query {i}: relevant ids {bad} outside the corpus [0, {corpus_size})")
 
 
+CORPUS_BLOCK = 1 << 16  # corpus rows scored at once: a 1M-document corpus is 16 blocks
+
+
 def _scan(queries: torch.Tensor, corpus: torch.Tensor, relevant: Sequence[set[int]], top: int,
           max_scores: int) -> tuple[torch.Tensor, float, float]:
-    """One pass over the scores, ``max_scores // nc`` queries (at least one) at a time:
-    corpus ids ``[nq, top]`` by descending cosine (ties in arbitrary order), the sum of the
-    relevant pairs' cosines and the sum of all cosines."""
-    chunk = max(1, max_scores // corpus.shape[0])
-    tops, pos, total = [], 0.0, 0.0
+    """One pass over the scores in ``[query chunk, corpus block]`` tiles of at most
+    ``max_scores`` (a running top-``top`` merges the blocks): corpus ids ``[nq, top]`` by
+    descending cosine (ties in arbitrary order), the sum of the relevant pairs' cosines and
+    the sum of all cosines."""
+    block = min(corpus.shape[0], max(top, CORPUS_BLOCK))
+    chunk = max(1, max_scores // block)
+    tops, total = [], 0.0
     for i in range(0, queries.shape[0], chunk):
-        scores = queries[i:i + chunk] @ corpus.T
-        tops.append(torch.topk(scores, top, dim=1).indices)
-        total += scores.sum().item()
-        pos += sum(scores[r, list(relevant[i + r])].sum().item() for r in range(scores.shape[0]))
+        q = queries[i:i + chunk]
+        best_v = best_i = None
+        for j in range(0, corpus.shape[0], block):
+            scores = q @ corpus[j:j + block].T
+            total += scores.sum().item()
+            v, idx = torch.topk(scores, min(top, scores.shape[1]), dim=1)
+            if best_v is not None:
+                v, idx = torch.cat([best_v, v], 1), torch.cat([best_i, idx + j], 1)
+                v, pick = torch.topk(v, top, dim=1)
+                idx = idx.gather(1, pick)
+            best_v, best_i = v, idx
+        tops.append(best_i)
+    pos = sum((queries[r] @ corpus[sorted(rel)].T).sum().item() for r, rel in enumerate(relevant))
     return torch.cat(tops), pos, total
 
 
+def search(query_emb, corpus_emb, k: int, max_scores: int = MAX_SCORES) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` by cosine: (corpus ids ``[nq, k]``, their cosines ``[nq, k]``), best
+    first, tiled as :func:`retrieval_metrics` is (bounded memory for any corpus size)."""
+    queries, corpus = _unit_rows(query_emb, "query_emb"), _unit_rows(corpus_emb, "corpus_emb")
+    k = min(k, corpus.shape[0])
+    ids, _, _ = _scan(queries, corpus, [set()] * queries.shape[0], k, max_scores)
+    scores = (queries.unsqueeze(1) * corpus[ids]).sum(-1)
+    return ids.numpy(), scores.numpy()
+
+
 def retrieval_metrics(query_emb, corpus_emb, relevant: Sequence[set[int]],
-                      ks: Sequence[int] = (1, 10),
+                      ks: Sequence[int] = (1, 10), mrr_k: int | None = None,
+                      map_k: int | None = None,
                       max_scores: int = MAX_SCORES) -> dict[str, float]:
-    """Mean over queries of recall@k and nDCG@k for each ``k`` in ``ks``, and MRR@max(ks).
+    """Mean over queries of recall@k and nDCG@k for each ``k`` in ``ks``, MRR@``mrr_k``
+    (default max(ks)) and, with ``map_k``, MAP@``map_k``.
 
     query_emb ``[nq, d]``, corpus_emb ``[nc, d]``; ``relevant[i]`` is the non-empty set of
     corpus ids relevant to query ``i``. Definitions (binary relevance, rank from 1):
     recall@k = |relevant ∩ top k| / |relevant| (BEIR/MTEB; the hit rate when one doc is
     relevant); nDCG@k = sum over relevant hits in the top k of 1/log2(rank+1), divided by its
     ideal value sum_{r=1..min(|relevant|, k)} 1/log2(r+1); MRR@K = 1/rank of the first
-    relevant doc within the top K = max(ks), else 0. Keys: ``recall@k``, ``ndcg@k``,
-    ``mrr@K``; ``mean_pos_sim`` / ``mean_neg_sim``: mean cosine of relevant / all other
-    (query, corpus) pairs. At most ``max_scores`` scores exist at once (queries are chunked).
+    relevant doc within the top K, else 0; AP@K = sum over relevant hits at rank i <= K of
+    (hits in the top i) / i, divided by |relevant| (pytrec_eval's map_cut, as BEIR reports).
+    Keys: ``recall@k``, ``ndcg@k``, ``mrr@K``, ``map@K``; ``mean_pos_sim`` / ``mean_neg_sim``:
+    mean cosine of relevant / all other (query, corpus) pairs. Scores are computed in tiles
+    of at most ``max_scores``.
     """
     queries, corpus = _unit_rows(query_emb, "query_emb"), _unit_rows(corpus_emb, "corpus_emb")
     _check_relevant(relevant, queries.shape[0], corpus.shape[0])
     ks = sorted(set(ks))
-    top = min(ks[-1], corpus.shape[0])
+    mrr_k = mrr_k or ks[-1]
+    top = min(max(ks[-1], mrr_k, map_k or 0), corpus.shape[0])
     ranked, pos_sum, all_sum = _scan(queries, corpus, relevant, top, max_scores)
     ranked = ranked.tolist()
     hits = np.array([[doc in rel for doc in row] for row, rel in zip(ranked, relevant)],
@@ -78,8 +107,13 @@ def retrieval_metrics(query_emb, corpus_emb, relevant: Sequence[set[int]],
         out[f"recall@{k}"] = float(np.mean(hits[:, :k].sum(1) / num_relevant))
         best = ideal[np.minimum(num_relevant, min(k, top)).astype(int) - 1]
         out[f"ndcg@{k}"] = float(np.mean(discounted[:, :k].sum(1) / best))
-    first = np.where(hits.any(1), 1.0 / (hits.argmax(1) + 1), 0.0)
-    out[f"mrr@{ks[-1]}"] = float(np.mean(first))
+    within = hits[:, :mrr_k]
+    first = np.where(within.any(1), 1.0 / (within.argmax(1) + 1), 0.0)
+    out[f"mrr@{mrr_k}"] = float(np.mean(first))
+    if map_k:
+        cut = hits[:, :map_k]
+        precision = np.cumsum(cut, 1) / np.arange(1, cut.shape[1] + 1)
+        out[f"map@{map_k}"] = float(np.mean((precision * cut).sum(1) / num_relevant))
     num_pos, num_pairs = num_relevant.sum(), queries.shape[0] * corpus.shape[0]
     out["mean_pos_sim"] = pos_sum / num_pos
     out["mean_neg_sim"] = (all_sum - pos_sum) / (num_pairs - num_pos) if num_pairs > num_pos else float("nan")

@@ -86,6 +86,42 @@ def test_embed_matches_sentence_transformers(exported):
     assert np.abs(np.load(out) - q).max() < 1e-5
 
 
+@pytest.mark.timeout(600)
+def test_export_matches_transformers_both_paddings_and_carries_vllm_config(exported):
+    """The exported HF model in transformers (``AutoModel`` + last-token pooling, the model
+    card's way) gives megaemb's vectors with left and with right padding; it declares what
+    vLLM's pooling runner reads (``vllm serve DIR --runner pooling``): the official
+    Qwen3-Embedding architecture, last-token pooling + Normalize modules, a tokenizer that
+    appends the end token, no lm_head."""
+    root, mcore, hf, _, _ = exported
+    out = str(root / "ref.npy")
+    r = megaemb("embed", "--model", mcore, "--input", str(root / "texts.txt"), "--output", out,
+                "--overwrite", "true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = np.load(out)
+    from transformers import AutoModel, AutoTokenizer
+
+    model, tok = AutoModel.from_pretrained(hf).eval(), AutoTokenizer.from_pretrained(hf)
+    for side in ("left", "right"):
+        batch = tok(TEXTS, padding=True, return_tensors="pt", padding_side=side)
+        assert (batch["input_ids"][batch["attention_mask"].bool()].reshape(-1) == tok.convert_tokens_to_ids(
+            "<|endoftext|>")).sum() >= len(TEXTS)  # the end token is appended
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
+        last = batch["attention_mask"].sum(1) - 1 if side == "right" else torch.full((len(TEXTS),), -1)
+        pooled = hidden[torch.arange(len(TEXTS)), last]
+        theirs = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        assert np.abs(theirs - ours).max() < 1e-5, (side, np.abs(theirs - ours).max())
+    config = json.load(open(os.path.join(hf, "config.json")))
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
+    modules = json.load(open(os.path.join(hf, "modules.json")))
+    assert [m["type"].rsplit(".", 1)[1] for m in modules] == ["Transformer", "Pooling", "Normalize"]
+    pooling = json.load(open(os.path.join(hf, "1_Pooling", "config.json")))
+    assert pooling["pooling_mode_lasttoken"] and not pooling["pooling_mode_mean_tokens"]
+    index = json.load(open(os.path.join(hf, "model.safetensors.index.json")))
+    assert not any("lm_head" in k or k.startswith("model.") for k in index["weight_map"])
+
+
 @pytest.mark.timeout(300)
 def test_failed_export_leaves_no_output(tiny_models, tmp_path):
     bad = tmp_path / "bad"

@@ -27,7 +27,10 @@ from megaemb.model.embedder import EmbeddingModel
 from megaemb.model.qwen3 import transformer_config
 from megaemb.shape import Qwen3Shape
 
-ARCHITECTURES = {"qwen3": "Qwen3Model", "qwen3_moe": "Qwen3MoeModel"}
+# what the official Qwen3-Embedding checkpoints declare (their weights have no ``model.``
+# prefix and no lm_head, as ours): vLLM serves them with ``--runner pooling``, and
+# transformers' AutoModel / sentence-transformers load the base model by ``model_type``
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def _materialise(sharded):

@@ -1,0 +1,145 @@
+"""``megaemb eval``: a model's retrieval or STS quality on a local dataset.
+
+Collective over every rank (encoding runs through the parallel model, ``embed.embed_texts``,
+padded or packed); global rank 0 computes the metrics (``evaluate``), prints the table and
+writes ``--output``. Corpus embeddings are cached by content (``EmbeddingCache``): the same
+model files, texts, ``--max_length`` and dimension reuse ``<cache>/<hash>.npy``.
+
+Retrieval: recall@1/5/10/100, nDCG@10, MRR@10, MAP@100 (``evaluate.retrieval_metrics``);
+pairs: Spearman and Pearson of cosine vs label. With several ``--mrl_dims`` one row per
+dimension (embeddings truncated to d and renormalised) and a PNG of quality vs dimension.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch.distributed as dist
+
+from megaemb import checkpoint
+from megaemb.data.eval_sets import PairSet, has_float_labels, is_beir, read_beir, read_infonce, read_pairs
+from megaemb.evaluate import pair_metrics, retrieval_metrics
+
+RETRIEVAL_KS = (1, 5, 10, 100)
+COLUMNS = {"retrieval": ("recall@1", "recall@5", "recall@10", "recall@100", "ndcg@10", "mrr@10", "map@100"),
+           "pairs": ("spearman", "pearson")}
+
+
+def read_eval_set(specs: list[str]):
+    """A BEIR folder, labelled pairs, or infonce rows -> ``RetrievalSet`` / ``PairSet``."""
+    if len(specs) == 1 and is_beir(specs[0]):
+        return read_beir(specs[0])
+    first = specs[0].split("#")[0]
+    if os.path.isfile(first) and has_float_labels(first):
+        return read_pairs(specs)
+    return read_infonce(specs)
+
+
+def _files_fingerprint(path: str) -> list:
+    """(name, size, mtime) of the files that hold a model's weights: an HF directory's, or a
+    megaemb checkpoint's latest iteration (and, for LoRA, its base's)."""
+    if checkpoint.is_checkpoint(path):
+        it = checkpoint.iter_dir(path, checkpoint.latest_iteration(path))
+        files = [os.path.join(it, n) for n in sorted(os.listdir(it))]
+        lora = checkpoint.read_lora(path)
+        base = _files_fingerprint(lora["base"]) if lora else []
+    else:
+        files = [os.path.join(path, n) for n in sorted(os.listdir(path))
+                 if n.endswith((".safetensors", ".json"))]
+        base = []
+    return [(os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns)
+            for f in files if os.path.isfile(f)] + base
+
+
+class EmbeddingCache:
+    """``<dir>/<sha256>.npy`` per (model files, texts, max_length, instruction, dim); rank 0
+    reads and writes (atomically), every rank learns whether it hit."""
+
+    def __init__(self, directory: str, model_path: str, max_length: int):
+        self.dir = directory
+        self.model = [os.path.realpath(model_path), _files_fingerprint(model_path), max_length]
+
+    def path(self, texts: list[str], instruction: str | None, dim: int | None) -> str:
+        h = hashlib.sha256(json.dumps([self.model, instruction, dim]).encode())
+        for t in texts:
+            h.update(t.encode())
+            h.update(b"\0")
+        return os.path.join(self.dir, h.hexdigest()[:32] + ".npy")
+
+    def embed(self, encode, texts: list[str], instruction: str | None = None,
+              dim: int | None = None) -> tuple[np.ndarray | None, bool]:
+        """``encode(texts, instruction)`` (collective) unless cached; (rank 0's array, hit)."""
+        path = self.path(texts, instruction, dim)
+        hit = [os.path.isfile(path) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(hit, src=0)
+        if hit[0]:
+            return (np.load(path) if dist.get_rank() == 0 else None), True
+        out = encode(texts, instruction)
+        if dist.get_rank() == 0:
+            os.makedirs(self.dir, exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                np.save(f, out)
+            os.replace(tmp, path)
+        return out, False
+
+
+def truncate(emb: np.ndarray, dim: int | None) -> np.ndarray:
+    """Matryoshka: the first ``dim`` coordinates, renormalised."""
+    if dim is None or dim >= emb.shape[1]:
+        return emb
+    cut = emb[:, :dim]
+    return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
+
+
+def evaluate_set(data, queries: np.ndarray, docs: np.ndarray, dims: list[int | None]) -> dict:
+    """Rank 0: {dim: metrics} (dim None = the full width)."""
+    out = {}
+    for d in dims:
+        q, c = truncate(queries, d), truncate(docs, d)
+        if isinstance(data, PairSet):
+            out[d] = pair_metrics(q, c, data.labels)
+        else:
+            out[d] = retrieval_metrics(q, c, data.relevant, ks=RETRIEVAL_KS, mrr_k=10, map_k=100)
+    return out
+
+
+def table(kind: str, results: dict, width: int) -> str:
+    cols = COLUMNS[kind]
+    lines = ["dim     " + "".join(f"{c:>11}" for c in cols)]
+    for d, m in results.items():
+        lines.append(f"{d or width:<8}" + "".join(f"{m[c]:>11.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def flat(kind: str, results: dict, width: int) -> dict:
+    """The last (largest) dimension's row as flat keys (``recall@10``, ...); every other
+    dimension's as ``<key>@dim<d>``."""
+    rows = list(results.items())
+    main_dim, main = rows[-1]
+    out = {"kind": kind, "dim": main_dim or width, **main}
+    for d, m in rows[:-1]:
+        out.update({f"{k}@dim{d}": v for k, v in m.items()})
+    return out
+
+
+def plot_dims(kind: str, results: dict, width: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = [d or width for d in results]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in (("ndcg@10", "recall@10", "mrr@10") if kind == "retrieval" else ("spearman", "pearson")):
+        ax.plot(dims, [m[key] for m in results.values()], marker="o", label=key)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("embedding dimension (Matryoshka)")
+    ax.set_ylabel("score")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,138 @@
+"""Evaluation sets for ``megaemb eval`` / ``megaemb mine``: retrieval (a local BEIR folder, or
+the infonce JSONL format) and labelled pairs (STS).
+
+    BEIR folder    corpus.jsonl ({"_id", "title"?, "text"}), queries.jsonl ({"_id", "text"}),
+                   qrels/<split>.tsv (header, then query-id, corpus-id, score; score > 0 is
+                   relevant); ``split`` = test, else dev, else the only .tsv
+    infonce files  query / response / rejected_response (``data.formats``): the corpus is every
+                   distinct response and rejected response; a query's relevant documents are
+                   its responses (a query may appear on several rows)
+    pair files     query / response / label with float labels (cosine_similarity format)
+
+Malformed input stops with ``file:line: ...`` (``DataError``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+
+from megaemb.data.formats import DataError, load_examples
+
+
+@dataclass
+class RetrievalSet:
+    """``relevant[i]``: corpus ids relevant to ``queries[i]`` (non-empty)."""
+
+    queries: list[str]
+    corpus: list[str]
+    relevant: list[set[int]]
+
+
+@dataclass
+class PairSet:
+    texts1: list[str]
+    texts2: list[str]
+    labels: list[float]
+
+
+def is_beir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "corpus.jsonl"))
+
+
+def _jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing (a BEIR folder has corpus.jsonl, queries.jsonl, qrels/)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected an object")
+            for name in fields:
+                if not isinstance(row.get(name), str) or (name == "text" and not row[name].strip()):
+                    raise DataError(f"{path}:{lineno}: field {name!r} missing, empty or not a string")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _qrels_file(folder: str) -> str:
+    qrels = os.path.join(folder, "qrels")
+    names = sorted(n for n in os.listdir(qrels) if n.endswith(".tsv")) if os.path.isdir(qrels) else []
+    for split in ("test.tsv", "dev.tsv"):
+        if split in names:
+            return os.path.join(qrels, split)
+    if len(names) == 1:
+        return os.path.join(qrels, names[0])
+    raise DataError(f"{qrels}: expected test.tsv, dev.tsv or a single .tsv, found {names or 'none'}")
+
+
+def read_beir(folder: str) -> RetrievalSet:
+    corpus_rows = _jsonl(os.path.join(folder, "corpus.jsonl"), ("_id", "text"))
+    query_rows = _jsonl(os.path.join(folder, "queries.jsonl"), ("_id", "text"))
+    doc_index = {r["_id"]: i for i, r in enumerate(corpus_rows)}
+    query_text = {r["_id"]: r["text"] for r in query_rows}
+    path = _qrels_file(folder)
+    relevant: dict[str, set[int]] = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
+            if lineno == 1 and row and not row[-1].strip().lstrip("-").isdigit():
+                continue  # the header
+            if len(row) < 3:
+                raise DataError(f"{path}:{lineno}: expected query-id, corpus-id, score")
+            qid, did, score = row[0], row[-2], row[-1]
+            if qid not in query_text:
+                raise DataError(f"{path}:{lineno}: query-id {qid!r} not in queries.jsonl")
+            if did not in doc_index:
+                raise DataError(f"{path}:{lineno}: corpus-id {did!r} not in corpus.jsonl")
+            try:
+                if float(score) > 0:
+                    relevant.setdefault(qid, set()).add(doc_index[did])
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: score {score!r} is not a number") from None
+    if not relevant:
+        raise DataError(f"{path}: no relevant (score > 0) pairs")
+    qids = [r["_id"] for r in query_rows if r["_id"] in relevant]
+    corpus = [(r.get("title", "") + " " + r["text"]).strip() if r.get("title") else r["text"]
+              for r in corpus_rows]
+    return RetrievalSet([query_text[q] for q in qids], corpus, [relevant[q] for q in qids])
+
+
+def read_infonce(specs: list[str]) -> RetrievalSet:
+    examples, _ = load_examples(specs, "infonce")
+    corpus: dict[str, int] = {}
+    for e in examples:
+        for text in (e.response, *e.negatives):
+            corpus.setdefault(text, len(corpus))
+    relevant: dict[str, set[int]] = {}
+    for e in examples:
+        relevant.setdefault(e.query, set()).add(corpus[e.response])
+    return RetrievalSet(list(relevant), list(corpus), list(relevant.values()))
+
+
+def read_pairs(specs: list[str]) -> PairSet:
+    examples, _ = load_examples(specs, "cosine_similarity")
+    return PairSet([e.query for e in examples], [e.response for e in examples],
+                   [float(e.label) for e in examples])
+
+
+def has_float_labels(path: str) -> bool:
+    """Whether the first row of a JSON/JSONL file has a ``label`` (pairs) rather than
+    ``rejected_response`` / none (retrieval)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(row, dict) and "label" in row
+    return False

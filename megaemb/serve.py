@@ -1,0 +1,274 @@
+"""``megaemb serve``: an OpenAI-compatible embeddings server on an HF or megaemb checkpoint.
+
+    POST /v1/embeddings   {"model", "input": str | [str] | [int] | [[int]], "dimensions"?,
+                           "encoding_format"?: "float" | "base64"}
+    GET  /v1/models       the one served model
+    GET  /health          200 once the model is loaded
+
+Threads: HTTP requests are parsed and validated by the handler threads of a
+``ThreadingHTTPServer`` on global rank 0 and queued; the main thread of every rank runs
+the model. Rank 0 takes what is queued (waiting up to ``batch_wait_ms`` for more, at most
+``max_batch_texts`` texts), broadcasts the token ids to the other ranks of the model replica
+(tensor / pipeline parallel; a dedicated gloo group whose timeout spans idle hours), and all
+ranks run one collective forward (``inference.forward_embeddings``). Rank 0 then answers each
+request: Matryoshka truncation to ``dimensions`` (renormalised), float lists or base64 of
+little-endian float32 (OpenAI's format), and ``usage`` token counts.
+
+Texts are tokenised as ``megaemb embed`` does (the end token appended). Token-id inputs get
+the end token appended unless they end with it. Bad requests get OpenAI's error shape,
+``{"error": {"message", "type", "param", "code"}}``, with 400 (malformed JSON, missing,
+empty, over-long or mistyped input, a bad ``dimensions`` / ``encoding_format``, a batch
+over ``max_batch_size`` inputs), 404 (unknown model or path) or 405, and the server keeps
+serving.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MAX_BATCH_SIZE = 2048  # inputs per request (OpenAI's limit)
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Job:
+    """One request's texts as token ids, and where its answer goes."""
+
+    seqs: list[list[int]]
+    dimensions: int | None
+    encoding: str
+    done: threading.Event = field(default_factory=threading.Event)
+    result: np.ndarray | None = None
+    error: str | None = None
+
+
+@dataclass
+class ServeConfig:
+    name: str
+    width: int  # the model's embedding width
+    max_length: int
+    vocab_size: int
+    end_id: int
+    max_batch_size: int = MAX_BATCH_SIZE
+    max_batch_texts: int = 256
+    batch_wait_ms: float = 5.0
+
+
+def parse_request(body: bytes, cfg: ServeConfig, tokenize) -> Job:
+    """A POST /v1/embeddings body -> ``Job``; ``RequestError`` for every bad request class."""
+    try:
+        req = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(req, dict):
+        raise RequestError(400, "the body must be a JSON object")
+    model = req.get("model")
+    if model is not None and model != cfg.name:
+        raise RequestError(404, f"The model `{model}` does not exist (this server serves `{cfg.name}`)",
+                           "model", "model_not_found")
+    if "input" not in req:
+        raise RequestError(400, "'input' is required", "input")
+    items = req["input"]
+    if isinstance(items, str) or (isinstance(items, list) and items and all(_is_int(t) for t in items)):
+        items = [items]
+    if not isinstance(items, list) or not items:
+        raise RequestError(400, "'input' must be a non-empty string, list of strings, or token id list(s)",
+                           "input")
+    if len(items) > cfg.max_batch_size:
+        raise RequestError(400, f"'input' has {len(items)} items; at most {cfg.max_batch_size} per request",
+                           "input")
+    dims = req.get("dimensions")
+    if dims is not None and (not _is_int(dims) or not 1 <= dims <= cfg.width):
+        raise RequestError(400, f"'dimensions' must be an integer in [1, {cfg.width}], got {dims!r}",
+                           "dimensions")
+    encoding = req.get("encoding_format", "float") or "float"
+    if encoding not in ("float", "base64"):
+        raise RequestError(400, f"'encoding_format' must be 'float' or 'base64', got {encoding!r}",
+                           "encoding_format")
+    texts = [i for i, x in enumerate(items) if isinstance(x, str)]
+    for i, x in enumerate(items):
+        if isinstance(x, str):
+            if not x.strip():
+                raise RequestError(400, f"input[{i}] is empty", "input")
+        elif not (isinstance(x, list) and x and all(_is_int(t) and 0 <= t < cfg.vocab_size for t in x)):
+            raise RequestError(400, f"input[{i}] must be a non-empty string or a list of token ids in "
+                               f"[0, {cfg.vocab_size})", "input")
+    encoded = dict(zip(texts, tokenize([items[i] for i in texts]))) if texts else {}
+    seqs = []
+    for i, x in enumerate(items):
+        seq = encoded[i] if i in encoded else (list(x) if x[-1] == cfg.end_id else list(x) + [cfg.end_id])
+        if len(seq) > cfg.max_length:
+            raise RequestError(400, f"input[{i}] has {len(seq)} tokens (end token included), over this "
+                               f"server's --max_length {cfg.max_length}", "input", "context_length_exceeded")
+        seqs.append(seq)
+    return Job(seqs, dims, encoding)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def answer(job: Job, cfg: ServeConfig) -> dict:
+    emb = job.result
+    if job.dimensions and job.dimensions < emb.shape[1]:
+        emb = emb[:, :job.dimensions]
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    emb = emb.astype("<f4")
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(row.tobytes()).decode() if job.encoding == "base64"
+             else row.tolist()} for i, row in enumerate(emb)]
+    tokens = sum(len(s) for s in job.seqs)
+    return {"object": "list", "data": data, "model": cfg.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", tokenize):
+    lock = threading.Lock()  # HF fast tokenizers are not safe to call from many threads at once
+
+    def locked_tokenize(texts):
+        with lock:
+            return tokenize(texts)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # no line per request
+            pass
+
+        def _send(self, status: int, body: dict):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/v1/models":
+                self._send(200, {"object": "list", "data": [
+                    {"id": cfg.name, "object": "model", "created": 0, "owned_by": "megaemb"}]})
+            elif self.path == "/health":
+                self._send(200, {"status": "ok"})
+            else:
+                self._send(404, RequestError(404, f"no route {self.path}", code="not_found").body())
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            if self.path.rstrip("/") != "/v1/embeddings":
+                self._send(404, RequestError(404, f"no route {self.path}", code="not_found").body())
+                return
+            try:
+                job = parse_request(body, cfg, locked_tokenize)
+            except RequestError as e:
+                self._send(e.status, e.body())
+                return
+            jobs.put(job)
+            job.done.wait()
+            if job.error:
+                self._send(500, RequestError(500, job.error).body())
+            else:
+                self._send(200, answer(job, cfg))
+
+        def do_PUT(self):
+            self._send(405, RequestError(405, "method not allowed").body())
+
+        do_DELETE = do_PATCH = do_PUT
+
+    return Handler
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the listen backlog: socketserver's 5 refuses bursts of clients
+
+
+def _take_batch(jobs: "queue.Queue[Job]", cfg: ServeConfig, stop: threading.Event) -> list[Job]:
+    """Rank 0: block for a first job (until ``stop``), then gather more for up to
+    ``batch_wait_ms`` or ``max_batch_texts`` texts."""
+    while not stop.is_set():
+        try:
+            batch = [jobs.get(timeout=0.2)]
+            break
+        except queue.Empty:
+            continue
+    else:
+        return []
+    texts = len(batch[0].seqs)
+    deadline = time.monotonic() + cfg.batch_wait_ms / 1000
+    while texts < cfg.max_batch_texts:
+        try:
+            job = jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        batch.append(job)
+        texts += len(job.seqs)
+    return batch
+
+
+def serve(model, cfg: ServeConfig, tokenize, *, host: str, port: int, pad_id: int,
+          packed: bool, micro_batch_size: int = 32, stop: threading.Event | None = None) -> None:
+    """Collective over the ranks of one model replica; returns when ``stop`` is set on rank 0
+    (then it tells the other ranks)."""
+    from megaemb.inference import forward_embeddings
+
+    stop = stop or threading.Event()
+    rank0 = dist.get_rank() == 0
+    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+    jobs: queue.Queue[Job] = queue.Queue()
+    server = None
+    if rank0:
+        server = Server((host, port), make_handler(cfg, jobs, tokenize))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        print(f"megaemb serve: {cfg.name} on http://{host}:{server.server_address[1]}/v1 "
+              f"(POST /v1/embeddings, GET /v1/models)", flush=True)
+    try:
+        while True:
+            batch = _take_batch(jobs, cfg, stop) if rank0 else []
+            message = [[job.seqs for job in batch] if batch or not rank0 else None]
+            dist.broadcast_object_list(message, src=0, group=control)
+            if message[0] is None:  # stop
+                return
+            seqs = [s for job_seqs in message[0] for s in job_seqs]
+            order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+            try:
+                out = forward_embeddings(model, [seqs[i] for i in order], pad_id=pad_id, packed=packed,
+                                         micro_batch_size=micro_batch_size)
+                emb = torch.empty_like(out)
+                emb[order] = out
+                error = None
+            except Exception as e:  # answer the requests; the next batch may well succeed
+                emb, error = None, f"{type(e).__name__}: {e}"
+            if rank0:
+                at = 0
+                for job in batch:
+                    n = len(job.seqs)
+                    if error:
+                        job.error = error
+                    else:
+                        job.result = emb[at:at + n].cpu().numpy()
+                    at += n
+                    job.done.set()
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()

@@ -1,0 +1,169 @@
+"""``megaemb eval`` and ``megaemb mine``: metrics against a plain numpy computation, tiled
+exact search, mining rules, and the commands end to end (BEIR folder, infonce rows, STS pairs,
+Matryoshka rows and PNG, the embedding cache, bad input)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from test_train import DATA, _megaemb
+
+DEV = os.path.join(os.path.dirname(DATA), "dev.jsonl")
+
+
+def _numpy_metrics(q, c, relevant):
+    """Independent reference: full score matrix, argsort, loops."""
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    c = c / np.linalg.norm(c, axis=1, keepdims=True)
+    order = np.argsort(-(q @ c.T), axis=1, kind="stable")
+    out = {f"recall@{k}": [] for k in (1, 5, 10, 100)} | {"ndcg@10": [], "mrr@10": [], "map@100": []}
+    for row, rel in zip(order, relevant):
+        for k in (1, 5, 10, 100):
+            out[f"recall@{k}"].append(len(set(row[:k]) & rel) / len(rel))
+        dcg = sum(1 / np.log2(r + 2) for r, d in enumerate(row[:10]) if d in rel)
+        idcg = sum(1 / np.log2(r + 2) for r in range(min(len(rel), 10)))
+        out["ndcg@10"].append(dcg / idcg)
+        first = next((r for r, d in enumerate(row[:10]) if d in rel), None)
+        out["mrr@10"].append(0 if first is None else 1 / (first + 1))
+        hits, ap = 0, 0.0
+        for r, d in enumerate(row[:100]):
+            if d in rel:
+                hits += 1
+                ap += hits / (r + 1)
+        out["map@100"].append(ap / len(rel))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def test_retrieval_metrics_equal_numpy_and_tiling_changes_nothing(monkeypatch):
+    import megaemb.evaluate as ev
+
+    rng = np.random.default_rng(0)
+    q, c = rng.normal(size=(37, 16)), rng.normal(size=(300, 16))
+    relevant = [set(rng.choice(300, size=rng.integers(1, 4), replace=False).tolist()) for _ in range(37)]
+    ref = _numpy_metrics(q, c, relevant)
+    got = ev.retrieval_metrics(q, c, relevant, ks=(1, 5, 10, 100), mrr_k=10, map_k=100)
+    monkeypatch.setattr(ev, "CORPUS_BLOCK", 7)  # many corpus blocks, tiny tiles
+    tiled = ev.retrieval_metrics(q, c, relevant, ks=(1, 5, 10, 100), mrr_k=10, map_k=100, max_scores=50)
+    for key, value in ref.items():
+        assert abs(got[key] - value) < 1e-9 and abs(tiled[key] - value) < 1e-9, (key, got[key], tiled[key], value)
+    assert ref["recall@100"] > ref["recall@10"] > ref["recall@1"] >= 0  # the fixture discriminates
+    ids, scores = ev.search(q, c, 20, max_scores=50)
+    full = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (c / np.linalg.norm(c, axis=1, keepdims=True)).T
+    assert (ids == np.argsort(-full, axis=1)[:, :20]).all()
+    assert np.allclose(scores, np.take_along_axis(full, ids, 1), atol=1e-5)
+
+
+def test_mining_skips_positives_and_respects_margin_and_range():
+    from megaemb.mine import mine_negatives, parse_range
+
+    rng = np.random.default_rng(1)
+    c = rng.normal(size=(200, 8))
+    c[1] = c[0] + 1e-3 * rng.normal(size=8)  # a near-duplicate of document 0: a false negative
+    q = c[[0, 5, 9]] + 0.3 * rng.normal(size=(3, 8))
+    positive = [0, 5, 9]
+    positives = [{0, 7}, {5}, {9}]  # query 0 has two labelled responses
+    for lo, hi, margin in ((0, 50, 0.95), (3, 40, 0.8), (0, 200, 10.0)):
+        out = mine_negatives(q, c, positive, positives, num_negatives=7, lo=lo, hi=hi, margin=margin)
+        qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+        cn = c / np.linalg.norm(c, axis=1, keepdims=True)
+        scores = qn @ cn.T
+        for i, negs in enumerate(out):
+            assert len(negs) <= 7 and not set(negs) & positives[i], (i, negs)
+            rank = {d: r for r, d in enumerate(np.argsort(-scores[i]))}
+            assert all(lo <= rank[d] < hi for d in negs)
+            assert all(scores[i, d] <= margin * scores[i, positive[i]] + 1e-6 for d in negs)
+            assert negs == sorted(negs, key=lambda d: rank[d])  # hardest first
+    wide = mine_negatives(q, c, positive, positives, num_negatives=7, lo=0, hi=200, margin=10.0)
+    assert all(len(n) == 7 for n in wide)
+    strict = mine_negatives(q, c, positive, positives, num_negatives=7, lo=0, hi=200, margin=0.95)
+    assert 1 not in strict[0] and 1 in wide[0]  # the near-duplicate is dropped by the margin
+    assert parse_range("10-100") == (10, 100)
+    for bad in ("100-10", "x", "5"):
+        with pytest.raises(ValueError, match="--range"):
+            parse_range(bad)
+
+
+def _beir(root):
+    os.makedirs(root / "qrels")
+    docs = ["apt: command-line package manager", "jq: lightweight JSON processor",
+            "gcc: the GNU C compiler", "vim: a text editor", "curl: transfer data with URLs"]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": d}) + "\n"
+                                               for i, d in enumerate(docs)))
+    qs = ["install packages", "parse json on the shell", "compile C code"]
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n"
+                                                for i, t in enumerate(qs)))
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t1\nq2\td2\t1\n"
+                                             "q2\td3\t0\n")
+    return str(root)
+
+
+@pytest.mark.timeout(600)
+def test_eval_and_mine_commands(tiny_models, tmp_path):
+    model = tiny_models["dense"]
+    beir = _beir(tmp_path / "beir")
+    cache = str(tmp_path / "cache")
+    out = tmp_path / "m.json"
+    first = _megaemb("eval", "--model", model, "--dataset", beir, "--output", str(out), "--mrl_dims", "16", "64",
+                     "--cache_dir", cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "3 queries, 5 documents" in first.stdout and "(cached" not in first.stdout, first.stdout
+    metrics = json.loads(out.read_text())
+    keys = {"recall@1", "recall@5", "recall@10", "recall@100", "ndcg@10", "mrr@10", "map@100"}
+    assert keys <= set(metrics) and {k + "@dim16" for k in keys} <= set(metrics), metrics
+    assert metrics["dim"] == 64 and metrics["recall@5"] == 1.0  # 5 documents
+    assert (tmp_path / "m_dims.png").stat().st_size > 1000
+    # the same metrics from megaemb embed + the numpy reference (the command adds nothing wrong)
+    texts = tmp_path / "t.jsonl"
+    corpus = [json.loads(l)["text"] for l in open(os.path.join(beir, "corpus.jsonl"))]
+    queries = [json.loads(l)["text"] for l in open(os.path.join(beir, "queries.jsonl"))]
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in queries + corpus))
+    r = _megaemb("embed", "--model", model, "--input", str(texts), "--output", str(tmp_path / "e.npy"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    e = np.load(tmp_path / "e.npy")
+    ref = _numpy_metrics(e[:3], e[3:], [{0}, {1}, {2}])
+    assert all(abs(metrics[k] - v) < 1e-5 for k, v in ref.items()), (metrics, ref)
+    # a second run reuses the corpus embeddings; an existing --output needs --overwrite
+    again = _megaemb("eval", "--model", model, "--dataset", beir, "--cache_dir", cache, "--mrl_dims", "16", "64")
+    assert again.returncode == 0 and "(cached embeddings)" in again.stdout, again.stdout + again.stderr[-2000:]
+    table = [l for l in first.stdout.splitlines() if l[:3] in ("16 ", "64 ")]
+    assert len(table) == 2 and table == [l for l in again.stdout.splitlines() if l[:3] in ("16 ", "64 ")]
+    refused = _megaemb("eval", "--model", model, "--dataset", beir, "--output", str(out))
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr, refused.stderr[-2000:]
+    # infonce rows and STS pairs
+    r = _megaemb("eval", "--model", model, "--dataset", f"{DEV}#40", "--cache_dir", cache,
+                 "--output", str(tmp_path / "dev.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    dev = json.loads((tmp_path / "dev.json").read_text())
+    assert dev["kind"] == "retrieval" and 0 <= dev["recall@10"] <= 1
+    pairs = tmp_path / "sts.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"package {i}", "response": f"description {i % 3}",
+                                         "label": i / 10}) + "\n" for i in range(10)))
+    r = _megaemb("eval", "--model", model, "--dataset", str(pairs), "--output", str(tmp_path / "sts.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    sts = json.loads((tmp_path / "sts.json").read_text())
+    assert sts["kind"] == "pairs" and -1 <= sts["spearman"] <= 1 and "pearson" in sts
+    # a broken BEIR file: one line naming file and line
+    (tmp_path / "beir" / "queries.jsonl").write_text('{"_id": "q0", "text": "x"}\n{"_id": "q1"}\n')
+    bad = _megaemb("eval", "--model", model, "--dataset", beir)
+    lines = [l for l in bad.stderr.splitlines() if l.startswith("megaemb eval: error:")]
+    assert bad.returncode == 2 and len(lines) == 1 and "queries.jsonl:2" in lines[0], bad.stderr[-2000:]
+    # mine: infonce output, never a query's own positive
+    mined = tmp_path / "mined.jsonl"
+    r = _megaemb("mine", "--model", model, "--dataset", f"{DATA}#60", "--output", str(mined),
+                 "--num_negatives", "3", "--range", "0-40", "--margin", "10", "--cache_dir", cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(l) for l in mined.read_text().splitlines()]
+    # (a random model scores some positives below 0, where margin x score excludes everything)
+    full = sum(len(x["rejected_response"]) == 3 for x in rows)
+    assert len(rows) == 60 and all(len(x["rejected_response"]) <= 3 for x in rows) and full >= 30, full
+    responses = {}
+    for x in rows:
+        responses.setdefault(x["query"], set()).add(x["response"])
+    assert all(not set(x["rejected_response"]) & responses[x["query"]] for x in rows)
+    # the mined file trains (its format is the infonce format)
+    r = _megaemb("sft", "--model", model, "--dataset", str(mined), "--max_length", "32", "--micro_batch_size", "2",
+                 "--global_batch_size", "4", "--train_iters", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = _megaemb("mine", "--model", model, "--dataset", str(mined), "--output", str(mined))
+    assert again.returncode == 2 and "destroy the input" in again.stderr, again.stderr[-2000:]

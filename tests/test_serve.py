@@ -1,0 +1,185 @@
+"""``megaemb serve`` on loopback: the official openai client and raw HTTP get the vectors
+``megaemb embed`` writes, every bad request class gets its 4xx in OpenAI's error shape while
+the server keeps serving, a bounded concurrent load completes without error, and a
+tensor-parallel server (2 ranks) answers the same."""
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from test_train import ROOT, _megaemb
+
+TEXTS = ["apt package manager", "a library for parsing JSON", "GNU C compiler",
+         "fonts for the terminal"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model, nproc=1, *extra):
+        self.port = _port()
+        env = dict(os.environ, PYTHONWARNINGS="ignore", NPROC_PER_NODE=str(nproc))
+        for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"):
+            env.pop(k, None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "megaemb.cli", "serve", "--model", model,
+                                      "--port", str(self.port), "--served_model_name", "tiny",
+                                      "--max_length", "64", *extra],
+                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(self.proc.stdout.read()[-3000:])
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise AssertionError("server did not start within 240 s")
+
+    def post(self, body, raw: bool = False):
+        data = body if raw else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + "/v1/embeddings", data=data,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _reference(model, tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(TEXTS) + "\n")
+    r = _megaemb("embed", "--model", model, "--input", str(path), "--output", str(tmp_path / "ref.npy"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return np.load(tmp_path / "ref.npy")
+
+
+def _load(server, clients=32, requests=50):
+    """``clients`` threads x ``requests`` sequential requests of 1-4 texts; latencies in s."""
+    latencies, errors = [], []
+
+    def client(c):
+        for i in range(requests):
+            texts = [TEXTS[(c + i + j) % len(TEXTS)] + f" {c}-{i}" for j in range(1 + (c + i) % 4)]
+            t = time.perf_counter()
+            try:
+                status, body = server.post({"model": "tiny", "input": texts})
+            except Exception as e:  # a refused or reset connection is an error too
+                errors.append(repr(e))
+                continue
+            latencies.append(time.perf_counter() - t)
+            if status != 200 or len(body["data"]) != len(texts):
+                errors.append((status, body))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return latencies, errors, time.perf_counter() - start, any(t.is_alive() for t in threads)
+
+
+@pytest.mark.timeout(900)
+def test_serve_openai_http_errors_and_load(tiny_models, tmp_path):
+    from openai import OpenAI
+
+    model = tiny_models["dense"]
+    ref = _reference(model, tmp_path)
+    server = Server(model)
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        got = client.embeddings.create(model="tiny", input=TEXTS)
+        openai_vectors = np.array([d.embedding for d in got.data])
+        assert abs(openai_vectors - ref).max() < 1e-5, abs(openai_vectors - ref).max()
+        assert got.usage.prompt_tokens > len(TEXTS)
+        # raw HTTP: floats, base64 (the openai client's default), dimensions, token ids
+        status, body = server.post({"model": "tiny", "input": TEXTS[0]})
+        assert status == 200 and abs(np.array(body["data"][0]["embedding"]) - ref[0]).max() < 1e-5
+        status, body = server.post({"input": TEXTS, "encoding_format": "base64"})
+        decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in body["data"]])
+        assert status == 200 and abs(decoded - ref).max() < 1e-5
+        status, body = server.post({"input": TEXTS, "dimensions": 16})
+        cut = ref[:, :16] / np.linalg.norm(ref[:, :16], axis=1, keepdims=True)
+        assert status == 200 and abs(np.array([d["embedding"] for d in body["data"]]) - cut).max() < 1e-5
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(model)(TEXTS[:2], add_special_tokens=False)["input_ids"]
+        status, body = server.post({"input": ids})
+        assert status == 200 and abs(np.array([d["embedding"] for d in body["data"]]) - ref[:2]).max() < 1e-5
+        status, body = server.post({"input": ids[0]})  # one token list
+        assert status == 200 and len(body["data"]) == 1
+        # every bad request class: its 4xx, OpenAI's error shape
+        bad = {
+            "malformed JSON": (b'{"input": [', 400),
+            "not an object": (b'["a"]', 400),
+            "missing input": ({"model": "tiny"}, 400),
+            "empty input": ({"input": ""}, 400),
+            "empty list": ({"input": []}, 400),
+            "wrong type": ({"input": [{"a": 1}]}, 400),
+            "token out of range": ({"input": [[10 ** 9]]}, 400),
+            "over-long": ({"input": "word " * 200}, 400),
+            "wrong model": ({"model": "gpt-4", "input": "a"}, 404),
+            "oversized batch": ({"input": ["a"] * 2049}, 400),
+            "bad dimensions": ({"input": "a", "dimensions": 0}, 400),
+            "bad encoding": ({"input": "a", "encoding_format": "int8"}, 400),
+        }
+        for name, (body, want) in bad.items():
+            status, reply = server.post(body, raw=isinstance(body, bytes))
+            assert status == want and set(reply["error"]) == {"message", "type", "param", "code"}, (name, status, reply)
+        req = urllib.request.Request(server.url + "/v2/other", data=b"{}")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 404
+        # still serving, then a bounded concurrent load
+        assert server.post({"input": TEXTS[0]})[0] == 200
+        latencies, errors, elapsed, hung = _load(server)
+        assert not hung and not errors, errors[:3]
+        p = np.percentile(np.array(latencies) * 1000, [50, 90, 99])
+        print(f"serve load: {len(latencies)} requests from 32 clients in {elapsed:.1f} s "
+              f"({len(latencies) / elapsed:.0f} req/s); latency p50 {p[0]:.0f} ms, p90 {p[1]:.0f} ms, "
+              f"p99 {p[2]:.0f} ms")
+        assert len(latencies) == 32 * 50
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(600)
+def test_tensor_parallel_server_answers_the_same(tiny_models, tmp_path):
+    model = tiny_models["dense"]
+    ref = _reference(model, tmp_path)
+    server = Server(model, 2, "--tensor_model_parallel_size", "2")
+    try:
+        status, body = server.post({"model": "tiny", "input": TEXTS})
+        assert status == 200 and abs(np.array([d["embedding"] for d in body["data"]]) - ref).max() < 1e-5
+        latencies, errors, _, hung = _load(server, clients=8, requests=10)
+        assert not hung and not errors, errors[:3]
+    finally:
+        server.stop()
