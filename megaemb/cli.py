@@ -344,9 +344,11 @@ def run_eval(args) -> None:
     print(f"megaemb eval: {args.model} on {' '.join(args.dataset)}: {size}\n{table(kind, results, width)}",
           flush=True)
     if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         tmp = f"{args.output}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(flat(kind, results, width), f, indent=2)
+        with open(tmp, "w") as f:  # NaN (e.g. Spearman of constant labels) is not JSON: null
+            json.dump({k: None if isinstance(v, float) and v != v else v
+                       for k, v in flat(kind, results, width).items()}, f, indent=2)
         os.replace(tmp, args.output)
         if len(dims) > 1:
             plot_dims(kind, results, width, os.path.splitext(args.output)[0] + "_dims.png")
@@ -383,6 +385,7 @@ def run_mine(args) -> None:
     negatives = mine_negatives(queries, docs, [corpus[e.response] for e in examples],
                                [positives[e.query] for e in examples], num_negatives=args.num_negatives,
                                lo=lo, hi=hi, margin=args.margin)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     write_mined(args.output, [(e.query, e.response) for e in examples], list(corpus), negatives)
     short = sum(len(n) < args.num_negatives for n in negatives)
     print(f"megaemb mine: {len(examples)} rows, corpus of {len(corpus)} documents -> {args.output}: "
@@ -431,6 +434,9 @@ def check_args(args, world: int = 1) -> None:
         preflight.check_layout(cfg.model, cfg.parallel(), world, cfg.mrl_dims, "--mrl_dims")
         dp = world // cfg.parallel().model_parallel_size
         cfg.check_batch(dp)
+        if cfg.train_type == "lora" and "experts" in cfg.target_modules \
+                and not preflight.model_shape(cfg.model).num_experts:
+            raise ValueError(f"--target_modules experts: --model {cfg.model} has no MoE experts")
         preflight.check_datasets(cfg.dataset, "--dataset")
         preflight.check_datasets(cfg.val_dataset, "--val_dataset")
         preflight.resolve_load(cfg)
@@ -458,11 +464,16 @@ def check_args(args, world: int = 1) -> None:
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         preflight.check_model(args.model)
+        if any(d < 1 for d in args.mrl_dims or []):
+            raise ValueError(f"--mrl_dims must be positive, got {args.mrl_dims}")
         preflight.check_layout(args.model, parallel_config(args), world, args.mrl_dims or [], "--mrl_dims")
         check_packing(args.packing, args.attention)
         preflight.check_datasets(args.dataset, "--dataset")
         if args.output:
             preflight.check_output_file(args.output, "--output", {"--model": args.model}, args.overwrite)
+            if len(set(args.mrl_dims or [])) > 1:
+                preflight.check_output_file(os.path.splitext(args.output)[0] + "_dims.png", "the plot of --output",
+                                            {"--model": args.model}, args.overwrite)
     elif args.command == "mine":
         from megaemb.mine import parse_range
 
@@ -478,12 +489,25 @@ def check_args(args, world: int = 1) -> None:
         preflight.check_datasets(args.dataset, "--dataset")
         inputs = {"--model": args.model, **{"--dataset": d.split("#")[0] for d in args.dataset}}
         preflight.check_output_file(args.output, "--output", inputs, args.overwrite)
+        from megaemb.data.eval_sets import has_float_labels
+
+        for spec in args.dataset:
+            if os.path.isfile(spec.split("#")[0]) and has_float_labels(spec.split("#")[0]):
+                raise ValueError(f"--dataset {spec}: rows have a 'label' (pairs); mine reads infonce "
+                                 "rows (query, response, rejected_response), whose responses are positives")
     elif args.command == "serve":
         for name in ("batch_size", "max_length", "max_batch_texts"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+        import socket
+
+        with socket.socket() as probe:
+            try:
+                probe.bind((args.host, args.port))
+            except OSError as e:
+                raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror})") from None
         preflight.check_model(args.model)
         preflight.check_layout(args.model, parallel_config(args), world)
         check_packing(args.packing, args.attention)

@@ -95,6 +95,7 @@ def write_adapter(mcore_dir: str, out_dir: str, dtype: torch.dtype, iteration: i
     """The PEFT adapter folder (global rank 0) with the tokenizer, for ``PeftModel``."""
     from megaemb.convert.adapters import write_peft_adapter
     from megaemb.convert.hf_to_mcore import read_hf_config
+    from megaemb.convert.st_files import append_end_token
     from megaemb.shape import Qwen3Shape
 
     hf_dir = os.path.join(mcore_dir, "hf")
@@ -103,3 +104,4 @@ def write_adapter(mcore_dir: str, out_dir: str, dtype: torch.dtype, iteration: i
         write_peft_adapter(mcore_dir, out_dir, shape, dtype=dtype, iteration=iteration)
         checkpoint.copy_hf_files(hf_dir, out_dir)
         os.remove(os.path.join(out_dir, "config.json"))  # the base's; PEFT reads adapter_config.json
+        append_end_token(out_dir)  # as the merged export's: transformers pools the right token

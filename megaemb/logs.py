@@ -13,6 +13,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megaemb import platform
+from megaemb.preflight import RUN_MARKER
 
 
 class TrainLogger:
@@ -25,6 +26,9 @@ class TrainLogger:
         if enabled and out_dir:
             from torch.utils.tensorboard import SummaryWriter
 
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, RUN_MARKER), "w") as f:  # see preflight.resolve_load
+                f.write("megaemb sft writes here; no checkpoint is complete until megaemb.json exists\n")
             self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
 
     def progress(self, start: int, total: int):

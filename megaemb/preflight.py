@@ -24,6 +24,8 @@ from megaemb import checkpoint, platform
 
 RUN_FILES = ("hf_model", "tensorboard", "curves.png", "config.json", "model.safetensors",
              "model.safetensors.index.json")
+RUN_MARKER = "megaemb-run.txt"  # written by sft into --save at start (logs.TrainLogger)
+EARLY_FILES = {RUN_MARKER, "tensorboard", "curves.png"}  # all a run stopped before its first save leaves
 
 
 def _real(path: str) -> str:
@@ -178,6 +180,9 @@ def resolve_load(cfg) -> str:
     if done is not None:
         return load
     if not checkpoint.is_checkpoint(cfg.save) and os.path.isdir(cfg.save):
+        present = set(os.listdir(cfg.save))
+        if RUN_MARKER in present and present <= EARLY_FILES:
+            return load  # a megaemb run stopped before its first checkpoint: start afresh
         found = [n for n in RUN_FILES if os.path.exists(os.path.join(cfg.save, n))]
         found += [os.path.basename(p) for p in glob.glob(os.path.join(cfg.save, "iter_*"))]
         if found:

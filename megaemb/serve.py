@@ -18,8 +18,8 @@ Texts are tokenised as ``megaemb embed`` does (the end token appended). Token-id
 the end token appended unless they end with it. Bad requests get OpenAI's error shape,
 ``{"error": {"message", "type", "param", "code"}}``, with 400 (malformed JSON, missing,
 empty, over-long or mistyped input, a bad ``dimensions`` / ``encoding_format``, a batch
-over ``max_batch_size`` inputs), 404 (unknown model or path) or 405, and the server keeps
-serving.
+over ``max_batch_size`` inputs), 404 (unknown model or route), 405 (a method a route does not
+take), 411 (no Content-Length) or 413 (a body over 64 MiB), and the server keeps serving.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 MAX_BATCH_SIZE = 2048  # inputs per request (OpenAI's limit)
+MAX_BODY_BYTES = 64 << 20  # larger request bodies get a 413 without being read
 
 
 class RequestError(Exception):
@@ -79,6 +80,8 @@ def parse_request(body: bytes, cfg: ServeConfig, tokenize) -> Job:
         req = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise RequestError(400, "the body is nested too deeply") from None
     if not isinstance(req, dict):
         raise RequestError(400, "the body must be a JSON object")
     model = req.get("model")
@@ -162,20 +165,52 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", tokenize):
             self.end_headers()
             self.wfile.write(data)
 
+        def _route(self) -> str:
+            return self.path.split("?", 1)[0].rstrip("/")
+
+        def _wrong_method(self):
+            self._send(405, RequestError(405, f"{self.command} is not allowed on {self._route() or '/'}",
+                                         code="method_not_allowed").body())
+
+        def _no_route(self):
+            self._send(404, RequestError(404, f"no route {self._route() or '/'}", code="not_found").body())
+
         def do_GET(self):
-            if self.path.rstrip("/") == "/v1/models":
+            route = self._route()
+            if route == "/v1/models":
                 self._send(200, {"object": "list", "data": [
                     {"id": cfg.name, "object": "model", "created": 0, "owned_by": "megaemb"}]})
-            elif self.path == "/health":
+            elif route == "/health":
                 self._send(200, {"status": "ok"})
+            elif route == "/v1/embeddings":
+                self._wrong_method()
             else:
-                self._send(404, RequestError(404, f"no route {self.path}", code="not_found").body())
+                self._no_route()
 
         def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
+            route = self._route()
+            if "Content-Length" not in self.headers:
+                self.close_connection = True  # a chunked or unsized body is not read
+                self._send(411, RequestError(411, "a Content-Length header is required",
+                                             code="length_required").body())
+                return
+            try:
+                length = int(self.headers["Content-Length"])
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY_BYTES:
+                self.close_connection = True  # the body is not read: the connection is unusable
+                status = 413 if length > 0 else 400
+                self._send(status, RequestError(
+                    status, f"Content-Length must be an integer in [0, {MAX_BODY_BYTES}]",
+                    code="invalid_body").body())
+                return
             body = self.rfile.read(length) if length else b""
-            if self.path.rstrip("/") != "/v1/embeddings":
-                self._send(404, RequestError(404, f"no route {self.path}", code="not_found").body())
+            if route in ("/v1/models", "/health"):
+                self._wrong_method()
+                return
+            if route != "/v1/embeddings":
+                self._no_route()
                 return
             try:
                 job = parse_request(body, cfg, locked_tokenize)
@@ -190,9 +225,9 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", tokenize):
                 self._send(200, answer(job, cfg))
 
         def do_PUT(self):
-            self._send(405, RequestError(405, "method not allowed").body())
+            self._wrong_method()
 
-        do_DELETE = do_PATCH = do_PUT
+        do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_PUT
 
     return Handler
 
@@ -200,6 +235,13 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", tokenize):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # the listen backlog: socketserver's 5 refuses bursts of clients
+
+    def handle_error(self, request, client_address):
+        """A client that went away is no server error: no traceback for it."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 def _take_batch(jobs: "queue.Queue[Job]", cfg: ServeConfig, stop: threading.Event) -> list[Job]:

@@ -167,7 +167,8 @@ class Trainer:
             self.negatives = self.loss.negatives_per_query(seen, meta["k"])
             self._log(f"infonce: {self.negatives} negatives per query (the loss sees {seen} groups: "
                       + ("the global batch, --global_negatives)" if cfg.global_negatives else
-                         "micro-batch x data parallel size; --global_negatives true: the global batch)"))
+                         "micro-batch x data parallel size; --global_negatives true would make it the "
+                         "global batch)"))
 
     def _build_optimizer(self):
         cfg = self.cfg

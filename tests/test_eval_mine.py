@@ -136,13 +136,21 @@ def test_eval_and_mine_commands(tiny_models, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     dev = json.loads((tmp_path / "dev.json").read_text())
     assert dev["kind"] == "retrieval" and 0 <= dev["recall@10"] <= 1
-    pairs = tmp_path / "sts.jsonl"
+    pairs = tmp_path / "sts.jsonl"  # STS-B's 0-5 scale: only order and trend are scored
     pairs.write_text("".join(json.dumps({"query": f"package {i}", "response": f"description {i % 3}",
-                                         "label": i / 10}) + "\n" for i in range(10)))
+                                         "label": i / 2}) + "\n" for i in range(10)))
     r = _megaemb("eval", "--model", model, "--dataset", str(pairs), "--output", str(tmp_path / "sts.json"))
     assert r.returncode == 0, r.stderr[-3000:]
     sts = json.loads((tmp_path / "sts.json").read_text())
     assert sts["kind"] == "pairs" and -1 <= sts["spearman"] <= 1 and "pearson" in sts
+    # bad flags: one line before any load
+    for extra, fragment in ((["--mrl_dims", "0"], "--mrl_dims must be positive"),
+                            (["--mrl_dims", "16", "-8"], "--mrl_dims must be positive")):
+        bad = _megaemb("eval", "--model", model, "--dataset", beir, *extra)
+        assert bad.returncode == 2 and fragment in bad.stderr, bad.stderr[-2000:]
+    nested = tmp_path / "new" / "dir" / "m.json"  # created, like embed's --output
+    r = _megaemb("eval", "--model", model, "--dataset", beir, "--output", str(nested), "--cache_dir", cache)
+    assert r.returncode == 0 and nested.is_file(), r.stderr[-2000:]
     # a broken BEIR file: one line naming file and line
     (tmp_path / "beir" / "queries.jsonl").write_text('{"_id": "q0", "text": "x"}\n{"_id": "q1"}\n')
     bad = _megaemb("eval", "--model", model, "--dataset", beir)
@@ -167,3 +175,5 @@ def test_eval_and_mine_commands(tiny_models, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     again = _megaemb("mine", "--model", model, "--dataset", str(mined), "--output", str(mined))
     assert again.returncode == 2 and "destroy the input" in again.stderr, again.stderr[-2000:]
+    labelled = _megaemb("mine", "--model", model, "--dataset", str(pairs), "--output", str(tmp_path / "x.jsonl"))
+    assert labelled.returncode == 2 and "mine reads infonce rows" in labelled.stderr, labelled.stderr[-2000:]

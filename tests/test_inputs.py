@@ -107,6 +107,9 @@ def test_flag_mistakes_are_one_line_before_any_load(tiny_models, tmp_path):
         (["--save", os.path.join(dense, "run")], "lies inside the --model"),
         (["--train_iters", "1.5"], "--train_iters: expected an integer"),
         (["--val_dataset", str(tmp_path / "dev.jsonl#5")], "--val_dataset"),
+        (["--train_type", "lora", "--target_modules", "experts"], "has no MoE experts"),
+        (["--train_type", "lora", "--lora_rank", "0"], "LoRA needs --lora_rank >= 1"),
+        (["--max_tokens_per_micro_batch", "64"], "needs --global_negatives true"),
     ]
     for extra, fragment in cases:
         t0 = time.time()
@@ -291,3 +294,26 @@ def test_save_total_limit_keeps_the_newest(tmp_path):
     assert checkpoint.prune_checkpoints(str(tmp_path), 0) == []
     with pytest.raises(ValueError, match="--save_total_limit"):
         SFTConfig(model="m", dataset=["d"], train_iters=1, save_total_limit=-1).validate()
+
+
+def test_run_stopped_before_its_first_save_restarts(tmp_path):
+    """A ``--save`` holding only what a run writes before its first checkpoint (its marker,
+    TensorBoard events, curves) is the same command's to start again; anything else stays
+    refused."""
+    from megaemb import preflight
+    from megaemb.config import SFTConfig
+    from megaemb.tiny import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(str(tmp_path / "m"), with_tokenizer=False)
+    save = tmp_path / "run"
+    (save / "tensorboard").mkdir(parents=True)
+    (save / preflight.RUN_MARKER).write_text("x")
+    cfg = SFTConfig(model=model, dataset=[DATA], train_iters=1, save=str(save))
+    assert preflight.resolve_load(cfg) == ""
+    (save / "notes.txt").write_text("mine")  # something megaemb did not write
+    with pytest.raises(FileExistsError, match="no megaemb checkpoint"):
+        preflight.resolve_load(cfg)
+    (save / "notes.txt").unlink()
+    (save / preflight.RUN_MARKER).unlink()  # another tool's TensorBoard folder
+    with pytest.raises(FileExistsError, match="holds tensorboard"):
+        preflight.resolve_load(cfg)

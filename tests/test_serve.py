@@ -150,14 +150,30 @@ def test_serve_openai_http_errors_and_load(tiny_models, tmp_path):
             "oversized batch": ({"input": ["a"] * 2049}, 400),
             "bad dimensions": ({"input": "a", "dimensions": 0}, 400),
             "bad encoding": ({"input": "a", "encoding_format": "int8"}, 400),
+            "nested too deeply": (b"[" * 100000, 400),
         }
         for name, (body, want) in bad.items():
             status, reply = server.post(body, raw=isinstance(body, bytes))
             assert status == want and set(reply["error"]) == {"message", "type", "param", "code"}, (name, status, reply)
-        req = urllib.request.Request(server.url + "/v2/other", data=b"{}")
-        with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(req, timeout=10)
-        assert e.value.code == 404
+        # routes and methods; a query string is ignored
+        import http.client
+
+        for method, path, body, want in (("POST", "/v2/other", b"{}", 404), ("GET", "/v1/embeddings", None, 405),
+                                         ("POST", "/v1/models", b"{}", 405), ("DELETE", "/v1/models", None, 405),
+                                         ("POST", "/v1/embeddings?x=1", b'{"input": "a"}', 200)):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            conn.request(method, path, body=body)
+            reply = conn.getresponse()
+            assert reply.status == want, (method, path, reply.status)
+            assert "error" in json.loads(reply.read()) or want == 200
+            conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # no Content-Length
+        conn.putrequest("POST", "/v1/embeddings")
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        conn.send(b"5\r\nhello\r\n0\r\n\r\n")
+        assert conn.getresponse().status == 411
+        conn.close()
         # still serving, then a bounded concurrent load
         assert server.post({"input": TEXTS[0]})[0] == 200
         latencies, errors, elapsed, hung = _load(server)

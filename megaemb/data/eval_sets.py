@@ -7,7 +7,7 @@ the infonce JSONL format) and labelled pairs (STS).
     infonce files  query / response / rejected_response (``data.formats``): the corpus is every
                    distinct response and rejected response; a query's relevant documents are
                    its responses (a query may appear on several rows)
-    pair files     query / response / label with float labels (cosine_similarity format)
+    pair files     query / response / label with float labels (any finite scale, e.g. STS-B's 0-5)
 
 Malformed input stops with ``file:line: ...`` (``DataError``).
 """
@@ -119,7 +119,7 @@ def read_infonce(specs: list[str]) -> RetrievalSet:
 
 
 def read_pairs(specs: list[str]) -> PairSet:
-    examples, _ = load_examples(specs, "cosine_similarity")
+    examples, _ = load_examples(specs, "sts")
     return PairSet([e.query for e in examples], [e.response for e in examples],
                    [float(e.label) for e in examples])
 

@@ -47,6 +47,8 @@ from typing import Any, Iterator
 import numpy as np
 
 LOSS_TYPES = ("infonce", "cosine_similarity", "contrastive", "online_contrastive")
+# how files are read: a loss type, or "sts" (evaluation pairs: any finite label, e.g. STS-B's 0-5)
+READ_MODES = (*LOSS_TYPES, "sts")
 BAD_ROW_POLICIES = ("error", "skip")
 MAX_KEPT_MESSAGES = 10
 
@@ -163,9 +165,10 @@ def _list(value: Any, name: str) -> list:
 
 
 def _label(row: dict, loss_type: str) -> float:
-    """cosine_similarity: a finite number in [-1, 1]; (online_)contrastive: 0 or 1."""
+    """cosine_similarity: a finite number in [-1, 1]; (online_)contrastive: 0 or 1; sts: any
+    finite number (only its order and linear trend are scored)."""
     value = _require(row, "label")
-    binary = loss_type != "cosine_similarity"
+    binary = loss_type not in ("cosine_similarity", "sts")
     if isinstance(value, bool):
         if binary:
             return float(value)
@@ -174,7 +177,9 @@ def _label(row: dict, loss_type: str) -> float:
         raise _field("label", f"expected number, got {_json_type(value)}", WRONG_TYPE)
     if binary and value not in (0, 1):
         raise _field("label", f"expected 0 or 1 for {loss_type}, got {value}", BAD_LABEL)
-    if not math.isfinite(value) or not -1.0 <= value <= 1.0:
+    if not math.isfinite(value):
+        raise _field("label", f"{value} is not finite", BAD_LABEL)
+    if loss_type != "sts" and not -1.0 <= value <= 1.0:
         raise _field("label", f"{value} out of range [-1, 1]", BAD_LABEL)
     return float(value)
 
@@ -380,8 +385,8 @@ def load_examples(specs: list[str], loss_type: str, *, bad_rows: str = "error",
     and counts it in the returned ``RowReport``. A missing file, an unreadable file and
     a file with no valid rows always raise ``DataError``.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type not in READ_MODES:
+        raise ValueError(f"loss_type must be one of {READ_MODES}, got {loss_type!r}")
     if bad_rows not in BAD_ROW_POLICIES:
         raise ValueError(f"bad_rows must be one of {BAD_ROW_POLICIES}, got {bad_rows!r}")
     if not specs:

@@ -137,6 +137,10 @@ def apply_lora(model, cfg: LoRAConfig, *, seed: int = 0, init: bool = True) -> l
             name = f"decoder.layers.{layer.layer_number - 1}.{owner}.{target}"
             _adapt(module, cfg, name, seed, tp_rank, init, gated=gated and target == "linear_fc1")
             done.append(name)
+    if not done:
+        raise ValueError(f"--target_modules {' '.join(cfg.target_modules)}: nothing to adapt in "
+                         + ("this model (it has no MoE layers)" if cfg.target_modules == ("experts",)
+                            else "this pipeline stage's layers"))
     return done
 
 
