@@ -307,6 +307,22 @@ def _load_for_inference(args):
     return loaded, EmbeddingTokenizer(loaded.hf_dir, args.max_length)
 
 
+def _encoder(args):
+    """For eval / mine: ``encode(texts, instruction)`` (collective; rank 0 gets ``[n, h]``),
+    the corpus ``EmbeddingCache`` and the loaded model."""
+    from megaemb.benchmark import EmbeddingCache
+    from megaemb.embed import embed_texts
+
+    loaded, tokenizer = _load_for_inference(args)
+
+    def encode(texts, instruction):
+        return embed_texts(loaded.model, tokenizer, texts, batch_size=args.batch_size,
+                           instruction=instruction, packed=args.packing)
+
+    cache = EmbeddingCache(args.cache_dir or default_cache("embeddings"), args.model, args.max_length)
+    return encode, cache, loaded
+
+
 def default_cache(kind: str) -> str:
     root = os.environ.get("MEGAEMB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "megaemb")
     return os.path.join(root, kind)
@@ -317,18 +333,11 @@ def run_eval(args) -> None:
 
     import torch.distributed as dist
 
-    from megaemb.benchmark import EmbeddingCache, evaluate_set, flat, plot_dims, read_eval_set, table
+    from megaemb.benchmark import evaluate_set, flat, plot_dims, read_eval_set, table
     from megaemb.data.eval_sets import PairSet
-    from megaemb.embed import embed_texts
 
     data = read_eval_set(args.dataset)
-    loaded, tokenizer = _load_for_inference(args)
-    cache = EmbeddingCache(args.cache_dir or default_cache("embeddings"), args.model, args.max_length)
-
-    def encode(texts, instruction):
-        return embed_texts(loaded.model, tokenizer, texts, batch_size=args.batch_size,
-                           instruction=instruction, packed=args.packing)
-
+    encode, cache, loaded = _encoder(args)
     pairs = isinstance(data, PairSet)
     first, second = (data.texts1, data.texts2) if pairs else (data.queries, data.corpus)
     queries = encode(first, args.instruction)
@@ -357,27 +366,14 @@ def run_eval(args) -> None:
 def run_mine(args) -> None:
     import torch.distributed as dist
 
-    from megaemb.benchmark import EmbeddingCache
+    from megaemb.data.eval_sets import infonce_corpus
     from megaemb.data.formats import load_examples
-    from megaemb.embed import embed_texts
     from megaemb.mine import mine_negatives, parse_range, write_mined
 
     lo, hi = parse_range(args.range)
     examples, _ = load_examples(args.dataset, "infonce")
-    corpus: dict[str, int] = {}
-    for e in examples:
-        for text in (e.response, *e.negatives):
-            corpus.setdefault(text, len(corpus))
-    positives: dict[str, set[int]] = {}
-    for e in examples:
-        positives.setdefault(e.query, set()).add(corpus[e.response])
-    loaded, tokenizer = _load_for_inference(args)
-    cache = EmbeddingCache(args.cache_dir or default_cache("embeddings"), args.model, args.max_length)
-
-    def encode(texts, instruction):
-        return embed_texts(loaded.model, tokenizer, texts, batch_size=args.batch_size,
-                           instruction=instruction, packed=args.packing)
-
+    corpus, positives = infonce_corpus(examples)
+    encode, cache, _ = _encoder(args)
     queries = encode([e.query for e in examples], args.instruction)
     docs, _ = cache.embed(encode, list(corpus))
     if dist.get_rank() != 0:

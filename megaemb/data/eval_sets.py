@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from megaemb.data.formats import DataError, load_examples
+from megaemb.data.formats import BadRow, DataError, json_lines, load_examples
 
 
 @dataclass
@@ -42,23 +42,20 @@ def is_beir(path: str) -> bool:
 
 
 def _jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
+    """Objects of a JSONL file, each with non-empty string ``fields``; ``DataError`` at
+    ``file:line`` otherwise (line parsing as ``data.formats`` does it)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: missing (a BEIR folder has corpus.jsonl, queries.jsonl, qrels/)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected an object")
-            for name in fields:
-                if not isinstance(row.get(name), str) or (name == "text" and not row[name].strip()):
-                    raise DataError(f"{path}:{lineno}: field {name!r} missing, empty or not a string")
-            rows.append(row)
+    for lineno, row in json_lines(path):
+        if isinstance(row, BadRow):
+            raise DataError(f"{path}:{lineno}: {row}")
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected an object")
+        for name in fields:
+            if not isinstance(row.get(name), str) or (name == "text" and not row[name].strip()):
+                raise DataError(f"{path}:{lineno}: field {name!r} missing, empty or not a string")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -106,8 +103,9 @@ def read_beir(folder: str) -> RetrievalSet:
     return RetrievalSet([query_text[q] for q in qids], corpus, [relevant[q] for q in qids])
 
 
-def read_infonce(specs: list[str]) -> RetrievalSet:
-    examples, _ = load_examples(specs, "infonce")
+def infonce_corpus(examples: list) -> tuple[dict[str, int], dict[str, set[int]]]:
+    """infonce examples -> (every distinct response and rejected response -> its corpus id,
+    each query -> the ids of all its responses)."""
     corpus: dict[str, int] = {}
     for e in examples:
         for text in (e.response, *e.negatives):
@@ -115,6 +113,11 @@ def read_infonce(specs: list[str]) -> RetrievalSet:
     relevant: dict[str, set[int]] = {}
     for e in examples:
         relevant.setdefault(e.query, set()).add(corpus[e.response])
+    return corpus, relevant
+
+
+def read_infonce(specs: list[str]) -> RetrievalSet:
+    corpus, relevant = infonce_corpus(load_examples(specs, "infonce")[0])
     return RetrievalSet(list(relevant), list(corpus), list(relevant.values()))
 
 

@@ -71,7 +71,7 @@ class DataError(ValueError):
         self.reason = reason
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
     """A row problem before its location is known."""
 
     def __init__(self, reason: str, detail: str):
@@ -134,8 +134,8 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _field(name: str, detail: str, reason: str) -> _BadRow:
-    return _BadRow(reason, f"field '{name}': {detail}")
+def _field(name: str, detail: str, reason: str) -> BadRow:
+    return BadRow(reason, f"field '{name}': {detail}")
 
 
 def _require(row: dict, key: str, name: str | None = None) -> Any:
@@ -177,9 +177,9 @@ def _label(row: dict, loss_type: str) -> float:
         raise _field("label", f"expected number, got {_json_type(value)}", WRONG_TYPE)
     if binary and value not in (0, 1):
         raise _field("label", f"expected 0 or 1 for {loss_type}, got {value}", BAD_LABEL)
-    if not math.isfinite(value):
+    if loss_type == "sts" and not math.isfinite(value):
         raise _field("label", f"{value} is not finite", BAD_LABEL)
-    if loss_type != "sts" and not -1.0 <= value <= 1.0:
+    if loss_type != "sts" and (not math.isfinite(value) or not -1.0 <= value <= 1.0):
         raise _field("label", f"{value} out of range [-1, 1]", BAD_LABEL)
     return float(value)
 
@@ -214,9 +214,9 @@ def _negatives(row: dict, name: str, require: bool, text_of) -> list[str]:
 
 
 def _parse_row(row: Any, loss_type: str, require_negatives: bool) -> tuple:
-    """-> ``(query, response, negatives, label)``, or raise ``_BadRow``."""
+    """-> ``(query, response, negatives, label)``, or raise ``BadRow``."""
     if not isinstance(row, dict):
-        raise _BadRow(NOT_OBJECT, f"expected a JSON object, got {_json_type(row)}")
+        raise BadRow(NOT_OBJECT, f"expected a JSON object, got {_json_type(row)}")
     infonce = loss_type == "infonce"
     if "messages" in row:
         query = _message_text(_require(row, "messages"), "messages")
@@ -236,21 +236,21 @@ def _parse_row(row: Any, loss_type: str, require_negatives: bool) -> tuple:
 
 # ----------------------------------------------------------------------------- files
 
-def _json_lines(path: str) -> Iterator[tuple[int, Any]]:
-    """``(line number, parsed object or _BadRow)`` for each non-blank line."""
+def json_lines(path: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed object or BadRow)`` for each non-blank line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                yield lineno, _BadRow(INVALID_JSON, f"invalid JSON: not UTF-8 ({e.reason})")
+                yield lineno, BadRow(INVALID_JSON, f"invalid JSON: not UTF-8 ({e.reason})")
                 continue
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                yield lineno, _BadRow(INVALID_JSON, f"invalid JSON: {e.msg} (column {e.colno})")
+                yield lineno, BadRow(INVALID_JSON, f"invalid JSON: {e.msg} (column {e.colno})")
 
 
 def _json_array(path: str, text: str) -> Iterator[tuple[int, Any]]:
@@ -293,7 +293,7 @@ def _json_file(path: str) -> Iterator[tuple[int, Any]]:
     with open(path, "rb") as f:
         data = f.read()
     if not data.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
-        return _json_lines(path)
+        return json_lines(path)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -324,7 +324,7 @@ def _rows(path: str) -> Iterator[tuple[int, Any]]:
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     if path.endswith(".jsonl"):
-        return _json_lines(path)
+        return json_lines(path)
     if path.endswith(".json"):
         return _json_file(path)
     if os.path.isdir(path) or path.endswith((".csv", ".parquet")):
@@ -341,10 +341,10 @@ def _read_file(path: str, loss_type: str, bad_rows: str, require_negatives: bool
         report.rows_read += 1
         source = f"{path}:{lineno}"
         try:
-            if isinstance(row, _BadRow):
+            if isinstance(row, BadRow):
                 raise row
             query, response, negatives, label = _parse_row(row, loss_type, require_negatives)
-        except _BadRow as bad:
+        except BadRow as bad:
             error = DataError(f"{source}: {bad.detail}", bad.reason)
             if bad_rows == "error":
                 raise error from None
