@@ -97,6 +97,17 @@ def read_lora(root: str) -> dict | None:
         return json.load(f)
 
 
+def check_lora_matches(root: str, lora: dict | None) -> None:
+    """A run resuming ``root`` must have its adapter settings (``LoRAConfig.to_json()``, or
+    None for full training): ``ValueError`` naming both otherwise."""
+    saved = (read_lora(root) or {}).get("lora")
+    if saved != lora:
+        raise ValueError(f"--load {root}: saved with "
+                         + (f"LoRA {saved}" if saved else "--train_type full") + ", this run is "
+                         + (f"LoRA {lora}" if lora else "--train_type full")
+                         + " (resume with the same adapter flags)")
+
+
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, hf_source: str,
                     lora: dict | None = None) -> str:
     """Collective: every rank passes its sharded state dict (a LoRA run: its adapters', and

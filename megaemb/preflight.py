@@ -206,6 +206,9 @@ def check_resume(load: str, cfg) -> None:
             f"--load {load}: saved with --use_distributed_optimizer {str(saved).lower()}; resume "
             "with the same setting (any TP/PP/EP/DP layout works), or take its weights only with "
             "--finetune true")
+    from megaemb.config import LoRAConfig
+
+    checkpoint.check_lora_matches(load, LoRAConfig.of(cfg).to_json() if cfg.train_type == "lora" else None)
     if "iteration" in common and int(common["iteration"]) > cfg.train_iters > 0:
         raise ValueError(f"--load {load} is at iteration {int(common['iteration'])}, past "
                          f"--train_iters {cfg.train_iters}")

@@ -239,13 +239,8 @@ class Trainer:
                 "TP/PP/EP/DP layout works), or take its weights only with --finetune true")
         if not self.cfg.finetune:
             _create_optimizer_state(self.optimizer)
-        saved_lora = checkpoint.read_lora(root)
-        if (saved_lora or {}).get("lora") != (self._lora_record() or {}).get("lora"):
-            raise ValueError(f"--load {root}: saved with "
-                             + (f"LoRA {saved_lora['lora']}" if saved_lora else "--train_type full")
-                             + ", this run is " + (f"LoRA {self.lora.to_json()}" if self.lora else
-                                                   "--train_type full")
-                             + " (resume with the same adapter flags)")
+        if not self.cfg.finetune:
+            checkpoint.check_lora_matches(root, self.lora.to_json() if self.lora else None)
         same_layout = all(saved.get(k) == now[k] for k in ("tp", "pp", "ep"))
         state = checkpoint.load_checkpoint(root, self._state(is_loading=True, with_rng=same_layout))
         self.module.load_state_dict({k: state[k] for k in self._model_state()}, strict=not self.lora)
