@@ -86,3 +86,23 @@ def test_out_of_memory_is_recorded_not_fatal(monkeypatch):
         "dense": {"error": "out of memory (loading)"}}
     table = throughput.markdown_table({"by_size": {"0.6B": {"dense": r}}})
     assert "| 0.6B | dense | out of memory | 32 |" in table
+
+
+@pytest.mark.timeout(300)
+def test_global_negatives_bench_runs_both_sides(tmp_path):
+    """bench/global_negatives.py on the tiny model: both sides train and are evaluated, the
+    overhead is computed, and the max-batch probe stops at its cap."""
+    out = tmp_path / "negatives.json"
+    r = subprocess.run([sys.executable, "bench/global_negatives.py", "--size", "tiny", "--steps", "4",
+                        "--global_batch_size", "8", "--micro_batch_size", "2", "--max_length", "32",
+                        "--eval_limit", "50", "--max_batch", "--max_batch_cap", "16", "--output", str(out)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=290)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for side in ("micro_batch_negatives", "global_negatives"):
+        run = report[side]
+        assert "failed" not in run and run["seconds_per_step"] > 0, run
+        assert 0 <= run["recall@10_before"] <= 1 and 0 <= run["recall@10_after"] <= 1
+    assert report["micro_batch_negatives"]["recall@10_before"] == report["global_negatives"]["recall@10_before"]
+    assert isinstance(report["time_overhead"], float)
+    assert report["max_global_batch"] == {"micro_batch_negatives": 16, "global_negatives": 16}
