@@ -239,8 +239,9 @@ class Trainer:
                 "TP/PP/EP/DP layout works), or take its weights only with --finetune true")
         if not self.cfg.finetune:
             _create_optimizer_state(self.optimizer)
-        if not self.cfg.finetune:
-            checkpoint.check_lora_matches(root, self.lora.to_json() if self.lora else None)
+        # --finetune too: a LoRA run takes adapters, a full run full weights (a full checkpoint
+        # under LoRA is a --model)
+        checkpoint.check_lora_matches(root, self.lora.to_json() if self.lora else None)
         same_layout = all(saved.get(k) == now[k] for k in ("tp", "pp", "ep"))
         state = checkpoint.load_checkpoint(root, self._state(is_loading=True, with_rng=same_layout))
         self.module.load_state_dict({k: state[k] for k in self._model_state()}, strict=not self.lora)
