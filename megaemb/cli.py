@@ -497,16 +497,18 @@ def check_args(args, world: int = 1) -> None:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-        import socket
-
-        with socket.socket() as probe:
-            try:
-                probe.bind((args.host, args.port))
-            except OSError as e:
-                raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror})") from None
         preflight.check_model(args.model)
         preflight.check_layout(args.model, parallel_config(args), world)
         check_packing(args.packing, args.attention)
+        if os.environ.get("RANK", "0") == "0":  # where the server will listen (ranks check at once)
+            import socket
+
+            with socket.socket() as probe:
+                try:
+                    probe.bind((args.host, args.port))
+                except OSError as e:
+                    raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there "
+                                     f"({e.strerror})") from None
     elif args.command == "embed":
         for name in ("batch_size", "max_length", "dim"):
             if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -199,3 +199,14 @@ def test_tensor_parallel_server_answers_the_same(tiny_models, tmp_path):
         assert not hung and not errors, errors[:3]
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_port_in_use_is_one_line_before_loading(tiny_models):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = _megaemb("serve", "--model", tiny_models["dense"], "--port", str(busy.getsockname()[1]))
+    lines = [l for l in r.stderr.splitlines() if l.startswith("megaemb serve: error:")]
+    assert r.returncode == 2 and len(lines) == 1 and "cannot listen there" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
