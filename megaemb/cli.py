@@ -460,6 +460,12 @@ def check_args(args, world: int = 1) -> None:
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         preflight.check_model(args.model)
+        from megaemb.data.eval_sets import is_beir
+
+        folders = [d for d in args.dataset if is_beir(d.split("#")[0])]
+        if folders and (len(args.dataset) > 1 or "#" in folders[0]):
+            raise ValueError(f"--dataset {' '.join(args.dataset)}: a BEIR folder is evaluated alone and "
+                             "whole (no #N sampling, no other files)")
         if any(d < 1 for d in args.mrl_dims or []):
             raise ValueError(f"--mrl_dims must be positive, got {args.mrl_dims}")
         preflight.check_layout(args.model, parallel_config(args), world, args.mrl_dims or [], "--mrl_dims")
@@ -485,9 +491,12 @@ def check_args(args, world: int = 1) -> None:
         preflight.check_datasets(args.dataset, "--dataset")
         inputs = {"--model": args.model, **{"--dataset": d.split("#")[0] for d in args.dataset}}
         preflight.check_output_file(args.output, "--output", inputs, args.overwrite)
-        from megaemb.data.eval_sets import has_float_labels
+        from megaemb.data.eval_sets import has_float_labels, is_beir
 
         for spec in args.dataset:
+            if is_beir(spec.split("#")[0]):
+                raise ValueError(f"--dataset {spec}: a BEIR folder; mine reads infonce rows (query, "
+                                 "response[, rejected_response]) and mines from their responses")
             if os.path.isfile(spec.split("#")[0]) and has_float_labels(spec.split("#")[0]):
                 raise ValueError(f"--dataset {spec}: rows have a 'label' (pairs); mine reads infonce "
                                  "rows (query, response, rejected_response), whose responses are positives")

@@ -145,7 +145,8 @@ def test_eval_and_mine_commands(tiny_models, tmp_path):
     assert sts["kind"] == "pairs" and -1 <= sts["spearman"] <= 1 and "pearson" in sts
     # bad flags: one line before any load
     for extra, fragment in ((["--mrl_dims", "0"], "--mrl_dims must be positive"),
-                            (["--mrl_dims", "16", "-8"], "--mrl_dims must be positive")):
+                            (["--mrl_dims", "16", "-8"], "--mrl_dims must be positive"),
+                            (["--dataset", beir + "#2"], "evaluated alone and whole")):
         bad = _megaemb("eval", "--model", model, "--dataset", beir, *extra)
         assert bad.returncode == 2 and fragment in bad.stderr, bad.stderr[-2000:]
     nested = tmp_path / "new" / "dir" / "m.json"  # created, like embed's --output
@@ -175,5 +176,6 @@ def test_eval_and_mine_commands(tiny_models, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     again = _megaemb("mine", "--model", model, "--dataset", str(mined), "--output", str(mined))
     assert again.returncode == 2 and "destroy the input" in again.stderr, again.stderr[-2000:]
-    labelled = _megaemb("mine", "--model", model, "--dataset", str(pairs), "--output", str(tmp_path / "x.jsonl"))
-    assert labelled.returncode == 2 and "mine reads infonce rows" in labelled.stderr, labelled.stderr[-2000:]
+    for dataset in (str(pairs), beir):
+        refused = _megaemb("mine", "--model", model, "--dataset", dataset, "--output", str(tmp_path / "x.jsonl"))
+        assert refused.returncode == 2 and "mine reads infonce rows" in refused.stderr, refused.stderr[-2000:]
