@@ -84,6 +84,9 @@ def _one_rank(rank, world, model, save):
     out["trainable"] = sorted(n for n, p in trainer.module.named_parameters() if p.requires_grad)
     trainer.module.eval()
     out["trained"] = embed_texts(trainer.module, trainer.tokenizer, PROBE)
+    # --finetune from the LoRA checkpoint: its adapters, a new optimizer, step 1 again
+    out["base_step1"] = trainer.logger.losses[0][1]
+    out["finetuned_step1"] = Trainer(_cfg(model, train_iters=1, load=save, finetune=True)).run()["losses"][0][1]
     return out
 
 
@@ -117,6 +120,7 @@ def test_lora_forward_training_checkpoint_and_exports(tiny_models, tmp_path):
     # only adapters train, and every adapter moved
     assert out["trainable"] == [n for n in out["names"] if ".lora_" in n] and len(out["trainable"]) == 32
     assert out["changed"] == out["trainable"], out["changed"]
+    assert abs(out["finetuned_step1"] - out["base_step1"]) > 1e-3, out  # starts from the trained adapters
     # the checkpoint holds adapters and a reference to the base, not base weights
     from megaemb import checkpoint
 
