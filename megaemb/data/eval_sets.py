@@ -14,11 +14,10 @@ Malformed input stops with ``file:line: ...`` (``DataError``).
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass
 
-from megaemb.data.formats import BadRow, DataError, json_lines, load_examples
+from megaemb.data.formats import BadRow, DataError, file_rows, json_lines, load_examples
 
 
 @dataclass
@@ -128,14 +127,8 @@ def read_pairs(specs: list[str]) -> PairSet:
 
 
 def has_float_labels(path: str) -> bool:
-    """Whether the first row of a JSON/JSONL file has a ``label`` (pairs) rather than
-    ``rejected_response`` / none (retrieval)."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    return False
-                return isinstance(row, dict) and "label" in row
+    """Whether the first row of a dataset file (any format ``data.formats`` reads) has a
+    ``label`` (pairs) rather than none (infonce rows)."""
+    for _, row in file_rows(path):
+        return isinstance(row, dict) and "label" in row
     return False

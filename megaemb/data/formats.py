@@ -320,7 +320,8 @@ def _table_rows(path: str) -> Iterator[tuple[int, Any]]:
     return enumerate(table, start=1)
 
 
-def _rows(path: str) -> Iterator[tuple[int, Any]]:
+def file_rows(path: str) -> Iterator[tuple[int, Any]]:
+    """``(line or row number, parsed row or BadRow)`` of any supported file or folder."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     if path.endswith(".jsonl"):
@@ -337,7 +338,7 @@ def _read_file(path: str, loss_type: str, bad_rows: str, require_negatives: bool
                report: RowReport) -> list[Example]:
     """All valid rows of one file, in file order."""
     examples = []
-    for lineno, row in _rows(path):
+    for lineno, row in file_rows(path):
         report.rows_read += 1
         source = f"{path}:{lineno}"
         try:
