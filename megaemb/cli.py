@@ -38,6 +38,19 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    help="layer spec: te (Transformer Engine), sdpa, local; auto = te when installed")
 
 
+def add_inference_flags(p: argparse.ArgumentParser, *, max_length_help: str | None = None,
+                        batch_size_help: str | None = None) -> None:
+    """What every command that embeds takes (embed, eval, mine, serve): the model, text length,
+    micro-batch, packing, and the parallel flags."""
+    p.add_argument("--model", required=True, help="HF model dir or megaemb MCore checkpoint dir (LoRA too)")
+    p.add_argument("--max_length", type=int, default=None, help=max_length_help or
+                   "tokens per text (default: 8192 or the model's max_position_embeddings)")
+    p.add_argument("--batch_size", type=int, default=32, help=batch_size_help)
+    p.add_argument("--packing", type=str2bool, default=None,
+                   help="padding-free [1, T] batches (default: true on CUDA, false on CPU)")
+    add_parallel_flags(p)
+
+
 def parallel_config(args):
     from megaemb.config import ParallelConfig
 
@@ -67,26 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_parallel_flags(e)
 
     m = sub.add_parser("embed", help="embed texts with an HF or MCore checkpoint", allow_abbrev=False)
-    m.add_argument("--model", required=True, help="HF model dir or megaemb MCore checkpoint dir")
     m.add_argument("--input", required=True, help=".txt (a text per line) or .jsonl")
     m.add_argument("--output", required=True,
                    help="file to write (exactly this path): .npy format, float32 [n, dim]")
     m.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --output")
     m.add_argument("--text_field", default="text")
     m.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\\nQuery:{text}'")
-    m.add_argument("--max_length", type=int, default=None,
-                   help="tokens per text (default: 8192 or the model's max_position_embeddings)")
-    m.add_argument("--batch_size", type=int, default=32)
     m.add_argument("--dim", type=int, default=None, help="Matryoshka dimension")
-    m.add_argument("--packing", type=str2bool, default=None,
-                   help="padding-free [1, T] batches (default: true on CUDA, false on CPU)")
-    add_parallel_flags(m)
+    add_inference_flags(m)
     v = sub.add_parser("eval", help="retrieval / STS metrics of an HF or MCore checkpoint", allow_abbrev=False)
-    v.add_argument("--model", required=True, help="HF model dir or megaemb MCore checkpoint dir (LoRA too)")
     v.add_argument("--dataset", required=True, nargs="+",
                    help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/*.tsv), infonce rows "
                         "(query/response/rejected_response) or pairs with float labels")
-    v.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\nQuery:{query}'")
+    v.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\\nQuery:{query}'")
     v.add_argument("--mrl_dims", type=int, nargs="+", default=None,
                    help="Matryoshka dimensions: one row each, and a PNG beside --output")
     v.add_argument("--output", default=None, help="metrics JSON (flat keys: recall@10, ndcg@10, ...)")
@@ -94,15 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cache_dir", default=None,
                    help="corpus embeddings by content hash (default: $MEGAEMB_CACHE/embeddings or "
                         "~/.cache/megaemb/embeddings)")
-    v.add_argument("--max_length", type=int, default=None,
-                   help="tokens per text (default: 8192 or the model's max_position_embeddings)")
-    v.add_argument("--batch_size", type=int, default=32)
-    v.add_argument("--packing", type=str2bool, default=None,
-                   help="padding-free [1, T] batches (default: true on CUDA, false on CPU)")
-    add_parallel_flags(v)
+    add_inference_flags(v)
     n = sub.add_parser("mine", help="hard negatives from a dataset's own corpus -> infonce JSONL",
                        allow_abbrev=False)
-    n.add_argument("--model", required=True, help="HF model dir or megaemb MCore checkpoint dir (LoRA too)")
     n.add_argument("--dataset", required=True, nargs="+", help="infonce rows (query/response[/rejected_response])")
     n.add_argument("--output", required=True, help="JSONL to write: query, response, rejected_response")
     n.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --output")
@@ -111,31 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LO-HI: candidates ranked LO+1..HI by similarity (skips the LO closest)")
     n.add_argument("--margin", type=float, default=0.95,
                    help="drop candidates scoring above MARGIN x the positive's score (false negatives)")
-    n.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\nQuery:{query}'")
+    n.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\\nQuery:{query}'")
     n.add_argument("--cache_dir", default=None, help="corpus embeddings by content hash (as eval)")
-    n.add_argument("--max_length", type=int, default=None,
-                   help="tokens per text (default: 8192 or the model's max_position_embeddings)")
-    n.add_argument("--batch_size", type=int, default=32)
-    n.add_argument("--packing", type=str2bool, default=None,
-                   help="padding-free [1, T] batches (default: true on CUDA, false on CPU)")
-    add_parallel_flags(n)
+    add_inference_flags(n)
     r = sub.add_parser("serve", help="OpenAI-compatible /v1/embeddings server", allow_abbrev=False)
-    r.add_argument("--model", required=True, help="HF model dir or megaemb MCore checkpoint dir (LoRA too)")
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
     r.add_argument("--served_model_name", default=None, help="the model id clients send (default: the "
                    "--model directory's name)")
-    r.add_argument("--max_length", type=int, default=None,
-                   help="longest input in tokens, end token included; longer ones get a 400 "
-                        "(default: 8192 or the model's max_position_embeddings)")
-    r.add_argument("--batch_size", type=int, default=32, help="texts per forward micro-batch")
     r.add_argument("--max_batch_texts", type=int, default=256,
                    help="dynamic batching: most texts of concurrent requests run together")
     r.add_argument("--batch_wait_ms", type=float, default=5.0,
                    help="dynamic batching: how long a first request waits for others")
-    r.add_argument("--packing", type=str2bool, default=None,
-                   help="padding-free [1, T] batches (default: true on CUDA, false on CPU)")
-    add_parallel_flags(r)
+    add_inference_flags(r, batch_size_help="texts per forward micro-batch", max_length_help=(
+        "longest input in tokens, end token included; longer ones get a 400 "
+        "(default: 8192 or the model's max_position_embeddings)"))
     s = sub.add_parser("sft", help="train an embedding model (contrastive losses)", allow_abbrev=False)
     s.add_argument("--config", help="YAML with the same keys as the flags; flags override it")
     add_dataclass_flags(s)
@@ -416,12 +406,26 @@ COMMANDS = {"export": run_export, "embed": run_embed, "eval": run_eval, "mine": 
             "serve": run_serve, "sft": run_sft}
 
 
+def _check_inference(args, world: int, positive: tuple[str, ...] = (), dims: list[int] = (),
+                     dims_flag: str = "") -> None:
+    """embed / eval / mine / serve: sizes >= 1, the model, the layout (and Matryoshka ``dims``)
+    it can take, packing."""
+    from megaemb import preflight
+    from megaemb.config import check_packing
+
+    for name in ("batch_size", "max_length", *positive):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    preflight.check_model(args.model)
+    preflight.check_layout(args.model, parallel_config(args), world, dims, dims_flag)
+    check_packing(args.packing, args.attention)
+
+
 def check_args(args, world: int = 1) -> None:
     """Validate what the flags, the environment (``world`` processes) and the files show,
     before any rank starts or any model loads. Raises ``ValueError`` / ``OSError`` subclasses
     with a one-line message."""
     from megaemb import preflight
-    from megaemb.config import check_packing
 
     if args.command == "sft":
         cfg = sft_config(args)
@@ -456,10 +460,6 @@ def check_args(args, world: int = 1) -> None:
         preflight.check_export_dirs(source, args.output_dir, flag, args.overwrite)
         parse_size(args.max_shard_size)
     elif args.command == "eval":
-        for name in ("batch_size", "max_length"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-        preflight.check_model(args.model)
         from megaemb.data.eval_sets import is_beir
 
         folders = [d for d in args.dataset if is_beir(d.split("#")[0])]
@@ -468,8 +468,7 @@ def check_args(args, world: int = 1) -> None:
                              "whole (no #N sampling, no other files)")
         if any(d < 1 for d in args.mrl_dims or []):
             raise ValueError(f"--mrl_dims must be positive, got {args.mrl_dims}")
-        preflight.check_layout(args.model, parallel_config(args), world, args.mrl_dims or [], "--mrl_dims")
-        check_packing(args.packing, args.attention)
+        _check_inference(args, world, dims=args.mrl_dims or [], dims_flag="--mrl_dims")
         preflight.check_datasets(args.dataset, "--dataset")
         if args.output:
             preflight.check_output_file(args.output, "--output", {"--model": args.model}, args.overwrite)
@@ -477,38 +476,28 @@ def check_args(args, world: int = 1) -> None:
                 preflight.check_output_file(os.path.splitext(args.output)[0] + "_dims.png", "the plot of --output",
                                             {"--model": args.model}, args.overwrite)
     elif args.command == "mine":
+        from megaemb.data.eval_sets import has_float_labels, is_beir
         from megaemb.mine import parse_range
 
-        for name in ("batch_size", "max_length", "num_negatives"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        _check_inference(args, world, positive=("num_negatives",))
         parse_range(args.range)
         if not args.margin > 0:
             raise ValueError(f"--margin must be > 0, got {args.margin}")
-        preflight.check_model(args.model)
-        preflight.check_layout(args.model, parallel_config(args), world)
-        check_packing(args.packing, args.attention)
         preflight.check_datasets(args.dataset, "--dataset")
         inputs = {"--model": args.model, **{"--dataset": d.split("#")[0] for d in args.dataset}}
         preflight.check_output_file(args.output, "--output", inputs, args.overwrite)
-        from megaemb.data.eval_sets import has_float_labels, is_beir
-
         for spec in args.dataset:
-            if is_beir(spec.split("#")[0]):
+            path = spec.split("#")[0]
+            if is_beir(path):
                 raise ValueError(f"--dataset {spec}: a BEIR folder; mine reads infonce rows (query, "
                                  "response[, rejected_response]) and mines from their responses")
-            if os.path.isfile(spec.split("#")[0]) and has_float_labels(spec.split("#")[0]):
+            if os.path.isfile(path) and has_float_labels(path):
                 raise ValueError(f"--dataset {spec}: rows have a 'label' (pairs); mine reads infonce "
                                  "rows (query, response, rejected_response), whose responses are positives")
     elif args.command == "serve":
-        for name in ("batch_size", "max_length", "max_batch_texts"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        _check_inference(args, world, positive=("max_batch_texts",))
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-        preflight.check_model(args.model)
-        preflight.check_layout(args.model, parallel_config(args), world)
-        check_packing(args.packing, args.attention)
         if os.environ.get("RANK", "0") == "0":  # where the server will listen (ranks check at once)
             import socket
 
@@ -519,13 +508,7 @@ def check_args(args, world: int = 1) -> None:
                     raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there "
                                      f"({e.strerror})") from None
     elif args.command == "embed":
-        for name in ("batch_size", "max_length", "dim"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-        preflight.check_model(args.model)
-        preflight.check_layout(args.model, parallel_config(args), world,
-                               [args.dim] if args.dim else [], "--dim")
-        check_packing(args.packing, args.attention)
+        _check_inference(args, world, positive=("dim",), dims=[args.dim] if args.dim else [], dims_flag="--dim")
         if not os.path.isfile(args.input):
             raise FileNotFoundError(f"--input {args.input}: no such file")
         preflight.check_output_file(args.output, "--output", {"--input": args.input, "--model": args.model},

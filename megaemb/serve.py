@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megaemb.benchmark import truncate
+
 MAX_BATCH_SIZE = 2048  # inputs per request (OpenAI's limit)
 MAX_BODY_BYTES = 64 << 20  # larger request bodies get a 413 without being read
 
@@ -131,11 +133,7 @@ def _is_int(x) -> bool:
 
 
 def answer(job: Job, cfg: ServeConfig) -> dict:
-    emb = job.result
-    if job.dimensions and job.dimensions < emb.shape[1]:
-        emb = emb[:, :job.dimensions]
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    emb = emb.astype("<f4")
+    emb = truncate(job.result, job.dimensions).astype("<f4")
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(row.tobytes()).decode() if job.encoding == "base64"
              else row.tolist()} for i, row in enumerate(emb)]

@@ -17,7 +17,7 @@ from megatron.core import dist_checkpointing
 from safetensors.torch import save_file
 
 from megaemb import checkpoint
-from megaemb.config import LoRAConfig, ParallelConfig
+from megaemb.config import LoRAConfig
 from megaemb.convert.hf_to_mcore import HFCheckpoint
 from megaemb.convert.mapping import find_mapping, hf_names_for, qwen3_mappings, split
 from megaemb.shape import Qwen3Shape
@@ -29,18 +29,11 @@ def adapter_hf_tensors(mcore_dir: str, shape: Qwen3Shape, iteration: int | None 
                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """HF weight name (``layers.0.self_attn.q_proj.weight``) -> its adapter ``(A [r, in],
     B [out, r])``, fp32, whole."""
-    from megaemb.convert.mcore_to_hf import _materialise
-    from megaemb.model.embedder import EmbeddingModel
-    from megaemb.model.lora import apply_lora, is_lora_name
-    from megaemb.model.qwen3 import transformer_config
+    from megaemb.convert.mcore_to_hf import materialise, meta_model
+    from megaemb.model.lora import is_lora_name
 
-    lora = LoRAConfig.from_json(checkpoint.read_lora(mcore_dir)["lora"])
-    config = transformer_config(shape, ParallelConfig(), attention="sdpa")
-    config.use_cpu_initialization, config.perform_initialization = True, False
-    with torch.device("meta"):
-        model = EmbeddingModel(config, shape, attention="sdpa")
-        apply_lora(model, lora, init=False)
-    sharded = {k: _materialise(v) for k, v in model.sharded_state_dict().items() if is_lora_name(k)}
+    model = meta_model(shape, lora=LoRAConfig.from_json(checkpoint.read_lora(mcore_dir)["lora"]))
+    sharded = {k: materialise(v) for k, v in model.sharded_state_dict().items() if is_lora_name(k)}
     iteration = checkpoint.latest_iteration(mcore_dir) if iteration is None else iteration
     loaded = dist_checkpointing.load(sharded, checkpoint.iter_dir(mcore_dir, iteration))
     table, out = qwen3_mappings(shape), {}

@@ -33,10 +33,25 @@ from megaemb.shape import Qwen3Shape
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
-def _materialise(sharded):
+def materialise(sharded):
     """A copy of a (meta) ShardedTensor / factory whose data is an empty CPU tensor to load into."""
     data = sharded.data
     return dataclasses.replace(sharded, data=torch.empty(data.shape, dtype=data.dtype, device="cpu"))
+
+
+def meta_model(shape: Qwen3Shape, dtype: torch.dtype = torch.float32, lora=None) -> EmbeddingModel:
+    """A weightless TP=PP=EP=1 ``EmbeddingModel`` on the ``meta`` device (with ``lora``'s
+    adapters): its sharded state dict names every checkpoint tensor. Any spec gives the same
+    keys; Transformer Engine modules cannot be built on the meta device, so it uses SDPA."""
+    from megaemb.model.lora import apply_lora
+
+    config = transformer_config(shape, ParallelConfig(), bf16=dtype == torch.bfloat16, attention="sdpa")
+    config.use_cpu_initialization, config.perform_initialization = True, False
+    with torch.device("meta"):
+        model = EmbeddingModel(config, shape, attention="sdpa")
+        if lora is not None:
+            apply_lora(model, lora, init=False)
+    return model
 
 
 def stream_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
@@ -48,12 +63,7 @@ def stream_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
     unit of loading is one weight kind for all layers. (Loading one layer's slice alone is
     not possible in a single process: megatron's torch_dist loader then expects every slice.)
     """
-    config = transformer_config(shape, ParallelConfig(), bf16=dtype == torch.bfloat16, attention="sdpa")
-    config.use_cpu_initialization, config.perform_initialization = True, False
-    # Any spec gives the same checkpoint keys; Transformer Engine modules cannot be built on
-    # the meta device, so the (weightless) export model always uses the SDPA spec.
-    with torch.device("meta"):
-        model = EmbeddingModel(config, shape, attention="sdpa")
+    model = meta_model(shape, dtype)
     sharded = model.sharded_state_dict()
     groups: dict[str, list[str]] = {}
     for name, _ in model.named_parameters():
@@ -63,7 +73,7 @@ def stream_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
     iteration_dir = checkpoint.iter_dir(mcore_dir, iteration)
     table = qwen3_mappings(shape)
     for names in groups.values():
-        loaded = dist_checkpointing.load({n: _materialise(sharded[n]) for n in names}, iteration_dir)
+        loaded = dist_checkpointing.load({n: materialise(sharded[n]) for n in names}, iteration_dir)
         for name in names:
             rule, index = find_mapping(table, name)
             yield from zip(rule.hf_names(**index), split(rule.kind, loaded.pop(name), shape))
