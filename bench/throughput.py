@@ -19,7 +19,10 @@ time / ``platform.peak_flops()``; null where the peak is unknown, e.g. CPU), pea
 (``torch.cuda.max_memory_allocated``; null on CPU), and the largest cosine distance between the
 two sides' embeddings of the first step's texts.
 
-    PYTHONPATH=. python bench/throughput.py [--sizes 0.6B,4B] [--packing false] [--tiny]
+    PYTHONPATH=. python bench/throughput.py [--sizes 0.6B,4B] [--packing false] [--tiny] [--profile]
+
+``--profile`` adds, per workload and side, the operators (kernels on CUDA) with the most self
+time in one more untimed pass of the timed steps: the profile that explains a missed target.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from models import SIZES, make_checkpoint  # bench/ (the script's folder is on s
 from workloads import Workload, dense, info_nce, mix
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PROFILE_ROWS = 15
 
 
 class Transformers:
@@ -111,10 +115,23 @@ def _free() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def measure(runner, workload: Workload, warmup: int) -> dict:
+def top_ops(prof, n: int = PROFILE_ROWS) -> list[dict]:
+    """The ``n`` operators with the most self time in ``prof``: device (kernel) time on CUDA,
+    CPU time elsewhere. ``share`` is of all operators' self time."""
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    total = sum(getattr(e, key) for e in events) or 1
+    events.sort(key=lambda e: -getattr(e, key))
+    return [{"name": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total,
+             "calls": e.count} for e in events[:n]]
+
+
+def measure(runner, workload: Workload, warmup: int, profile: bool = False) -> dict:
     """Warm up, then time ``workload.steps[warmup:]``. Returns seconds, tokens computed (pad
     included), peak GiB (None on CPU), distinct batch shapes and the first step's embeddings
-    ``[n, h]`` (CPU, fp32); or ``{"error": ...}`` when the GPU runs out of memory."""
+    ``[n, h]`` (CPU, fp32); or ``{"error": ...}`` when the GPU runs out of memory. With
+    ``profile`` the timed steps then run once more under ``torch.profiler`` (not timed):
+    ``profile`` holds ``top_ops`` of that run."""
     try:
         batches = [runner.prepare(s.seqs, workload.pad_id) for s in workload.steps]
         first = None
@@ -140,23 +157,33 @@ def measure(runner, workload: Workload, warmup: int) -> dict:
             step(i)
         _sync()
         seconds = time.perf_counter() - start
+        ops = None
+        if profile:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=activities) as prof:
+                for i in range(warmup, len(batches)):
+                    step(i)
+                _sync()
+            ops = top_ops(prof)
     except torch.cuda.OutOfMemoryError:
         return {"error": "out of memory"}
     finally:
         runner.zero_grad()
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {"seconds": seconds, "computed_tokens": sum(b.input_ids.numel() for b in batches[warmup:]),
-            "peak_gib": peak, "shapes": len(seen), "first": first}
+            "peak_gib": peak, "shapes": len(seen), "first": first, "profile": ops}
 
 
-def run_side(side: str, make, workloads: list[Workload], warmup: int) -> dict:
+def run_side(side: str, make, workloads: list[Workload], warmup: int, profile: bool = False) -> dict:
     """``{workload name: measure(...)}`` for one implementation; out of memory while loading
     is recorded for every workload."""
     try:
         runner = make()
     except torch.cuda.OutOfMemoryError:
         runner = None
-    out = {w.name: measure(runner, w, warmup) if runner else {"error": "out of memory (loading)"}
+    out = {w.name: measure(runner, w, warmup, profile) if runner else {"error": "out of memory (loading)"}
            for w in workloads}
     del runner
     _free()
@@ -187,6 +214,8 @@ def summarize(workload: Workload, warmup: int, shape: Qwen3Shape, sides: dict) -
                     f"{side}_peak_gib": r["peak_gib"],
                     f"{side}_padding": 1 - tokens / r["computed_tokens"],
                     f"{side}_batch_shapes": r["shapes"]})
+        if r["profile"] is not None:
+            out[f"{side}_profile"] = r["profile"]
     ours, base = out["megaemb_tokens_per_s"], out["baseline_tokens_per_s"]
     out["speedup"] = ours / base if ours and base else None
     out["mfu"], out["peak_gib"] = out["megaemb_mfu"], out["megaemb_peak_gib"]
@@ -231,6 +260,20 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_tables(report: dict) -> str:
+    """Per size, workload and side, ``top_ops`` as a markdown table ('' without --profile)."""
+    out = []
+    for size, workloads in report["by_size"].items():
+        for name, r in workloads.items():
+            for side in ("megaemb", "baseline"):
+                if r.get(f"{side}_profile"):
+                    out += [f"\n{size} {name} {side}: top operators by self time",
+                            "| operator | self ms | share | calls |", "| --- | ---: | ---: | ---: |"]
+                    out += [f"| `{o['name']}` | {o['self_ms']:.1f} | {100 * o['share']:.1f}% | {o['calls']} |"
+                            for o in r[f"{side}_profile"]]
+    return "\n".join(out)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="0.6B", help="comma-separated, of 0.6B, 4B (default 0.6B)")
@@ -246,6 +289,9 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true",
                    help="tiny fp32 model, 2 timed steps, small batches: a CPU check in seconds")
     p.add_argument("--output", help="default bench/results/<device>-<date>[-tiny].json")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, run the timed steps once more under torch.profiler and "
+                        f"record each side's top {PROFILE_ROWS} operators by self (kernel) time")
     args = p.parse_args(argv)
     args.sizes = ["tiny"] if args.tiny else args.sizes.split(",")
     args.workloads = args.workloads.split(",")
@@ -269,9 +315,10 @@ def main(argv=None) -> dict:
             print(f"{size}: making a random-weight checkpoint", flush=True)
             hf_dir = make_checkpoint(size, os.path.join(tmp, size))
             shape = Qwen3Shape.from_hf(read_hf_config(hf_dir))
-            sides = {"baseline": run_side("baseline", lambda: Transformers(hf_dir, bf16), workloads, args.warmup),
+            sides = {"baseline": run_side("baseline", lambda: Transformers(hf_dir, bf16), workloads,
+                                          args.warmup, args.profile),
                      "megaemb": run_side("megaemb", lambda: Megaemb(hf_dir, bf16, args.packing, args.attention),
-                                         workloads, args.warmup)}
+                                         workloads, args.warmup, args.profile)}
             by_size[size] = {w.name: summarize(w, args.warmup, shape, {k: v[w.name] for k, v in sides.items()})
                              for w in workloads}
     from megaemb.model.qwen3 import resolve_attention
@@ -287,6 +334,7 @@ def main(argv=None) -> dict:
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     print(markdown_table(report))
+    print(profile_tables(report))
     print(f"wrote {path}")
     return report
 

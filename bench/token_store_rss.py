@@ -125,21 +125,6 @@ def read(data: str, cache: str, steps: int, global_batch_size: int, micro_batch_
             "peak_rss_mb": round(peak_rss_mb()), "rss_end_mb": rss_mb()}
 
 
-def baseline(data: str) -> dict:
-    from megaemb.data.formats import load_examples
-    from megaemb.data.negatives import fixed_negatives
-    from megaemb.data.tokenize import EmbeddingTokenizer, tokenize_examples
-
-    s = spec(data)
-    t0 = time.time()
-    examples, _ = load_examples([data], "infonce", seed=s.seed)
-    negatives, _ = fixed_negatives(examples, max(len(e.negatives) for e in examples), s.seed)
-    rows = tokenize_examples(examples, negatives, EmbeddingTokenizer(s.tokenizer_dir, s.max_length),
-                             s.query_instruction)
-    return {"phase": "baseline (in-memory lists, one rank)", "seconds": round(time.time() - t0, 1),
-            "examples": len(rows), "peak_rss_mb": round(peak_rss_mb())}
-
-
 def _child(*args: str) -> dict:
     """Run one phase in a fresh process (its own peak RSS) and return its JSON line."""
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
@@ -156,12 +141,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--global_batch_size", type=int, default=512)
     p.add_argument("--micro_batch_size", type=int, default=8)
-    p.add_argument("--baseline", action="store_true")
-    p.add_argument("--phase", choices=("build", "read", "baseline"), help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=("build", "read"), help=argparse.SUPPRESS)
     a = p.parse_args()
     data, cache = os.path.join(a.workdir, "train.jsonl"), os.path.join(a.workdir, "cache")
     if a.phase:
-        result = {"build": lambda: build(data, cache), "baseline": lambda: baseline(data),
+        result = {"build": lambda: build(data, cache),
                   "read": lambda: read(data, cache, a.steps, a.global_batch_size, a.micro_batch_size)}[a.phase]()
         print(json.dumps(result), flush=True)
         return
@@ -173,7 +157,7 @@ def main() -> None:
                           "jsonl_mb": round(os.path.getsize(data) / 2**20)}), flush=True)
         common = ["--workdir", a.workdir, "--steps", str(a.steps), "--global_batch_size",
                   str(a.global_batch_size), "--micro_batch_size", str(a.micro_batch_size)]
-        for phase in ("build", "read") + (("baseline",) if a.baseline else ()):
+        for phase in ("build", "read"):
             print(json.dumps(_child(*common, "--phase", phase)), flush=True)
     finally:
         shutil.rmtree(a.workdir, ignore_errors=True)

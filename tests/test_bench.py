@@ -14,7 +14,7 @@ ENV = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DE
 @pytest.mark.timeout(150)
 def test_throughput_tiny_reports_both_sides_and_they_agree(tmp_path):
     out = tmp_path / "result.json"
-    r = subprocess.run([sys.executable, "bench/throughput.py", "--tiny", "--output", str(out)],
+    r = subprocess.run([sys.executable, "bench/throughput.py", "--tiny", "--profile", "--output", str(out)],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=140)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -30,11 +30,16 @@ def test_throughput_tiny_reports_both_sides_and_they_agree(tmp_path):
         assert w["timed_steps"] == 2 and w["real_tokens_per_step"] > 0 and w["train_flops_per_step"] > 0
         # the same texts through both models (fp32): the comparison is of equals
         assert 1 - w["max_cos_distance"] >= 0.9999
+        for side in ("megaemb", "baseline"):  # --profile: top operators by self time, largest first
+            ops = w[f"{side}_profile"]
+            assert 0 < len(ops) <= 15 and sum(o["share"] for o in ops) <= 1 + 1e-9
+            assert [o["self_ms"] for o in ops] == sorted((o["self_ms"] for o in ops), reverse=True)
+            assert any(o["name"] in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear") for o in ops), ops
     assert report["dense"]["baseline_padding"] == 0 and report["dense"]["texts_per_step"] == 4
     mix = report["mix"]
     assert mix["texts_per_step"] == 2 * 5  # 2 groups of query, positive, 3 negatives
     assert 0 <= mix["megaemb_padding"] < mix["baseline_padding"]  # packing drops most padding
-    assert "| tiny | mix |" in r.stdout
+    assert "| tiny | mix |" in r.stdout and "tiny mix megaemb: top operators by self time" in r.stdout
 
 
 @pytest.mark.timeout(240)

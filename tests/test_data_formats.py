@@ -181,6 +181,13 @@ def test_parquet(tmp_path):
     examples, report = load_examples([path], "infonce", bad_rows="skip")
     assert [e.negatives for e in examples] == [["n0", "n1"], ["n0", "n1"]]
     assert report.skipped == Counter({"empty field": 1})
+    rows = rows_of(9000)  # streamed in record batches of 4,096: row numbers run on across them
+    rows[8000]["response"] = " "
+    datasets.Dataset.from_list(rows).to_parquet(path)
+    with pytest.raises(DataError, match=f"^{path}:8001: field 'response': empty string"):
+        load_examples([path], "infonce")
+    examples, _ = load_examples([path], "infonce", bad_rows="skip")
+    assert len(examples) == 8999 and examples[-1].source == f"{path}:9000"
 
 
 @pytest.mark.timeout(60)

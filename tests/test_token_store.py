@@ -4,6 +4,7 @@ reaches every rank."""
 import json
 import multiprocessing as mp
 import os
+import random
 import time
 
 import pytest
@@ -12,10 +13,9 @@ import torch
 from distributed import run_distributed
 from megaemb.data.batching import step_micro_batches
 from megaemb.data.formats import DataError, load_examples
-from megaemb.data.negatives import fixed_negatives
 from megaemb.data.token_store import (StoreSpec, TokenStore, build_token_store, open_on_every_rank,
                                       publish, store_key)
-from megaemb.data.tokenize import EmbeddingTokenizer, tokenize_examples
+from megaemb.data.tokenize import EmbeddingTokenizer, TokenizedExample, format_query
 from megaemb.tiny import qwen3_tokenizer_dir
 
 TOKENIZER = qwen3_tokenizer_dir()
@@ -47,6 +47,19 @@ def _spec(data, **kw) -> StoreSpec:
     return StoreSpec(**base)
 
 
+def _fixed_negatives(examples, k: int, seed: int) -> list[list[str]]:
+    """ms-swift's procedure on text, as megaemb ran it in memory before the store."""
+    rng = random.Random(seed)
+
+    def draw(i):
+        if examples[i].negatives:
+            return rng.choice(examples[i].negatives)
+        j = rng.randrange(len(examples) - 1)
+        return examples[j + (j >= i)].response
+
+    return [e.negatives[:k] + [draw(i) for _ in range(k - len(e.negatives[:k]))] for i, e in enumerate(examples)]
+
+
 def _reference(spec: StoreSpec):
     """What ``Trainer._build_data`` made in memory before the store: (rows, held out, truncated)."""
     examples, _ = load_examples(list(spec.datasets), spec.loss_type, bad_rows=spec.bad_rows, seed=spec.seed)
@@ -60,9 +73,11 @@ def _reference(spec: StoreSpec):
     negatives = [[] for _ in examples]
     if spec.loss_type == "infonce":
         k = max(len(e.negatives) for e in examples) if spec.hard_negatives is None else spec.hard_negatives
-        negatives, _ = fixed_negatives(examples, k, spec.seed)
+        negatives = _fixed_negatives(examples, k, spec.seed)
     tok = EmbeddingTokenizer(spec.tokenizer_dir, spec.max_length)
-    return tokenize_examples(examples, negatives, tok, spec.query_instruction), val, tok.truncated
+    rows = [TokenizedExample(*tok.encode([format_query(e.query, spec.query_instruction), e.response]),
+                             tok.encode(negs), e.label) for e, negs in zip(examples, negatives)]
+    return rows, val, tok.truncated
 
 
 @pytest.mark.timeout(120)
@@ -234,3 +249,54 @@ def test_data_cache_dir_flag_then_env_then_home(monkeypatch):
     monkeypatch.delenv("MEGAEMB_CACHE")
     assert sft_config(build_parser().parse_args(args)).token_cache_dir() == \
         os.path.expanduser("~/.cache/megaemb/tokens")
+
+
+@pytest.mark.timeout(60)
+def test_build_errors_name_the_data(tmp_path):
+    one = tmp_path / "one.jsonl"
+    one.write_text('\n{"query": "q", "response": "r"}\n')
+    with pytest.raises(ValueError, match=f"^{one}:2: no hard negatives and no other rows"):
+        build_token_store(_spec(str(one), hard_negatives=1), str(tmp_path / "cache"), log=lambda m: None)
+    with pytest.raises(DataError, match="1 row\\(s\\), all held out by --split_dataset_ratio 0.5"):
+        build_token_store(_spec(str(one), split_dataset_ratio=0.5), str(tmp_path / "cache"), log=lambda m: None)
+    assert os.listdir(tmp_path / "cache") == []  # nothing half-built left
+
+
+_PEAK = """
+import json, resource, sys
+from megaemb.data.token_store import StoreSpec, build_token_store
+from megaemb.data.tokenize import EmbeddingTokenizer
+EmbeddingTokenizer(sys.argv[3])  # the tokenizer's own memory, before the baseline
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+spec = eval(sys.argv[1])
+build_token_store(spec, sys.argv[2], log=lambda m: None, chunk_size=256)
+print(json.dumps([before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+"""
+
+
+@pytest.mark.timeout(240)
+def test_build_memory_does_not_grow_with_the_text(tmp_path):
+    """The builder streams its rows: the same 3,000 tokenised rows from a 0.5 MB file and from
+    a 220 MB one (40 long negatives a row, k = 1 kept) add 14 and 21 MB of peak RSS; the
+    in-memory build it replaced held the whole text (7 and 234 MB)."""
+    import subprocess
+    import sys
+
+    rng, peaks = random.Random(0), {}
+    filler = [" ".join(rng.choices(WORDS, k=300)) for _ in range(50)]
+    for name, extra in (("small", 0), ("big", 39)):
+        path = tmp_path / f"{name}.jsonl"
+        with open(path, "w") as f:
+            for i in range(3000):
+                negs = [f"neg {i} " + _text(i, 6)] + [filler[(i + j) % 50] + f" {i}" for j in range(extra)]
+                f.write(json.dumps({"query": f"query {i}", "response": f"doc {i} " + _text(i, 8),
+                                    "rejected_response": negs}) + "\n")
+        spec = _spec(str(path), hard_negatives=1, split_dataset_ratio=0.01)
+        out = subprocess.run([sys.executable, "-c", _PEAK, repr(spec), str(tmp_path / name), TOKENIZER],
+                             capture_output=True, text=True, timeout=200)
+        assert out.returncode == 0, out.stderr[-2000:]
+        before, after = json.loads(out.stdout.splitlines()[-1])
+        peaks[name] = (after - before) / 1024, os.path.getsize(path) / 2**20
+    (small, small_mb), (big, big_mb) = peaks["small"], peaks["big"]
+    assert big_mb > 150 and small_mb < 2, peaks
+    assert big - small < 40, peaks  # MB of peak RSS added by 150+ MB more text

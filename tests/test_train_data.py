@@ -1,31 +1,36 @@
 """Training-batch assembly: fixed negatives per query, micro-batch layout."""
+import random
+
 import pytest
 
-from megaemb.data.formats import Example
 from megaemb.data.batching import make_micro_batch
-from megaemb.data.negatives import fixed_negatives
+from megaemb.data.negatives import negative_picks
 from megaemb.data.tokenize import TokenizedExample
 
 
-def _ex(i, negs):
-    return Example(query=f"q{i}", response=f"r{i}", negatives=negs, label=None, source=f"f:{i}")
-
-
 @pytest.mark.timeout(30)
-def test_fixed_negatives_cut_top_up_and_fill():
-    examples = [_ex(0, ["a", "b", "c", "d"]), _ex(1, ["x"]), _ex(2, [])]
-    negs, topped = fixed_negatives(examples, 3, seed=0)
-    assert negs[0] == ["a", "b", "c"]
-    assert negs[1] == ["x", "x", "x"]  # own negatives drawn again
-    assert len(negs[2]) == 3 and set(negs[2]) <= {"r0", "r1"}  # other rows' positives, never r2
+def test_negative_picks_cut_top_up_and_fill():
+    picks, topped = negative_picks([4, 1, 0], 3, seed=0, source=str)
+    assert picks[0].tolist() == [0, 1, 2]  # the first k
+    assert picks[1].tolist() == [0, 0, 0]  # its one negative drawn again
+    assert set(picks[2].tolist()) <= {-1, -2}  # other examples' positives (0, 1), never its own
     assert topped == 2
-    assert fixed_negatives(examples, 3, seed=0) == (negs, topped)  # seeded
+    again, _ = negative_picks([4, 1, 0], 3, seed=0, source=str)
+    assert (again == picks).all()  # seeded
+    # the draws follow ms-swift's random.Random(seed) sequence: choice() over own negatives,
+    # randrange(n - 1) over the other rows
+    rng = random.Random(5)
+    own = [rng.randrange(2) for _ in range(3)]
+    j = rng.randrange(2)
+    picks, _ = negative_picks([2, 5, 0], 5, seed=5, source=str)
+    assert picks[0].tolist() == [0, 1, *own] and picks[1].tolist() == [0, 1, 2, 3, 4]
+    assert picks[2, 0] == -1 - (j + (j >= 2))
 
 
 @pytest.mark.timeout(30)
 def test_single_row_without_negatives_is_an_error():
     with pytest.raises(ValueError, match="f:0: no hard negatives"):
-        fixed_negatives([_ex(0, [])], 1, seed=0)
+        negative_picks([0], 1, seed=0, source=lambda i: f"f:{i}")
 
 
 @pytest.mark.timeout(30)

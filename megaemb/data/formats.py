@@ -301,17 +301,37 @@ def _json_file(path: str) -> Iterator[tuple[int, Any]]:
     return _json_array(path, text)
 
 
+def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
+    """A parquet file, streamed one record batch at a time; 1-based row numbers."""
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+    except Exception as e:  # not parquet, or a damaged footer
+        raise DataError(f"{path}: cannot read: {e}") from e
+    number = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged row group
+            raise DataError(f"{path}: cannot read after row {number}: {e}") from e
+        if batch is None:
+            return
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
 def _table_rows(path: str) -> Iterator[tuple[int, Any]]:
-    """csv / parquet / ``save_to_disk`` folder via ``datasets``; 1-based row numbers."""
+    """csv / ``save_to_disk`` folder via ``datasets`` (a folder is memory-mapped, a csv read
+    whole); 1-based row numbers."""
     import datasets
 
     try:
         if os.path.isdir(path):
             table = datasets.load_from_disk(path)
-        elif path.endswith(".csv"):
-            table = datasets.Dataset.from_csv(path, keep_in_memory=True)
         else:
-            table = datasets.Dataset.from_parquet(path, keep_in_memory=True)
+            table = datasets.Dataset.from_csv(path, keep_in_memory=True)
     except Exception as e:  # datasets raises many types for unreadable files
         raise DataError(f"{path}: cannot read: {e}") from e
     if isinstance(table, datasets.DatasetDict):
@@ -328,16 +348,20 @@ def file_rows(path: str) -> Iterator[tuple[int, Any]]:
         return json_lines(path)
     if path.endswith(".json"):
         return _json_file(path)
-    if os.path.isdir(path) or path.endswith((".csv", ".parquet")):
+    if path.endswith(".parquet"):
+        return _parquet_rows(path)
+    if os.path.isdir(path) or path.endswith(".csv"):
         return _table_rows(path)
     raise DataError(f"{path}: unsupported file type; expected .jsonl, .json, .csv, "
                     ".parquet or a folder written by datasets' save_to_disk")
 
 
-def _read_file(path: str, loss_type: str, bad_rows: str, require_negatives: bool,
-               report: RowReport) -> list[Example]:
-    """All valid rows of one file, in file order."""
-    examples = []
+def iter_examples(path: str, loss_type: str, bad_rows: str, require_negatives: bool,
+                  report: RowReport) -> Iterator[Example]:
+    """The valid rows of one file, in file order, one at a time (a JSONL file is read line
+    by line: memory does not grow with the file). Bad rows are raised or counted in
+    ``report`` as ``bad_rows`` says; a file with no valid row raises ``DataError`` at its end."""
+    valid = 0
     for lineno, row in file_rows(path):
         report.rows_read += 1
         source = f"{path}:{lineno}"
@@ -351,10 +375,10 @@ def _read_file(path: str, loss_type: str, bad_rows: str, require_negatives: bool
                 raise error from None
             report.add_skip(error)
             continue
-        examples.append(Example(query, response, negatives, label, source))
-    if not examples:
+        valid += 1
+        yield Example(query, response, negatives, label, source)
+    if not valid:
         raise DataError(f"{path}: no valid rows")
-    return examples
 
 
 # -------------------------------------------------------------------------- sampling
@@ -396,7 +420,7 @@ def load_examples(specs: list[str], loss_type: str, *, bad_rows: str = "error",
     examples: list[Example] = []
     for spec in specs:
         path, count = parse_spec(spec)
-        rows = _read_file(path, loss_type, bad_rows, require_negatives, report)
+        rows = list(iter_examples(path, loss_type, bad_rows, require_negatives, report))
         if count is not None:
             rows = [rows[i] for i in sample_indices(len(rows), count, seed)]
         examples.extend(rows)

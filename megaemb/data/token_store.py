@@ -3,24 +3,27 @@
 A store is the directory ``<cache>/<key>``, ``key`` a hash of everything that decides its
 contents (``StoreSpec``: the bytes of every dataset file, each spec's ``#N``, the loss type,
 ``bad_rows``, seed, held-out ratio, hard negatives asked for, max length, query instruction,
-the tokenizer's files, and ``FORMAT``). Example ``i`` owns ``t = 2 + k`` consecutive texts
-(``k`` hard negatives for infonce, 0 for the pair losses), so one example is one contiguous
-run of tokens::
+the tokenizer's files, and ``FORMAT``). Every valid row of every file is tokenised once, in
+file order (query with its instruction, response, its negatives; each text ends with the end
+token); example ``i`` names its ``t = 2 + k`` texts (``k`` hard negatives for infonce, 0 for
+the pair losses) by text id, so ``#N`` repeats and resampled negatives cost no tokens::
 
-    tokens.bin    int32   [T]            every text's ids (instruction, end token) back to back
-    offsets.npy   int64   [n * t + 1]    text j of the store = tokens[offsets[j]:offsets[j + 1]]
-                                         texts of example i: j = t*i (query), t*i + 1 (doc),
-                                         t*i + 2 .. t*i + 1 + k (negatives)
-    labels.npy    float64 [n]            labelled losses only
-    held_out.jsonl                       ``--split_dataset_ratio``'s eval rows, as text, in split order
-    meta.json                            counts and the data report (what the trainer logs)
+    tokens.bin    int32   [T]         every text's ids, back to back
+    offsets.npy   int64   [texts + 1] text j = tokens[offsets[j]:offsets[j + 1]]
+    texts.npy     int64   [n, t]      example i's text ids: query, doc, k negatives
+    labels.npy    float64 [n]         labelled losses only
+    held_out.jsonl                    ``--split_dataset_ratio``'s eval rows, as text, in split order
+    meta.json                         counts and the data report (what the trainer logs)
 
 A build writes into a temporary sibling ``.<key>.tmp-*`` and renames it to ``<key>`` when
 complete, so a directory named ``<key>`` is always a whole store: a killed build leaves only
 its temporary directory, and of two concurrent builders (nodes sharing the cache) one rename
-wins and the other's identical result is dropped. The builder reads the dataset as text
-(``load_examples``) but tokenises ``chunk_size`` examples at a time, so token lists never
-exist for the whole set; readers never see the training text.
+wins and the other's identical result is dropped.
+
+The build streams: it reads each file row by row (``iter_examples``) and tokenises
+``chunk_size`` rows at a time, so neither the text nor the token lists of the whole set are
+ever in memory; it holds a few integers per row (``_Rows``). The held-out rows' text is read
+back in a second pass over the files. Readers never see the training text.
 
 ``open_on_every_rank`` is the distributed entry: local rank 0 of every node builds (or
 reuses) the store in a fresh process, every other rank waits, and a build error is raised on
@@ -41,22 +44,23 @@ import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaemb.data.formats import Example, RowReport, load_examples, parse_spec
-from megaemb.data.negatives import fixed_negatives
-from megaemb.data.tokenize import EmbeddingTokenizer, TokenizedExample, tokenize_examples
+from megaemb.data.formats import DataError, Example, RowReport, iter_examples, parse_spec, sample_indices
+from megaemb.data.negatives import negative_picks
+from megaemb.data.tokenize import EmbeddingTokenizer, TokenizedExample, format_query
 
-FORMAT = 1  # raise when the files or the tokenisation change: old stores then stop matching
+FORMAT = 2  # raise when the files or the tokenisation change: old stores then stop matching
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model")
 # the other ranks wait this long for their node's build (hours for 10M long rows); a rank that
 # dies ends the job through the launcher, so a long wait cannot hide a crash
 BUILD_TIMEOUT = datetime.timedelta(hours=24)
+ASSEMBLY_ROWS = 1 << 20  # examples whose text ids are assembled at once
 
 
 @dataclass(frozen=True)
@@ -109,54 +113,128 @@ def store_key(spec: StoreSpec) -> str:
 
 # ------------------------------------------------------------------------------ build
 
-def _split(examples: list[Example], ratio: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """-> (train rows in file order, held-out rows in split order): the first
-    ``max(1, int(n * ratio))`` of ``torch.randperm(n)`` seeded by ``seed`` are held out."""
+def _split(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> (train positions in order, held-out positions in split order) of ``n`` examples:
+    the first ``max(1, int(n * ratio))`` of ``torch.randperm(n)`` seeded by ``seed`` are
+    held out."""
     if ratio <= 0:
-        return examples, []
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(len(examples) * ratio))
-    return [examples[i] for i in sorted(order[n_val:])], [examples[i] for i in order[:n_val]]
+        return np.arange(n), np.zeros(0, np.int64)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    n_val = max(1, int(n * ratio))
+    return np.sort(order[n_val:]), order[:n_val]
 
 
-def _write_tokens(spec: StoreSpec, examples: list[Example], negatives: list[list[str]], out: str,
-                  chunk_size: int, log: Callable[[str], None]) -> dict:
-    """``tokens.bin`` and ``offsets.npy`` of the examples, ``chunk_size`` at a time."""
+@dataclass
+class _Rows:
+    """Pass 1's record of every valid row of every dataset spec, in order (``r`` = row id)."""
+
+    first: np.ndarray        # int64 [R + 1]: text id of row r's query; doc +1, negatives +2 ..
+    negatives: np.ndarray    # int64 [R]: negatives row r has (the tokenised ones are <= k)
+    labels: np.ndarray       # float64 [R] (labelled losses; else empty)
+    cut: np.ndarray          # bool [texts]: text j was cut to max_length
+    spec_rows: list[int]     # valid rows per spec
+    report: RowReport
+
+    def examples(self, spec: StoreSpec) -> np.ndarray:
+        """int64 [n]: the row id of each example, after each spec's ``#N`` sampling."""
+        starts = np.cumsum([0] + self.spec_rows)
+        parts = [start + (np.arange(rows) if count is None else np.asarray(sample_indices(rows, count, spec.seed)))
+                 for start, rows, (_, count) in zip(starts, self.spec_rows, map(parse_spec, spec.datasets))]
+        return np.concatenate(parts).astype(np.int64)
+
+
+def _read(spec: StoreSpec, report: RowReport) -> Iterator[tuple[int, Iterator[Example]]]:
+    """``(spec index, its valid rows)`` for each dataset spec, streamed."""
+    for index, text in enumerate(spec.datasets):
+        yield index, iter_examples(parse_spec(text)[0], spec.loss_type, spec.bad_rows, False, report)
+
+
+def _tokenize(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str], None]) -> _Rows:
+    """Pass 1: ``tokens.bin`` and ``offsets.npy`` of every valid row, ``chunk_size`` rows at a
+    time. Only the first ``k`` negatives of a row are tokenised when ``k`` is known."""
     tok = EmbeddingTokenizer(spec.tokenizer_dir, spec.max_length)
-    lengths, every = [np.zeros(1, np.int64)], max(1, len(examples) // 10)
+    infonce = spec.loss_type == "infonce"
+    cap = spec.hard_negatives if infonce else 0
+    report, spec_rows = RowReport(), []
+    lengths, cut, negatives, per_row, labels = [np.zeros(1, np.int64)], [], [], [], []
+    done, every = 0, max(chunk_size, 100_000)
     with open(os.path.join(out, "tokens.bin"), "wb") as f:
-        for start in range(0, len(examples), chunk_size):
-            end = start + chunk_size
-            rows = tokenize_examples(examples[start:end], negatives[start:end], tok, spec.query_instruction)
-            texts = [t for r in rows for t in (r.query, r.doc, *r.negatives)]
-            lengths.append(np.fromiter(map(len, texts), np.int64, len(texts)))
-            ids = np.fromiter(itertools.chain.from_iterable(texts), np.int32, int(lengths[-1].sum()))
-            f.write(ids.tobytes())
-            if start // every != min(end, len(examples)) // every:
-                log(f"  tokenized {min(end, len(examples))}/{len(examples)} examples")
-    offsets = np.cumsum(np.concatenate(lengths))
-    np.save(os.path.join(out, "offsets.npy"), offsets)
-    return {"tokens": int(offsets[-1]), "truncated": tok.truncated}
+        for _, rows in _read(spec, report):
+            spec_rows.append(0)
+            while chunk := list(itertools.islice(rows, chunk_size)):
+                kept = [e.negatives[:cap] for e in chunk] if infonce else [[] for _ in chunk]
+                texts = [t for e, negs in zip(chunk, kept)
+                         for t in (format_query(e.query, spec.query_instruction or None), e.response, *negs)]
+                ids, chunk_cut = tok.encode_marked(texts)
+                lengths.append(np.fromiter(map(len, ids), np.int64, len(ids)))
+                f.write(np.fromiter(itertools.chain.from_iterable(ids), np.int32,
+                                    int(lengths[-1].sum())).tobytes())
+                cut.append(np.array(chunk_cut, bool))
+                negatives.append(np.array([len(e.negatives) for e in chunk], np.int64))
+                per_row.append(np.array([2 + len(negs) for negs in kept], np.int64))
+                labels.append(np.array([e.label for e in chunk] if not infonce else [], np.float64))
+                spec_rows[-1] += len(chunk)
+                if (done + len(chunk)) // every > done // every:
+                    log(f"  tokenized {done + len(chunk)} rows")
+                done += len(chunk)
+    np.save(os.path.join(out, "offsets.npy"), np.cumsum(np.concatenate(lengths)))
+    first = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.concatenate(per_row))])
+    return _Rows(first, np.concatenate(negatives), np.concatenate(labels), np.concatenate(cut),
+                 spec_rows, report)
+
+
+def _rows_at(spec: StoreSpec, rows: _Rows, wanted: np.ndarray) -> dict[int, Example]:
+    """The text of the rows ``wanted`` (row ids), read again from their files."""
+    wanted, found = set(wanted.tolist()), {}
+    starts = np.cumsum([0] + rows.spec_rows)
+    for index, examples in _read(spec, RowReport()):
+        start, end = int(starts[index]), int(starts[index + 1])
+        need = {r for r in wanted if start <= r < end}
+        for r, example in zip(range(start, end), examples) if need else ():
+            if r in need:
+                found[r] = example
+                need.discard(r)
+                if not need:
+                    break
+    return found
 
 
 def _write_store(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str], None]) -> None:
-    examples, report = load_examples(list(spec.datasets), spec.loss_type, bad_rows=spec.bad_rows,
-                                     seed=spec.seed)
-    examples, held_out = _split(examples, spec.split_dataset_ratio, spec.seed)
+    rows = _tokenize(spec, out, chunk_size, log)
+    examples = rows.examples(spec)
+    train, held = _split(len(examples), spec.split_dataset_ratio, spec.seed)
+    if not len(train):
+        raise DataError(f"{', '.join(spec.datasets)}: {len(examples)} row(s), all held out by "
+                        f"--split_dataset_ratio {spec.split_dataset_ratio}; none is left to train on")
+    train = examples[train]
+    held_rows = examples[held]
+    text = _rows_at(spec, rows, held_rows)
     with open(os.path.join(out, "held_out.jsonl"), "w") as f:
-        f.writelines(json.dumps(asdict(e)) + "\n" for e in held_out)
-    meta = {"format": FORMAT, "examples": len(examples), "k": 0, "held_out": len(held_out),
+        f.writelines(json.dumps(asdict(text[int(r)])) + "\n" for r in held_rows)
+    report = rows.report
+    meta = {"format": FORMAT, "examples": len(train), "k": 0, "held_out": len(held),
             "report": {"rows_read": report.rows_read, "skipped": dict(report.skipped),
                        "messages": report.messages}}
-    negatives = [[]] * len(examples)  # one shared empty list (read only): 8 bytes a row
+    k, picks = 0, np.zeros((len(train), 0), np.int64)
     if spec.loss_type == "infonce":
-        counts = [len(e.negatives) for e in examples]
-        k = max(counts) if spec.hard_negatives is None else spec.hard_negatives
-        negatives, topped = fixed_negatives(examples, k, spec.seed)
-        meta.update(k=k, negatives_per_row=[min(counts), max(counts)], topped_up=topped)
+        counts = rows.negatives[train]
+        k = int(counts.max()) if spec.hard_negatives is None else spec.hard_negatives
+        picks, topped = negative_picks(counts, k, spec.seed,
+                                       lambda i: _rows_at(spec, rows, train[i:i + 1])[int(train[i])].source)
+        meta.update(k=k, negatives_per_row=[int(counts.min()), int(counts.max())], topped_up=topped)
     else:
-        np.save(os.path.join(out, "labels.npy"), np.array([e.label for e in examples], np.float64))
-    meta.update(_write_tokens(spec, examples, negatives, out, chunk_size, log))
+        np.save(os.path.join(out, "labels.npy"), rows.labels[train])
+    ids = np.lib.format.open_memmap(os.path.join(out, "texts.npy"), "w+", np.int64, (len(train), 2 + k))
+    truncated = 0
+    for a in range(0, len(train), ASSEMBLY_ROWS):  # [rows, t] at a time: no [n, t] temporaries
+        first, p = rows.first[train[a:a + ASSEMBLY_ROWS]], picks[a:a + ASSEMBLY_ROWS]
+        other = rows.first[train[np.where(p < 0, -1 - p, 0)]] + 1  # another example's doc
+        ids[a:a + len(first)] = np.concatenate(
+            [first[:, None], first[:, None] + 1, np.where(p >= 0, first[:, None] + 2 + p, other)], axis=1)
+        truncated += int(rows.cut[ids[a:a + len(first)]].sum())
+    ids.flush()
+    del ids
+    meta.update(tokens=os.path.getsize(os.path.join(out, "tokens.bin")) // 4, truncated=truncated)
     with open(os.path.join(out, "meta.json"), "w") as f:  # last: its presence marks a whole store
         json.dump(meta, f)
 
@@ -164,9 +242,9 @@ def _write_store(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str]
 def build_token_store(spec: StoreSpec, cache: str, log: Callable[[str], None] = print,
                       chunk_size: int = 2048, fresh_process: bool = False) -> str:
     """The path of ``spec``'s store under ``cache``, built now unless it exists. With
-    ``fresh_process`` the build runs in a spawned process (``log`` must pickle), so the dataset
-    text and the tokenizer's memory go back to the system when it ends instead of staying in
-    this process's heap (a training rank's); its errors are raised here."""
+    ``fresh_process`` the build runs in a spawned process (``log`` must pickle), so the
+    tokenizer's memory and the per-row arrays go back to the system when it ends instead of
+    staying in this process's heap (a training rank's); its errors are raised here."""
     path = os.path.join(cache, store_key(spec))
     if os.path.isdir(path):
         log(f"reusing token store {path}")
@@ -223,11 +301,11 @@ class TokenStore:
         with open(meta_path) as f:
             self.meta = json.load(f)
         self.path = path
-        self.texts_per_example = 2 + self.meta["k"]
         self.offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r")
+        self.texts = np.load(os.path.join(path, "texts.npy"), mmap_mode="r")
         n_tokens = os.path.getsize(os.path.join(path, "tokens.bin")) // 4
         if self.meta.get("format") != FORMAT or n_tokens != self.offsets[-1] \
-                or len(self.offsets) != len(self) * self.texts_per_example + 1:
+                or self.texts.shape != (len(self), 2 + self.meta["k"]):
             raise ValueError(f"{path}: damaged token store (format or sizes do not match); delete it")
         # np.memmap cannot map an empty file
         self.tokens = (np.memmap(os.path.join(path, "tokens.bin"), np.int32, mode="r") if n_tokens
@@ -241,9 +319,7 @@ class TokenStore:
     def __getitem__(self, i: int) -> TokenizedExample:
         if not 0 <= i < len(self):
             raise IndexError(f"example {i} of {len(self)}")
-        j = int(i) * self.texts_per_example
-        edges = self.offsets[j: j + self.texts_per_example + 1]
-        texts = [self.tokens[a:b] for a, b in zip(edges[:-1], edges[1:])]
+        texts = [self.tokens[self.offsets[j]:self.offsets[j + 1]] for j in self.texts[i].tolist()]
         label = None if self.labels is None else float(self.labels[i])
         return TokenizedExample(texts[0], texts[1], texts[2:], label)
 

@@ -27,35 +27,28 @@ class EmbeddingTokenizer:
         self.truncated = 0  # rows cut to max_length so far
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.encode_marked(texts)[0]
+
+    def encode_marked(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """``encode``, and for each text whether it was cut to ``max_length``."""
         if not texts:
-            return []
+            return [], []
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        out = []
+        out, cut = [], []
         for row in ids:
-            if len(row) + 1 > self.max_length:
+            cut.append(len(row) + 1 > self.max_length)
+            if cut[-1]:
                 self.truncated += 1
                 row = row[: self.max_length - 1]
             out.append(row + [self.end_id])
-        return out
+        return out, cut
 
 
 @dataclass
 class TokenizedExample:
-    """One example's ids: lists from ``tokenize_examples``, int32 arrays from a ``TokenStore``."""
+    """One example's ids: int32 arrays from a ``TokenStore`` (lists in tests)."""
 
     query: list[int]
     doc: list[int]
     negatives: list[list[int]]
     label: float | None
-
-
-def tokenize_examples(examples: list, negatives: list[list[str]], tok: EmbeddingTokenizer,
-                      instruction: str) -> list[TokenizedExample]:
-    queries = tok.encode([format_query(e.query, instruction or None) for e in examples])
-    docs = tok.encode([e.response for e in examples])
-    flat = tok.encode([n for row in negatives for n in row])
-    out, at = [], 0
-    for e, q, d, row in zip(examples, queries, docs, negatives):
-        out.append(TokenizedExample(q, d, flat[at:at + len(row)], e.label))
-        at += len(row)
-    return out
