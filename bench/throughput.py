@@ -214,7 +214,7 @@ def summarize(workload: Workload, warmup: int, shape: Qwen3Shape, sides: dict) -
                     f"{side}_peak_gib": r["peak_gib"],
                     f"{side}_padding": 1 - tokens / r["computed_tokens"],
                     f"{side}_batch_shapes": r["shapes"]})
-        if r["profile"] is not None:
+        if r.get("profile") is not None:
             out[f"{side}_profile"] = r["profile"]
     ours, base = out["megaemb_tokens_per_s"], out["baseline_tokens_per_s"]
     out["speedup"] = ours / base if ours and base else None

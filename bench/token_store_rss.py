@@ -1,6 +1,6 @@
 """Memory of the token store: peak RSS of the builder and of a reader making training batches.
 
-    python bench/token_store_rss.py --rows 100000 [--workdir NEW_DIR] [--steps 50] [--baseline]
+    python bench/token_store_rss.py --rows 100000 [--workdir NEW_DIR] [--steps 50]
 
 1. writes a synthetic infonce JSONL of ``--rows`` rows into ``--workdir`` (query ~10 words,
    response ~70, 3 negatives of ~70; words drawn from the Qwen3 vocabulary),
@@ -10,24 +10,28 @@
 3. in another fresh process opens the store and makes ``--steps`` steps of
    ``--global_batch_size`` examples with ``step_micro_batches`` (as one data-parallel rank of
    a DP=1 run would): peak RSS, time,
-4. with ``--baseline``, also the in-memory path the store replaced (``load_examples`` +
-   ``fixed_negatives`` + ``tokenize_examples``): peak RSS,
 
 prints one JSON line per phase and deletes ``--workdir`` (data and store) at the end.
 
-Recorded on a 2-core VM shared with other jobs, Python 3.11, ~309 tokens per row (times
-vary 2x with the other jobs' load; the 1M build ran at load average 2-4):
+Recorded on a 2-core VM shared with other jobs, Python 3.11, ~309 tokens per row. Times vary
+2x with the other jobs' load: the streaming 1M build ran beside the whole test suite.
 
-    rows  JSONL    store    build   builder peak  reader RSS anon / file-backed   in-memory path
-    100k  195 MB   122 MB    56 s         738 MB  146->154 MB / 79->208 MB        4397 MB, 51 s
-    1M    1953 MB  1217 MB  996 s        3313 MB  146->159 MB / 79->1101 MB       not run (~44 GB)
+    rows  JSONL    store    build   builder peak  reader RSS anon / file-backed
+    streaming build (FORMAT 2, rows read one at a time):
+    100k  195 MB   126 MB   112 s         519 MB  146->152 MB / 87->219 MB
+    1M    1953 MB  1255 MB  1859 s        681 MB  146->159 MB / 88->1202 MB
+    the build before it (FORMAT 1: the whole set as ``Example`` rows, ~1.7x the JSONL):
+    100k  195 MB   122 MB    56 s         738 MB  146->154 MB / 79->208 MB
+    1M    1953 MB  1217 MB  996 s        3313 MB  146->159 MB / 79->1101 MB
+    the in-memory path before the store (every rank): 4397 MB at 100k, ~44 GB at 1M
 
-Reader: 50 steps of 512 examples (micro-batch 8), 0.03-0.05 s a step; "a->b" is after
-opening -> after the 50 steps. Its private memory stays ~150 MB; the file-backed pages are
-the mapped store (page cache, shared by a node's ranks and reclaimable). The process that
-starts the build keeps 146 MB anon after it (the build runs in a spawned child). The
-builder's peak is the dataset text held as ``Example`` rows (~1.7x the JSONL) plus one chunk
-of token lists.
+At 30k rows on an idle machine both builds took 39-40 s: tokenising dominates, the streaming
+costs nothing measurable. Reader: 50 steps of 512 examples (micro-batch 8), 0.03-0.17 s a
+step; "a->b" is after opening -> after the 50 steps. Its private memory stays ~150 MB; the
+file-backed pages are the mapped store (page cache, shared by a node's ranks and
+reclaimable). The process that starts the build keeps 146 MB anon after it (the build runs in
+a spawned child). The streaming builder's peak is torch, the tokenizer, one chunk of rows and
+a few integers per row and text (about 160 MB more at 1M rows than at 100k: ~40 bytes a text).
 """
 from __future__ import annotations
 
