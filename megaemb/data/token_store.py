@@ -135,11 +135,15 @@ class _Rows:
     spec_rows: list[int]     # valid rows per spec
     report: RowReport
 
+    @property
+    def starts(self) -> list[int]:
+        """[specs + 1]: spec s holds rows ``starts[s]:starts[s + 1]``."""
+        return list(itertools.accumulate(self.spec_rows, initial=0))
+
     def examples(self, spec: StoreSpec) -> np.ndarray:
         """int64 [n]: the row id of each example, after each spec's ``#N`` sampling."""
-        starts = np.cumsum([0] + self.spec_rows)
         parts = [start + (np.arange(rows) if count is None else np.asarray(sample_indices(rows, count, spec.seed)))
-                 for start, rows, (_, count) in zip(starts, self.spec_rows, map(parse_spec, spec.datasets))]
+                 for start, rows, (_, count) in zip(self.starts, self.spec_rows, map(parse_spec, spec.datasets))]
         return np.concatenate(parts).astype(np.int64)
 
 
@@ -172,7 +176,7 @@ def _tokenize(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str], N
                 cut.append(np.array(chunk_cut, bool))
                 negatives.append(np.array([len(e.negatives) for e in chunk], np.int64))
                 per_row.append(np.array([2 + len(negs) for negs in kept], np.int64))
-                labels.append(np.array([e.label for e in chunk] if not infonce else [], np.float64))
+                labels.append(np.array([e.label for e in chunk if not infonce], np.float64))
                 spec_rows[-1] += len(chunk)
                 if (done + len(chunk)) // every > done // every:
                     log(f"  tokenized {done + len(chunk)} rows")
@@ -185,10 +189,9 @@ def _tokenize(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str], N
 
 def _rows_at(spec: StoreSpec, rows: _Rows, wanted: np.ndarray) -> dict[int, Example]:
     """The text of the rows ``wanted`` (row ids), read again from their files."""
-    wanted, found = set(wanted.tolist()), {}
-    starts = np.cumsum([0] + rows.spec_rows)
+    wanted, found, starts = set(wanted.tolist()), {}, rows.starts
     for index, examples in _read(spec, RowReport()):
-        start, end = int(starts[index]), int(starts[index + 1])
+        start, end = starts[index], starts[index + 1]
         need = {r for r in wanted if start <= r < end}
         for r, example in zip(range(start, end), examples) if need else ():
             if r in need:
@@ -202,15 +205,14 @@ def _rows_at(spec: StoreSpec, rows: _Rows, wanted: np.ndarray) -> dict[int, Exam
 def _write_store(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str], None]) -> None:
     rows = _tokenize(spec, out, chunk_size, log)
     examples = rows.examples(spec)
-    train, held = _split(len(examples), spec.split_dataset_ratio, spec.seed)
-    if not len(train):
+    train_pos, held_pos = _split(len(examples), spec.split_dataset_ratio, spec.seed)
+    if not len(train_pos):
         raise DataError(f"{', '.join(spec.datasets)}: {len(examples)} row(s), all held out by "
                         f"--split_dataset_ratio {spec.split_dataset_ratio}; none is left to train on")
-    train = examples[train]
-    held_rows = examples[held]
-    text = _rows_at(spec, rows, held_rows)
+    train, held = examples[train_pos], examples[held_pos]  # row ids
+    text = _rows_at(spec, rows, held)
     with open(os.path.join(out, "held_out.jsonl"), "w") as f:
-        f.writelines(json.dumps(asdict(text[int(r)])) + "\n" for r in held_rows)
+        f.writelines(json.dumps(asdict(text[int(r)])) + "\n" for r in held)
     report = rows.report
     meta = {"format": FORMAT, "examples": len(train), "k": 0, "held_out": len(held),
             "report": {"rows_read": report.rows_read, "skipped": dict(report.skipped),
@@ -229,9 +231,10 @@ def _write_store(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str]
     for a in range(0, len(train), ASSEMBLY_ROWS):  # [rows, t] at a time: no [n, t] temporaries
         first, p = rows.first[train[a:a + ASSEMBLY_ROWS]], picks[a:a + ASSEMBLY_ROWS]
         other = rows.first[train[np.where(p < 0, -1 - p, 0)]] + 1  # another example's doc
-        ids[a:a + len(first)] = np.concatenate(
+        block = np.concatenate(
             [first[:, None], first[:, None] + 1, np.where(p >= 0, first[:, None] + 2 + p, other)], axis=1)
-        truncated += int(rows.cut[ids[a:a + len(first)]].sum())
+        ids[a:a + len(block)] = block
+        truncated += int(rows.cut[block].sum())
     ids.flush()
     del ids
     meta.update(tokens=os.path.getsize(os.path.join(out, "tokens.bin")) // 4, truncated=truncated)
