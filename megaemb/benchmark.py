@@ -32,7 +32,7 @@ def read_eval_set(specs: list[str]):
     if len(specs) == 1 and is_beir(specs[0]):
         return read_beir(specs[0])
     first = specs[0].split("#")[0]
-    if os.path.isfile(first) and has_float_labels(first):
+    if os.path.exists(first) and has_float_labels(first):
         return read_pairs(specs)
     return read_infonce(specs)
 

@@ -491,7 +491,7 @@ def check_args(args, world: int = 1) -> None:
             if is_beir(path):
                 raise ValueError(f"--dataset {spec}: a BEIR folder; mine reads infonce rows (query, "
                                  "response[, rejected_response]) and mines from their responses")
-            if os.path.isfile(path) and has_float_labels(path):
+            if os.path.exists(path) and has_float_labels(path):
                 raise ValueError(f"--dataset {spec}: rows have a 'label' (pairs); mine reads infonce "
                                  "rows (query, response, rejected_response), whose responses are positives")
     elif args.command == "serve":

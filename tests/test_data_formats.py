@@ -191,6 +191,24 @@ def test_parquet(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_mixed_formats_stop_at_the_odd_row_in_columnar_files(tmp_path):
+    """Parquet / folders hold every column in every row: a null label is an infonce row, a
+    set one is a labelled pair, and one file cannot hold both."""
+    import datasets
+
+    rows = [{**r, "label": None} for r in rows_of(3)]
+    path = str(tmp_path / "a.parquet")
+    datasets.Dataset.from_list(rows).to_parquet(path)
+    assert len(load_examples([path], "infonce")[0]) == 3
+    rows[2]["label"] = 0.0
+    datasets.Dataset.from_list(rows).to_parquet(path)
+    with pytest.raises(DataError, match=f"^{path}:3: field 'label': 0.0 in an infonce row"):
+        load_examples([path], "infonce")
+    with pytest.raises(DataError, match=f"^{path}:1: field 'label': missing \\(null\\)"):
+        load_examples([path], "contrastive")
+
+
+@pytest.mark.timeout(60)
 def test_datasets_folder(tmp_path):
     import datasets
 
@@ -296,6 +314,13 @@ BAD_ROWS = [
      "field 'label': expected 0 or 1 for online_contrastive, got 2", "label out of range"),
     ("contrastive", False, '{"query": "q", "response": "r", "label": null}',
      "field 'label': missing (null)", "missing field"),
+    ("infonce", False, '{"query": "q", "response": "r", "label": 0.0}',
+     "field 'label': 0.0 in an infonce row (labelled pairs and infonce rows cannot be mixed: "
+     "every row must have the same format)", "labelled pair among infonce rows"),
+    ("infonce", False, '{"messages": [{"role": "user", "content": "q"}], '
+     '"positive_messages": [[{"role": "user", "content": "p"}]], "label": 0}',
+     "field 'label': 0 in an infonce row (labelled pairs and infonce rows cannot be mixed: "
+     "every row must have the same format)", "labelled pair among infonce rows"),
     ("infonce", False, '{"messages": [], "positive_messages": [[{"role": "user", "content": "p"}]]}',
      "field 'messages': empty list", "empty field"),
     ("infonce", False, '{"messages": ["q"], "positive_messages": [[{"role": "user", "content": "p"}]]}',

@@ -98,6 +98,65 @@ def _beir(root):
     return str(root)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name, lines, message", [
+    ("corpus.jsonl", ['{"_id": "d0", "text": "a"}', '{"_id": "d1", "text": "b"}', '{"_id": "d0", "text": "c"}'],
+     "corpus.jsonl:3: duplicate _id 'd0' (also on line 1)"),
+    ("queries.jsonl", ['{"_id": "q0", "text": "a"}', '{"_id": "q0", "text": "b"}'],
+     "queries.jsonl:2: duplicate _id 'q0' (also on line 1)"),
+    ("qrels/test.tsv", ["query-id\tcorpus-id\tscore", "q0\td0\t1", "q1\td1\t1", "q0\td0\t0"],
+     "qrels/test.tsv:4: query-id 'q0', corpus-id 'd0' has score 0 here and 1 on line 2"),
+])
+def test_beir_duplicates_name_both_lines(tmp_path, name, lines, message):
+    from megaemb.data.eval_sets import read_beir
+    from megaemb.data.formats import DataError
+
+    beir = _beir(tmp_path / "beir")
+    (tmp_path / "beir" / name).write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(DataError) as e:
+        read_beir(beir)
+    assert str(e.value) == os.path.join(beir, message)
+
+
+@pytest.mark.timeout(60)
+def test_beir_repeated_identical_qrels_line_is_one_pair(tmp_path):
+    from megaemb.data.eval_sets import read_beir
+
+    beir = _beir(tmp_path / "beir")
+    with open(os.path.join(beir, "qrels", "test.tsv"), "a") as f:
+        f.write("q0\td0\t1.0\n")
+    assert read_beir(beir).relevant == [{0}, {1}, {2}]
+
+
+@pytest.mark.timeout(60)
+def test_eval_files_keep_one_format_per_row(tmp_path):
+    """eval decides pairs vs infonce from the first row; every later row must match it, in
+    files and in datasets folders alike."""
+    import datasets
+
+    from megaemb.benchmark import read_eval_set
+    from megaemb.data.eval_sets import PairSet, RetrievalSet
+    from megaemb.data.formats import DataError
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"query": "q", "response": "relevant"}\n'
+                     '{"query": "q", "response": "not relevant", "label": 0.0}\n')
+    with pytest.raises(DataError, match=f"^{mixed}:2: field 'label': 0.0 in an infonce row"):
+        read_eval_set([str(mixed)])
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text('{"query": "q", "response": "a", "label": 0.5}\n{"query": "q", "response": "b"}\n')
+    with pytest.raises(DataError, match=f"^{flipped}:2: field 'label': missing"):
+        read_eval_set([str(flipped)])
+    folder = str(tmp_path / "pairs")
+    datasets.Dataset.from_list([{"query": f"q{i}", "response": f"r{i}", "label": i / 2}
+                                for i in range(3)]).save_to_disk(folder)
+    pairs = read_eval_set([folder])
+    assert isinstance(pairs, PairSet) and pairs.labels == [0.0, 0.5, 1.0]
+    infonce = tmp_path / "infonce.jsonl"
+    infonce.write_text('{"query": "q", "response": "a", "label": null}\n')
+    assert isinstance(read_eval_set([str(infonce)]), RetrievalSet)
+
+
 @pytest.mark.timeout(600)
 def test_eval_and_mine_commands(tiny_models, tmp_path):
     model = tiny_models["dense"]

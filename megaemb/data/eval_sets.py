@@ -17,7 +17,7 @@ import csv
 import os
 from dataclasses import dataclass
 
-from megaemb.data.formats import BadRow, DataError, file_rows, json_lines, load_examples
+from megaemb.data.formats import BadRow, DataError, file_rows, is_labelled, json_lines, load_examples
 
 
 @dataclass
@@ -41,11 +41,12 @@ def is_beir(path: str) -> bool:
 
 
 def _jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
-    """Objects of a JSONL file, each with non-empty string ``fields``; ``DataError`` at
-    ``file:line`` otherwise (line parsing as ``data.formats`` does it)."""
+    """Objects of a BEIR JSONL file, each with non-empty string ``fields`` and a unique
+    ``_id``; ``DataError`` at ``file:line`` otherwise (line parsing as ``data.formats`` does
+    it; a duplicate ``_id`` names both lines)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: missing (a BEIR folder has corpus.jsonl, queries.jsonl, qrels/)")
-    rows = []
+    rows, lines = [], {}
     for lineno, row in json_lines(path):
         if isinstance(row, BadRow):
             raise DataError(f"{path}:{lineno}: {row}")
@@ -54,6 +55,9 @@ def _jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
         for name in fields:
             if not isinstance(row.get(name), str) or (name == "text" and not row[name].strip()):
                 raise DataError(f"{path}:{lineno}: field {name!r} missing, empty or not a string")
+        first = lines.setdefault(row["_id"], lineno)
+        if first != lineno:
+            raise DataError(f"{path}:{lineno}: duplicate _id {row['_id']!r} (also on line {first})")
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
@@ -71,29 +75,42 @@ def _qrels_file(folder: str) -> str:
     raise DataError(f"{qrels}: expected test.tsv, dev.tsv or a single .tsv, found {names or 'none'}")
 
 
-def read_beir(folder: str) -> RetrievalSet:
-    corpus_rows = _jsonl(os.path.join(folder, "corpus.jsonl"), ("_id", "text"))
-    query_rows = _jsonl(os.path.join(folder, "queries.jsonl"), ("_id", "text"))
-    doc_index = {r["_id"]: i for i, r in enumerate(corpus_rows)}
-    query_text = {r["_id"]: r["text"] for r in query_rows}
-    path = _qrels_file(folder)
+def _qrels(path: str, query_ids, doc_index: dict[str, int]) -> dict[str, set[int]]:
+    """qrels TSV -> query-id -> corpus ids with score > 0. An unknown id, a score that is not
+    a number, or a pair listed twice with different scores stops with ``file:line``."""
     relevant: dict[str, set[int]] = {}
+    scores: dict[tuple[str, str], tuple[float, int]] = {}  # (query-id, corpus-id) -> (score, line)
     with open(path, encoding="utf-8", newline="") as f:
         for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
             if lineno == 1 and row and not row[-1].strip().lstrip("-").isdigit():
                 continue  # the header
             if len(row) < 3:
                 raise DataError(f"{path}:{lineno}: expected query-id, corpus-id, score")
-            qid, did, score = row[0], row[-2], row[-1]
-            if qid not in query_text:
+            qid, did, text = row[0], row[-2], row[-1]
+            if qid not in query_ids:
                 raise DataError(f"{path}:{lineno}: query-id {qid!r} not in queries.jsonl")
             if did not in doc_index:
                 raise DataError(f"{path}:{lineno}: corpus-id {did!r} not in corpus.jsonl")
             try:
-                if float(score) > 0:
-                    relevant.setdefault(qid, set()).add(doc_index[did])
+                score = float(text)
             except ValueError:
-                raise DataError(f"{path}:{lineno}: score {score!r} is not a number") from None
+                raise DataError(f"{path}:{lineno}: score {text!r} is not a number") from None
+            seen, line = scores.setdefault((qid, did), (score, lineno))
+            if seen != score:
+                raise DataError(f"{path}:{lineno}: query-id {qid!r}, corpus-id {did!r} has score "
+                                f"{text} here and {seen:g} on line {line}")
+            if score > 0:
+                relevant.setdefault(qid, set()).add(doc_index[did])
+    return relevant
+
+
+def read_beir(folder: str) -> RetrievalSet:
+    corpus_rows = _jsonl(os.path.join(folder, "corpus.jsonl"), ("_id", "text"))
+    query_rows = _jsonl(os.path.join(folder, "queries.jsonl"), ("_id", "text"))
+    doc_index = {r["_id"]: i for i, r in enumerate(corpus_rows)}
+    query_text = {r["_id"]: r["text"] for r in query_rows}
+    path = _qrels_file(folder)
+    relevant = _qrels(path, query_text, doc_index)
     if not relevant:
         raise DataError(f"{path}: no relevant (score > 0) pairs")
     qids = [r["_id"] for r in query_rows if r["_id"] in relevant]
@@ -127,8 +144,9 @@ def read_pairs(specs: list[str]) -> PairSet:
 
 
 def has_float_labels(path: str) -> bool:
-    """Whether the first row of a dataset file (any format ``data.formats`` reads) has a
-    ``label`` (pairs) rather than none (infonce rows)."""
+    """Whether the first row of a dataset file or folder (any format ``data.formats`` reads)
+    has a ``label`` (pairs) rather than none (infonce rows); the other rows must match it
+    (``data.formats`` refuses a mixed file at its first odd row)."""
     for _, row in file_rows(path):
-        return isinstance(row, dict) and "label" in row
+        return is_labelled(row)
     return False

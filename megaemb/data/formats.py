@@ -27,7 +27,10 @@ Row formats (extra fields are ignored):
                          message (the last message if none has role "user"); only the
                          first entry of positive_messages is used.
 
-Negatives are read only for ``infonce``; labels only for the labelled losses.
+Negatives are read only for ``infonce``; labels only for the labelled losses. Every row of a
+file must have the shape of the format it is read as, whatever its first row looked like: a
+row with a ``label`` (not null) among infonce rows is an error (``field 'label': ...``), as
+is a row without one among labelled pairs (a label-0 pair must never become a positive).
 
 Every malformed row raises ``DataError`` naming file, line and field, e.g.
 ``train.jsonl:17: field 'response': empty string``. Lines are 1-based file lines for
@@ -60,6 +63,7 @@ EMPTY_FIELD = "empty field"
 WRONG_TYPE = "wrong type"
 BAD_LABEL = "label out of range"
 NO_NEGATIVES = "no negatives"
+WRONG_FORMAT = "labelled pair among infonce rows"
 
 
 class DataError(ValueError):
@@ -184,6 +188,12 @@ def _label(row: dict, loss_type: str) -> float:
     return float(value)
 
 
+def is_labelled(row: Any) -> bool:
+    """Whether a parsed row is a labelled pair (a ``label`` that is not null; a Parquet / CSV
+    column holds null where a row has none) rather than an infonce row."""
+    return isinstance(row, dict) and row.get("label") is not None
+
+
 def _message_text(value: Any, name: str) -> str:
     """Text of a message list: content of the last user message, else of the last one."""
     messages = _list(value, name)
@@ -218,6 +228,9 @@ def _parse_row(row: Any, loss_type: str, require_negatives: bool) -> tuple:
     if not isinstance(row, dict):
         raise BadRow(NOT_OBJECT, f"expected a JSON object, got {_json_type(row)}")
     infonce = loss_type == "infonce"
+    if infonce and is_labelled(row):
+        raise _field("label", f"{row['label']!r} in an infonce row (labelled pairs and infonce "
+                     "rows cannot be mixed: every row must have the same format)", WRONG_FORMAT)
     if "messages" in row:
         query = _message_text(_require(row, "messages"), "messages")
         positives = _list(_require(row, "positive_messages"), "positive_messages")

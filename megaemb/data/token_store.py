@@ -54,7 +54,7 @@ from megaemb.data.formats import DataError, Example, RowReport, iter_examples, p
 from megaemb.data.negatives import negative_picks
 from megaemb.data.tokenize import EmbeddingTokenizer, TokenizedExample, format_query
 
-FORMAT = 2  # raise when the files or the tokenisation change: old stores then stop matching
+FORMAT = 3  # raise when the files or the tokenisation change: old stores then stop matching
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model")
 # the other ranks wait this long for their node's build (hours for 10M long rows); a rank that
