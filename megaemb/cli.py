@@ -80,11 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_parallel_flags(e)
 
     m = sub.add_parser("embed", help="embed texts with an HF or MCore checkpoint", allow_abbrev=False)
-    m.add_argument("--input", required=True, help=".txt (a text per line) or .jsonl")
+    m.add_argument("--input", required=True, help=".txt (a text per line), or --text_field of each row of "
+                   ".jsonl, .json, .csv, .parquet or a datasets folder")
     m.add_argument("--output", required=True,
                    help="file to write (exactly this path): .npy format, float32 [n, dim]")
     m.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --output")
-    m.add_argument("--text_field", default="text")
+    m.add_argument("--text_field", default="text", help="the field holding the text (all but .txt)")
     m.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\\nQuery:{text}'")
     m.add_argument("--dim", type=int, default=None, help="Matryoshka dimension")
     add_inference_flags(m)
@@ -509,8 +510,9 @@ def check_args(args, world: int = 1) -> None:
                                      f"({e.strerror})") from None
     elif args.command == "embed":
         _check_inference(args, world, positive=("dim",), dims=[args.dim] if args.dim else [], dims_flag="--dim")
-        if not os.path.isfile(args.input):
-            raise FileNotFoundError(f"--input {args.input}: no such file")
+        from megaemb.embed import check_input
+
+        check_input(args.input)
         preflight.check_output_file(args.output, "--output", {"--input": args.input, "--model": args.model},
                                     args.overwrite)
 

@@ -7,7 +7,6 @@ and gathered back in input order with a tensor collective; global rank 0 writes 
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -16,36 +15,56 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megaemb import platform
+from megaemb.data.formats import FILE_TYPES, BadRow, DataError, file_rows, supported, text_field
 from megaemb.data.tokenize import EmbeddingTokenizer, format_query
 from megaemb.inference import forward_embeddings
 
 
 def read_texts(path: str, text_field: str = "text") -> list[str]:
-    """``.txt``: one text per line (blank lines are errors); ``.jsonl``: ``text_field`` per row."""
-    if not os.path.isfile(path):
+    """``.txt``: one text per line (blank lines are errors); any file or folder ``sft
+    --dataset`` reads (``data.formats.file_rows``: JSONL, JSON arrays, CSV, Parquet, datasets
+    folders): field ``text_field`` of every row. Anything else, a bad row (``file:line``) or
+    no text raises ``DataError``."""
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such input file")
+    texts = _lines(path) if path.endswith(".txt") else _field_texts(path, text_field)
+    if not texts:
+        raise DataError(f"{path}: no texts")
+    return texts
+
+
+def _lines(path: str) -> list[str]:
+    """Every line of a text file, each one text."""
     texts = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")
-            if path.endswith(".jsonl"):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                value = row.get(text_field) if isinstance(row, dict) else None
-                if not isinstance(value, str) or not value.strip():
-                    raise ValueError(f"{path}:{lineno}: field {text_field!r} missing, empty or not a string")
-                texts.append(value)
-            else:
-                if not line.strip():
-                    raise ValueError(f"{path}:{lineno}: empty line (every line is one text)")
-                texts.append(line)
-    if not texts:
-        raise ValueError(f"{path}: no texts")
+            if not line.strip():
+                raise DataError(f"{path}:{lineno}: empty line (every line is one text)")
+            texts.append(line)
     return texts
+
+
+def _field_texts(path: str, name: str) -> list[str]:
+    """Field ``name`` of every row of a dataset file or folder, in order."""
+    texts = []
+    for lineno, row in file_rows(path):
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            texts.append(text_field(row, name))
+        except BadRow as bad:
+            raise DataError(f"{path}:{lineno}: {bad.detail}", bad.reason) from None
+    return texts
+
+
+def check_input(path: str) -> None:
+    """``--input``: an existing ``.txt`` or a file type ``read_texts`` reads (before any load)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--input {path}: no such file or directory")
+    if not (path.endswith(".txt") or supported(path)):
+        raise ValueError(f"--input {path}: unsupported file type; expected .txt (a text per line), "
+                         f"{FILE_TYPES}")
 
 
 def embed_texts(model, tokenizer: EmbeddingTokenizer, texts: list[str], *, batch_size: int = 32,

@@ -5,7 +5,9 @@ Shipped configs: every YAML in ``configs/`` loads with its values coerced to the
 (PyYAML reads ``6e-6`` as a string) and validates.
 """
 import glob
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -317,3 +319,48 @@ def test_run_stopped_before_its_first_save_restarts(tmp_path):
     (save / preflight.RUN_MARKER).unlink()  # another tool's TensorBoard folder
     with pytest.raises(FileExistsError, match="holds tensorboard"):
         preflight.resolve_load(cfg)
+
+
+# ------------------------------------------------------------------------ embed --input
+
+@pytest.mark.timeout(60)
+def test_embed_reads_the_dataset_formats_by_text_field(tmp_path):
+    """``embed --input`` reads what ``sft --dataset`` reads, one text per row's field: a CSV's
+    header and a JSON array's brackets are never texts."""
+    import datasets
+
+    from megaemb.embed import read_texts
+
+    rows = [{"id": 1, "text": "hello"}, {"id": 2, "text": "world, with comma"}]
+    want = ["hello", "world, with comma"]
+    (tmp_path / "a.csv").write_text('id,text\n1,hello\n2,"world, with comma"\n')
+    (tmp_path / "a.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "folder"))
+    for name in ("a.csv", "a.json", "a.jsonl", "a.parquet", "folder"):
+        assert read_texts(str(tmp_path / name)) == want, name
+    (tmp_path / "t.txt").write_text("one\ntwo, three\n")
+    assert read_texts(str(tmp_path / "t.txt")) == ["one", "two, three"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name, content, message", [
+    ("a.csv", "id,text\n1,hello\n2,\n", "a.csv:2: field 'text': missing (null)"),
+    ("a.csv", "id,body\n1,hello\n", "a.csv:1: field 'text': missing"),
+    ("a.json", '[{"text": "a"},\n {"text": 5}]', "a.json:2: field 'text': expected string, got number"),
+    ("a.jsonl", '{"text": "a"}\n["b"]\n', "a.jsonl:2: expected a JSON object, got list"),
+    ("a.tsv", "hello\n", "a.tsv: unsupported file type"),
+])
+def test_embed_input_errors_name_file_and_line(tmp_path, name, content, message):
+    from megaemb.data.formats import DataError
+    from megaemb.embed import check_input, read_texts
+
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match="^" + re.escape(str(tmp_path / message))):
+        read_texts(str(tmp_path / name))
+    if name.endswith(".tsv"):  # refused before any model loads
+        with pytest.raises(ValueError, match=r"--input .*a.tsv: unsupported file type; expected .txt"):
+            check_input(str(tmp_path / name))
+    else:
+        check_input(str(tmp_path / name))

@@ -194,6 +194,13 @@ def is_labelled(row: Any) -> bool:
     return isinstance(row, dict) and row.get("label") is not None
 
 
+def text_field(row: Any, name: str) -> str:
+    """Field ``name`` of a parsed row: a non-empty string, or ``BadRow`` (``field 'name': ...``)."""
+    if not isinstance(row, dict):
+        raise BadRow(NOT_OBJECT, f"expected a JSON object, got {_json_type(row)}")
+    return _text(_require(row, name), name)
+
+
 def _message_text(value: Any, name: str) -> str:
     """Text of a message list: content of the last user message, else of the last one."""
     messages = _list(value, name)
@@ -353,20 +360,28 @@ def _table_rows(path: str) -> Iterator[tuple[int, Any]]:
     return enumerate(table, start=1)
 
 
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+FILE_TYPES = ".jsonl, .json, .csv, .parquet or a folder written by datasets' save_to_disk"
+
+
+def supported(path: str) -> bool:
+    """Whether ``file_rows`` reads ``path``'s type (a suffix of ``SUFFIXES`` or a folder)."""
+    return path.endswith(SUFFIXES) or os.path.isdir(path)
+
+
 def file_rows(path: str) -> Iterator[tuple[int, Any]]:
     """``(line or row number, parsed row or BadRow)`` of any supported file or folder."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
+    if not supported(path):
+        raise DataError(f"{path}: unsupported file type; expected {FILE_TYPES}")
     if path.endswith(".jsonl"):
         return json_lines(path)
     if path.endswith(".json"):
         return _json_file(path)
     if path.endswith(".parquet"):
         return _parquet_rows(path)
-    if os.path.isdir(path) or path.endswith(".csv"):
-        return _table_rows(path)
-    raise DataError(f"{path}: unsupported file type; expected .jsonl, .json, .csv, "
-                    ".parquet or a folder written by datasets' save_to_disk")
+    return _table_rows(path)
 
 
 def iter_examples(path: str, loss_type: str, bad_rows: str, require_negatives: bool,
