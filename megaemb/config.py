@@ -230,6 +230,15 @@ class SFTConfig:
         if self.global_batch_size % per_step:
             raise ValueError(f"--global_batch_size {self.global_batch_size} must be divisible by {what}")
 
+    def check_examples(self, num_examples: int) -> None:
+        """A step must not hold the training set more than once: ``--global_batch_size`` at
+        most ``num_examples`` (after ``#N`` sampling and ``--split_dataset_ratio``); who wants
+        repeats asks for them with ``path#N``."""
+        if self.global_batch_size > num_examples:
+            raise ValueError(f"--global_batch_size {self.global_batch_size} is larger than the {num_examples} "
+                             "training examples: one step would hold examples more than once; lower it, "
+                             "or repeat the data on purpose with --dataset PATH#N (N examples)")
+
 
 ALL_LINEAR = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 # what ms-swift / PEFT users name; megatron fuses q/k/v and gate/up into one linear each

@@ -204,22 +204,37 @@ def _mask_columns(scores: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(mask, float("-inf"))
 
 
-def _own_logits(queries, positives, negatives, cfg: InfoNCEConfig):
+def _mask_copies(scores: torch.Tensor, own: torch.Tensor, keys: torch.Tensor,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``scores [b, m]`` with -inf where candidate ``j``'s text key ``keys[j]`` equals row
+    ``i``'s ``own[i]`` (a copy of the row's own text: a repeated row, ``#N``, a step over an
+    epoch's end), except column ``keep[i]`` (the row's own positive)."""
+    same = own[:, None] == keys[None, :]
+    if keep is not None:
+        same[torch.arange(own.shape[0], device=own.device), keep] = False
+    return scores.masked_fill(same, float("-inf"))
+
+
+def _own_logits(queries, positives, negatives, cfg: InfoNCEConfig, keys=None):
     """Candidates = own positive + own hard negatives: logits ``[b, 1+k]``, target 0."""
     positive = (queries * positives).sum(-1, keepdim=True)  # [b, 1]
     negative = torch.einsum("bd,bkd->bk", queries, negatives)  # [b, k]
+    if keys is not None:  # a hard negative that is the positive's text
+        negative = negative.masked_fill(keys[2] == keys[1][:, None], float("-inf"))
     if cfg.mask_fake_negative:
         negative = _mask_fake(negative, positive, cfg.fake_negative_margin)
     target = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
     return torch.cat([positive, negative], dim=1), target
 
 
-def _batch_logits(queries, positives, negatives, cfg: InfoNCEConfig, group):
+def _batch_logits(queries, positives, negatives, cfg: InfoNCEConfig, group, keys=None):
     """Candidates over the gathered batch of ``B = W*b`` rows and ``B*k`` negatives.
 
     Columns: ``[B]`` positives, ``[B*k]`` negatives, then ``[B]`` queries if include_qq, then
     ``[B + B*k]`` positive-to-document cosines if include_dd. Target of local row ``i`` is the
-    column of its own positive, ``rank*b + i``.
+    column of its own positive, ``rank*b + i``. With text ``keys``, a document that is the
+    row's own positive text (other than the target) and a query that is its own query text
+    are no candidates.
     """
     b, k, d = negatives.shape
     docs = all_gather_with_grad(positives, group)  # [B, d]
@@ -228,19 +243,29 @@ def _batch_logits(queries, positives, negatives, cfg: InfoNCEConfig, group):
     target = _group_rank(group) * b + torch.arange(b, device=queries.device)
     qd = queries @ docs.T  # [b, B + B*k]
     positive = qd.gather(1, target[:, None])  # [b, 1]
+    if keys is not None:
+        q_keys, p_keys, n_keys = keys
+        doc_keys = _all_gather(p_keys, group)
+        if k:
+            doc_keys = torch.cat([doc_keys, _all_gather(n_keys.reshape(b * k), group)])
+        qd = _mask_copies(qd, p_keys, doc_keys, keep=target)
     blocks = [_mask_fake(qd, positive, cfg.fake_negative_margin) if cfg.mask_fake_negative else qd]
     if cfg.include_qq:
         qq = _mask_columns(queries @ all_gather_with_grad(queries, group).T, target)  # [b, B]
+        if keys is not None:
+            qq = _mask_copies(qq, q_keys, _all_gather(q_keys, group))
         blocks.append(_mask_fake(qq, positive, cfg.fake_negative_margin)
                       if cfg.mask_fake_negative else qq)
     if cfg.include_dd:
-        blocks.append(_mask_columns(positives @ docs.T, target))  # [b, B + B*k]
+        dd = _mask_columns(positives @ docs.T, target)  # [b, B + B*k]
+        blocks.append(dd if keys is None else _mask_copies(dd, p_keys, doc_keys))
     return torch.cat(blocks, dim=1), target
 
 
 def info_nce(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
              cfg: InfoNCEConfig | None = None,
-             group: dist.ProcessGroup | None = None) -> torch.Tensor:
+             group: dist.ProcessGroup | None = None,
+             keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """InfoNCE over normalised embeddings; scalar mean over this rank's ``b`` queries.
 
     queries ``[b, d]``, positives ``[b, d]`` (row i is query i's positive), negatives
@@ -248,15 +273,19 @@ def info_nce(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Te
     query's own positive as target; the candidate set is described in
     :class:`InfoNCEConfig`. With ``cfg.use_batch`` and a data-parallel ``group``, candidates
     are gathered with gradient from all ranks, which must all pass the same ``b`` and ``k``.
+    ``keys``: int64 content keys of the texts (queries ``[b]``, positives ``[b]``, negatives
+    ``[b, k]``; equal texts, equal keys): a text is then never its own query's negative (see
+    ``_batch_logits``); None compares nothing.
     """
     cfg = cfg or InfoNCEConfig()
     _check_triplet(queries, positives, negatives)
     if cfg.hard_negatives is not None:
         negatives = negatives[:, :cfg.hard_negatives]
+        keys = keys and (keys[0], keys[1], keys[2][:, :cfg.hard_negatives])
     if cfg.use_batch:
-        logits, target = _batch_logits(queries, positives, negatives, cfg, group)
+        logits, target = _batch_logits(queries, positives, negatives, cfg, group, keys)
     else:
-        logits, target = _own_logits(queries, positives, negatives, cfg)
+        logits, target = _own_logits(queries, positives, negatives, cfg, keys)
     return F.cross_entropy(logits / cfg.temperature, target)
 
 
@@ -352,7 +381,9 @@ class GroupLoss:
 
     ``emb [m*(2+k), d]`` (normalised) holds the groups' embeddings as ``GroupBatch`` lays out
     their texts: ``[q_1..q_m, p_1..p_m, n_11..n_1k, ..., n_m1..n_mk]``; ``labels [m]`` for the
-    pair losses. Every data-parallel rank passes the same ``m`` and ``k``.
+    pair losses; ``keys [m*(2+k)]`` the texts' content keys (``batching.text_keys``), so that
+    infonce never scores a query against a copy of its own positive or of itself. Every
+    data-parallel rank passes the same ``m`` and ``k``.
 
     infonce   :func:`info_nce` of this rank's queries, candidates gathered over ``group``
               with gradient (rank losses average to the DP=1 loss of the concatenated batch).
@@ -372,10 +403,13 @@ class GroupLoss:
             raise ValueError(f"unknown loss type {self.loss_type!r} ({', '.join(LOSS_TYPES)})")
 
     def __call__(self, emb: torch.Tensor, m: int, k: int, labels: torch.Tensor | None,
-                 group: dist.ProcessGroup | None) -> torch.Tensor:
+                 group: dist.ProcessGroup | None, keys: torch.Tensor | None = None) -> torch.Tensor:
         queries, docs = emb[:m], emb[m:2 * m]
         if self.loss_type == "infonce":
-            fn = partial(info_nce, cfg=self.infonce, group=group)
+            if keys is not None:
+                keys = keys.to(emb.device)
+                keys = (keys[:m], keys[m:2 * m], keys[2 * m:].reshape(m, k))
+            fn = partial(info_nce, cfg=self.infonce, group=group, keys=keys)
             args = (queries, docs, emb[2 * m:].reshape(m, k, emb.shape[-1]))
         else:
             margin = {} if self.loss_type == "cosine_similarity" else {"margin": self.margin}

@@ -34,7 +34,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megaemb import platform
 from megaemb.data.batching import (GroupBatch, TextBatch, group_chunks, group_texts, text_batch,
-                                   token_chunks)
+                                   text_keys, token_chunks)
 from megaemb.loss import GroupLoss
 from megaemb.parallel import rng_states, set_rng_states
 
@@ -86,7 +86,7 @@ def plain_step(model, micro: list[GroupBatch], loss: GroupLoss) -> StepOutput:
         batch = micro[next(data_iterator)]
 
         def loss_func(emb):
-            value = loss(emb, batch.m, batch.k, batch.labels, group)
+            value = loss(emb, batch.m, batch.k, batch.labels, group, batch.keys)
             return value, {"loss": value.detach().clone()}
         return _embed(model, batch.texts), loss_func
 
@@ -144,7 +144,7 @@ def cached_step(model, rows: list, chunks: list[list[int]], loss: GroupLoss,
         for c, e in zip(chunks, cached):
             emb[torch.tensor(c, device=emb.device)] = e
         emb.requires_grad_(True)
-        value = loss(emb, m, k, labels, parallel_state.get_data_parallel_group())
+        value = loss(emb, m, k, labels, parallel_state.get_data_parallel_group(), text_keys(seqs))
         value.backward()
         grad = emb.grad
 

@@ -155,6 +155,7 @@ class Trainer:
                       f"{meta['topped_up']} rows topped up by resampling)")
         self._log(f"tokenized {len(self.train)} examples; {meta['truncated']} texts truncated "
                   f"to --max_length {cfg.max_length}")
+        cfg.check_examples(len(self.train))
         self.sampler = GlobalBatchSampler(len(self.train), cfg.global_batch_size, cfg.seed)
         self.train_iters = cfg.train_iters or self.sampler.iterations_for_epochs(cfg.num_train_epochs)
         self.packed = self.module.packs_by_default if cfg.packing is None else cfg.packing

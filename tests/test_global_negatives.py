@@ -154,6 +154,42 @@ def test_group_chunks_match_the_micro_batch_layout():
             assert [seqs[i] for i in c] == b.texts.input_ids.tolist()
 
 
+def test_repeated_rows_are_not_their_own_negatives():
+    """A row that appears twice in one step (``#N``, or a step over an epoch's end) has equal
+    text keys in both copies, whatever holds its tokens (the store's int32 memmap slices or
+    lists), and the training loss never scores a copy of a query's own texts as a negative."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch.nn.functional as F
+
+    from megaemb.data.batching import make_micro_batch
+    from megaemb.loss import GroupLoss, InfoNCEConfig, info_nce
+
+    rows = [SimpleNamespace(query=[10 * g + 1, 7], doc=[10 * g + 2, 7],
+                            negatives=[[10 * g + 3 + j, 7] for j in range(2)], label=None)
+            for g in range(3)]
+    rows.append(SimpleNamespace(**{name: np.asarray(value, dtype=np.int32) if name != "negatives"
+                                   else [np.asarray(n, dtype=np.int32) for n in value]
+                                   for name, value in vars(rows[0]).items() if name != "label"},
+                                label=None))
+    batch = make_micro_batch(rows, pad_id=0)
+    m, k = batch.m, batch.k
+    texts = [tuple(np.asarray(t).tolist()) for t in
+             [r.query for r in rows] + [r.doc for r in rows] + [n for r in rows for n in r.negatives]]
+    ids = torch.tensor([texts.index(t) for t in texts])  # copies share the first copy's id
+    assert torch.equal(batch.keys[:, None] == batch.keys[None, :], ids[:, None] == ids[None, :])
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(len(texts), 16, generator=g, dtype=torch.float64), dim=-1)[ids]
+    emb[m:2 * m] = F.normalize(emb[:m] + 0.3 * emb[m:2 * m], dim=-1)  # positives score highest
+    cfg = InfoNCEConfig(temperature=0.05, include_qq=True, include_dd=True)
+    got = GroupLoss("infonce", cfg)(emb, m, k, None, None, batch.keys)
+    keys = (ids[:m], ids[m:2 * m], ids[2 * m:].view(m, k))
+    want = info_nce(emb[:m], emb[m:2 * m], emb[2 * m:].view(m, k, -1), cfg, keys=keys)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert got < GroupLoss("infonce", cfg)(emb, m, k, None, None) - 0.1
+
+
 def test_negatives_per_query_counts():
     from megaemb.loss import GroupLoss, InfoNCEConfig
 

@@ -30,12 +30,17 @@ def _triplet(b=5, k=3, d=8, seed=0, dtype=torch.float64, fake=True):
 
 def _naive_info_nce(q, p, n, temperature=0.01, use_batch=True, hard_negatives=None,
                     mask_fake_negative=False, fake_negative_margin=0.1, include_qq=False,
-                    include_dd=False):
-    """One query at a time: list its candidate cosines (own positive first), skip masked ones."""
+                    include_dd=False, keys=None):
+    """One query at a time: list its candidate cosines (own positive first), skip masked ones
+    and, with text ``keys`` (queries, positives, negatives), copies of its own texts."""
     if hard_negatives is not None:
         n = n[:, :hard_negatives]
     b, k = n.shape[:2]
+    kq, kp, kn = keys if keys is not None else (torch.arange(b), -1 - torch.arange(b),
+                                               torch.full((b, k), -10 ** 9).sub(torch.arange(b * k).view(b, k)))
+    kn = kn[:, :k]
     docs = [p[j] for j in range(b)] + [n[j, m] for j in range(b) for m in range(k)]
+    doc_keys = [kp[j] for j in range(b)] + [kn[j, m] for j in range(b) for m in range(k)]
     losses = []
     for i in range(b):
         positive = torch.dot(q[i], p[i])
@@ -46,15 +51,17 @@ def _naive_info_nce(q, p, n, temperature=0.01, use_batch=True, hard_negatives=No
 
         scores = [positive]
         if use_batch:
-            scores += [s for j, doc in enumerate(docs) if j != i
+            scores += [s for j, doc in enumerate(docs) if j != i and doc_keys[j] != kp[i]
                        for s in [torch.dot(q[i], doc)] if keep(s)]
             if include_qq:
-                scores += [s for j in range(b) if j != i
+                scores += [s for j in range(b) if j != i and kq[j] != kq[i]
                            for s in [torch.dot(q[i], q[j])] if keep(s)]
             if include_dd:
-                scores += [torch.dot(p[i], doc) for j, doc in enumerate(docs) if j != i]
+                scores += [torch.dot(p[i], doc) for j, doc in enumerate(docs)
+                           if j != i and doc_keys[j] != kp[i]]
         else:
-            scores += [s for m in range(k) for s in [torch.dot(q[i], n[i, m])] if keep(s)]
+            scores += [s for m in range(k) if kn[i, m] != kp[i]
+                       for s in [torch.dot(q[i], n[i, m])] if keep(s)]
         logits = torch.stack(scores) / temperature
         losses.append(F.cross_entropy(logits[None], torch.tensor([0])))
     return torch.stack(losses).mean()
@@ -93,6 +100,32 @@ def test_info_nce_matches_naive(kwargs):
     _assert_close(got, want)
     for g, w in zip(got_grads, want_grads):
         _assert_close(g, torch.zeros_like(g) if w is None else w)
+
+
+def _with_copies(b=6, k=3, seed=0, dtype=torch.float64):
+    """A triplet whose row b-2 repeats row 1 (``#N``, or a step over an epoch's end) and whose
+    row 2 lists its own positive as a hard negative, with the texts' content keys."""
+    q, p, n = _triplet(b=b, k=k, seed=seed, dtype=dtype, fake=False)
+    p = F.normalize(q + 0.3 * p, dim=-1)  # trained-like: the positive scores highest
+    kq, kp, kn = torch.arange(b), 100 + torch.arange(b), 200 + torch.arange(b * k).view(b, k)
+    for t, key in ((q, kq), (p, kp), (n, kn)):
+        t[b - 2], key[b - 2] = t[1], key[1]
+    n[2, 1], kn[2, 1] = p[2], kp[2]
+    return (q, p, n), (kq, kp, kn)
+
+
+@pytest.mark.parametrize("kwargs", INFO_NCE_CASES, ids=lambda c: ",".join(c) or "default")
+def test_a_text_is_never_its_own_querys_negative(kwargs):
+    """With text keys, copies of a row's positive (a repeated row's, or one listed among its
+    own hard negatives) and of its query are no candidates; without keys they are."""
+    (q, p, n), keys = _with_copies()
+    cfg = InfoNCEConfig(**kwargs)
+    got, got_grads = _value_and_grads(lambda *t: info_nce(*t, cfg, keys=keys), q, p, n)
+    want, want_grads = _value_and_grads(lambda *t: _naive_info_nce(*t, **kwargs, keys=keys), q, p, n)
+    _assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        _assert_close(g, torch.zeros_like(g) if w is None else w)
+    assert got < info_nce(q, p, n, cfg) - 1e-3  # the copies were scored as negatives before
 
 
 @pytest.mark.parametrize("use_batch", [True, False])
@@ -301,6 +334,7 @@ DP_CASES = {
     "hard_negatives": dict(temperature=0.05, hard_negatives=2),
     "qq_dd_mask": dict(temperature=0.05, include_qq=True, include_dd=True, mask_fake_negative=True),
     "own_only": dict(temperature=0.05, use_batch=False),
+    "copies": dict(temperature=0.05, include_qq=True, include_dd=True),  # last: with text keys
 }
 
 
@@ -326,10 +360,15 @@ def _dp_worker(rank, world, b, k, d):
 
     full = _triplet(b=world * b, k=k, d=d, seed=3, dtype=torch.float32)
     local = [t[rank * b:(rank + 1) * b] for t in full]
+    full_keys = None
     for name, kwargs in DP_CASES.items():
+        if name == "copies":  # a row of rank 0 repeated on rank 1, keys gathered like embeddings
+            full, full_keys = _with_copies(b=world * b, k=k, seed=3, dtype=torch.float32)
+            local = [t[rank * b:(rank + 1) * b] for t in full]
+        keys = full_keys and tuple(t[rank * b:(rank + 1) * b] for t in full_keys)
         cfg = InfoNCEConfig(**kwargs)
-        loss1, grads1 = _value_and_grads(lambda *t: info_nce(*t, cfg), *full)
-        loss2, grads2 = _value_and_grads(lambda *t: info_nce(*t, cfg, group=group), *local)
+        loss1, grads1 = _value_and_grads(lambda *t: info_nce(*t, cfg, keys=full_keys), *full)
+        loss2, grads2 = _value_and_grads(lambda *t: info_nce(*t, cfg, group=group, keys=keys), *local)
         dist.all_reduce(loss2)  # DDP-style: mean of per-rank losses, mean of per-rank grads
         errors[name + "_loss"] = _relative_error(loss2 / world, loss1)
         for what, g2, g1 in zip("qpn", grads2, grads1):

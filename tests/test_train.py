@@ -233,6 +233,18 @@ def test_bad_row_fails_with_one_line(tiny_models, tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_global_batch_larger_than_the_data_is_refused(tiny_models):
+    """A step of 4 over 3 examples would hold an example twice (its positive among its own
+    negatives, more than an epoch per step): one line, exit 2; #N repeats on purpose."""
+    r = _megaemb("sft", "--model", tiny_models["dense"], "--dataset", f"{DATA}#3", *SFT_ARGS)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
+    lines = [l for l in r.stderr.splitlines() if l.startswith("megaemb sft: error:")]
+    assert lines == ["megaemb sft: error: --global_batch_size 4 is larger than the 3 training examples: "
+                     "one step would hold examples more than once; lower it, or repeat the data on "
+                     "purpose with --dataset PATH#N (N examples)"], r.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
 def test_bad_row_skip_trains(tiny_models, tmp_path):
     path = _bad_file(tmp_path)
     r = _megaemb("sft", "--model", tiny_models["dense"], "--dataset", path, "--bad_rows", "skip",

@@ -14,8 +14,10 @@ boundaries its attention must respect (no token sees another document).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from megaemb.data.sampler import micro_batches
@@ -113,13 +115,23 @@ def text_batch(seqs: list, pad_id: int, *, packed: bool, multiple: int = 1) -> T
 @dataclass
 class GroupBatch:
     """One training micro-batch of ``m`` groups. Its ``texts`` are, in order,
-    ``[q_1..q_m, p_1..p_m, n_11..n_1k, ..., n_m1..n_mk]`` (``m * (2 + k)`` texts);
-    ``labels [m]`` for the pair losses, else None."""
+    ``[q_1..q_m, p_1..p_m, n_11..n_1k, ..., n_m1..n_mk]`` (``m * (2 + k)`` texts), ``keys``
+    their content keys (``text_keys``); ``labels [m]`` for the pair losses, else None."""
 
     texts: TextBatch
     m: int
     k: int
     labels: torch.Tensor | None
+    keys: torch.Tensor
+
+
+def text_keys(seqs: list) -> torch.Tensor:
+    """int64 ``[n]``: a 64-bit content hash of each token sequence, the same on every rank
+    (equal token ids, equal keys), so the loss can tell copies of one text apart from other
+    texts (``loss.GroupLoss``)."""
+    digests = (hashlib.blake2b(np.asarray(s, dtype=np.int64).tobytes(), digest_size=8).digest()
+               for s in seqs)
+    return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests], dtype=torch.int64)
 
 
 def group_texts(rows: list) -> tuple[list, int, int, torch.Tensor | None]:
@@ -132,7 +144,8 @@ def group_texts(rows: list) -> tuple[list, int, int, torch.Tensor | None]:
 
 def make_micro_batch(rows: list, pad_id: int, *, packed: bool = False, multiple: int = 1) -> GroupBatch:
     seqs, m, k, labels = group_texts(rows)
-    return GroupBatch(text_batch(seqs, pad_id, packed=packed, multiple=multiple), m, k, labels)
+    return GroupBatch(text_batch(seqs, pad_id, packed=packed, multiple=multiple), m, k, labels,
+                      text_keys(seqs))
 
 
 def step_micro_batches(rows: list, micro_batch_size: int, pad_id: int, *, packed: bool = False,
