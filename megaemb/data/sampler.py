@@ -3,7 +3,10 @@
 The example stream is an endless concatenation of epochs; epoch ``e`` is the seeded
 permutation ``numpy.random.default_rng([seed, e]).permutation(num_examples)``. Global step
 ``k`` takes entries ``[k * global_batch_size, (k + 1) * global_batch_size)`` of that stream,
-so a batch may straddle two epochs and no example is dropped at an epoch's end.
+so a batch may straddle two epochs and no example is dropped at an epoch's end. Such a
+batch may hold an example twice; the loss never scores a copy of a query's own texts as its
+negative (``loss.info_nce``'s keys), and training refuses a global batch larger than the
+examples (``SFTConfig.check_examples``).
 
 The indices of a step depend only on (num_examples, global_batch_size, seed, step): never on
 the data-parallel size, the micro batch size or any earlier step. The sampler is stateless,
