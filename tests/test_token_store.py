@@ -259,6 +259,10 @@ def test_build_errors_name_the_data(tmp_path):
         build_token_store(_spec(str(one), hard_negatives=1), str(tmp_path / "cache"), log=lambda m: None)
     with pytest.raises(DataError, match="1 row\\(s\\), all held out by --split_dataset_ratio 0.5"):
         build_token_store(_spec(str(one), split_dataset_ratio=0.5), str(tmp_path / "cache"), log=lambda m: None)
+    mixed = tmp_path / "mixed.jsonl"  # a label-0 pair would otherwise train as a positive
+    mixed.write_text('{"query": "q", "response": "r"}\n{"query": "q", "response": "x", "label": 0.0}\n')
+    with pytest.raises(DataError, match=f"^{mixed}:2: field 'label': 0.0 in an infonce row"):
+        build_token_store(_spec(str(mixed)), str(tmp_path / "cache"), log=lambda m: None)
     assert os.listdir(tmp_path / "cache") == []  # nothing half-built left
 
 
