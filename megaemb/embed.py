@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megaemb import platform
-from megaemb.data.formats import FILE_TYPES, BadRow, DataError, file_rows, supported, text_field
+from megaemb.data.formats import FILE_TYPES, BadRow, DataError, file_rows, row_text, supported
 from megaemb.data.tokenize import EmbeddingTokenizer, format_query
 from megaemb.inference import forward_embeddings
 
@@ -52,7 +52,7 @@ def _field_texts(path: str, name: str) -> list[str]:
         try:
             if isinstance(row, BadRow):
                 raise row
-            texts.append(text_field(row, name))
+            texts.append(row_text(row, name))
         except BadRow as bad:
             raise DataError(f"{path}:{lineno}: {bad.detail}", bad.reason) from None
     return texts

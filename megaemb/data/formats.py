@@ -194,7 +194,7 @@ def is_labelled(row: Any) -> bool:
     return isinstance(row, dict) and row.get("label") is not None
 
 
-def text_field(row: Any, name: str) -> str:
+def row_text(row: Any, name: str) -> str:
     """Field ``name`` of a parsed row: a non-empty string, or ``BadRow`` (``field 'name': ...``)."""
     if not isinstance(row, dict):
         raise BadRow(NOT_OBJECT, f"expected a JSON object, got {_json_type(row)}")
