@@ -129,7 +129,7 @@ def text_keys(seqs: list) -> torch.Tensor:
     """int64 ``[n]``: a 64-bit content hash of each token sequence, the same on every rank
     (equal token ids, equal keys), so the loss can tell copies of one text apart from other
     texts (``loss.GroupLoss``)."""
-    digests = (hashlib.blake2b(np.asarray(s, dtype=np.int64).tobytes(), digest_size=8).digest()
+    digests = (hashlib.blake2b(np.asarray(s, dtype=np.int32).tobytes(), digest_size=8).digest()
                for s in seqs)
     return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests], dtype=torch.int64)
 
