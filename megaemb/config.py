@@ -66,7 +66,7 @@ class SFTConfig:
     micro_batch_size: int = 1  # groups (query, positive, negatives) per forward pass and rank
     global_batch_size: int = 16  # groups per optimizer step over all data-parallel ranks
     global_negatives: bool = False  # InfoNCE over the whole global batch by gradient caching (one extra forward)
-    max_tokens_per_micro_batch: int = 0  # with --global_negatives: cut micro-batches by tokens, not groups; 0 = by --micro_batch_size
+    max_tokens_per_micro_batch: int = 0  # cut micro-batches by tokens, not groups (plain step: the most groups that fit); 0 = by --micro_batch_size
     train_iters: int = 0  # optimizer steps (or give --num_train_epochs)
     num_train_epochs: float = 0.0  # passes over --dataset (or give --train_iters)
     lr: float = 1e-5  # peak learning rate
@@ -198,13 +198,9 @@ class SFTConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.max_tokens_per_micro_batch:
-            if not self.global_negatives:
-                raise ValueError("--max_tokens_per_micro_batch needs --global_negatives true (without "
-                                 "it each micro-batch has its own loss, so the cut changes the loss)")
-            if self.max_tokens_per_micro_batch < self.max_length:
-                raise ValueError(f"--max_tokens_per_micro_batch {self.max_tokens_per_micro_batch} is "
-                                 f"below --max_length {self.max_length} (one text must fit)")
+        if self.max_tokens_per_micro_batch and self.max_tokens_per_micro_batch < self.max_length:
+            raise ValueError(f"--max_tokens_per_micro_batch {self.max_tokens_per_micro_batch} is "
+                             f"below --max_length {self.max_length} (one text must fit)")
         if self.train_type == "lora":
             if self.lora_rank < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
                 raise ValueError(f"LoRA needs --lora_rank >= 1, --lora_alpha > 0 and --lora_dropout in "

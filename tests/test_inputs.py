@@ -109,7 +109,7 @@ def test_flag_mistakes_are_one_line_before_any_load(tiny_models, tmp_path):
         (["--val_dataset", str(tmp_path / "dev.jsonl#5")], "--val_dataset"),
         (["--train_type", "lora", "--target_modules", "experts"], "has no MoE experts"),
         (["--train_type", "lora", "--lora_rank", "0"], "LoRA needs --lora_rank >= 1"),
-        (["--max_tokens_per_micro_batch", "64"], "needs --global_negatives true"),
+        (["--max_tokens_per_micro_batch", "16"], "is below --max_length 32"),
     ]
     for extra, fragment in cases:
         t0 = time.time()
