@@ -81,6 +81,8 @@ class SFTConfig:
     overlap_grad_reduce: bool | None = None  # overlap DP gradient reduction with backward; none = on CUDA with DP > 1
     bf16: bool | None = None  # bf16 weights (fp32 main params, pooling and loss); none = true on CUDA
     recompute_granularity: str = ""  # activation recompute: full | selective; none = off
+    recompute_method: str = "uniform"  # with full: uniform (every layer, in chunks of --recompute_num_layers) | block (only the first --recompute_num_layers layers of each stage)
+    recompute_num_layers: int = 1  # with full: layers per recomputed chunk (uniform) or recomputed layers per stage (block)
     hidden_dropout: float = 0.0  # dropout after attention and MLP (Qwen3 trains without)
     attention_dropout: float = 0.0  # dropout of attention probabilities
     seed: int = 42  # data order, negatives, initialisation
@@ -150,6 +152,7 @@ class SFTConfig:
                    "train_type": ("full", "lora"),
                    "bad_rows": ("error", "skip"), "lr_decay_style": ("cosine", "linear", "constant"),
                    "recompute_granularity": ("", "full", "selective"),
+                   "recompute_method": ("uniform", "block"),
                    "attention": ("auto", "te", "sdpa", "local")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -160,7 +163,7 @@ class SFTConfig:
         positive = ("micro_batch_size", "global_batch_size", "max_length", "log_interval",
                     "tensor_model_parallel_size", "pipeline_model_parallel_size",
                     "expert_model_parallel_size", "context_parallel_size", "export_timeout_minutes",
-                    "distributed_timeout_minutes")
+                    "distributed_timeout_minutes", "recompute_num_layers")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")

@@ -96,6 +96,8 @@ class Trainer:
         attention = "sdpa" if self.lora and cfg.attention == "auto" else cfg.attention
         self.loaded = load_model(cfg.model, self.parallel, bf16=cfg.bf16, attention=attention,
                                  recompute_granularity=cfg.recompute_granularity or None,
+                                 recompute_method=cfg.recompute_method,
+                                 recompute_num_layers=cfg.recompute_num_layers,
                                  hidden_dropout=cfg.hidden_dropout,
                                  attention_dropout=cfg.attention_dropout, lora=self.lora, seed=cfg.seed)
         self.module = self.loaded.model

@@ -53,6 +53,8 @@ def test_shipped_configs_load_typed_and_validate(path):
     assert isinstance(cfg.lr, float) and cfg.lr > 0
     assert isinstance(cfg.min_lr, float) and cfg.min_lr <= cfg.lr
     cfg.validate()
+    if cfg.bf16:  # GPU configs: micro-batches of >= 16k tokens (smaller ones are launch-bound)
+        assert cfg.max_tokens_per_micro_batch >= 16384, path
 
 
 def test_yaml_values_are_coerced_or_named(tmp_path):
