@@ -77,6 +77,10 @@ def document_block_mask(cu_seqlens: torch.Tensor, total: int, block: int = BLOCK
     - kv block ``j < i`` is *full* (no masking) iff its first token lies in the document of the
       block's last query, i.e. ``j >= ceil(s_last / block)``; every other block seen, the
       diagonal included, is *partial* and masked by ``mask_mod`` token by token.
+
+    ``T`` need not be a multiple of ``block``: the kernel wraps the indices it hands
+    ``mask_mod`` into range (``get_bounded_indices`` in torch/_inductor/kernel/flex/templates/
+    utilities.py.jinja) and never stores rows past ``T``.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
