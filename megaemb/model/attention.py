@@ -112,10 +112,12 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num[None, None], indices[None, None]
 
 
-# FlexAttention is compiled once per grad mode, dtype and head layout, for every packed length
-# (``dynamic=True``: T is symbolic). A model trains and evaluates in one dtype and head layout,
-# so it needs 2 graphs; FLEX_GRAPHS leaves room for a second dtype. Past the limit torch would
-# silently run the unfused eager kernel (a [T, T] score matrix per head): here it is an error.
+# FlexAttention is compiled once per grad mode, dtype and head layout, for every packed
+# length (``dynamic=True``: T is symbolic, and with a symbolic T the CUDA kernel takes its
+# bounds-checked variant, IS_DIVISIBLE=False, without guarding on T % 128: statically_known_true
+# in torch/_inductor/kernel/flex/flex_attention.py). A model trains and evaluates in one dtype
+# and head layout, so it needs 2 graphs; FLEX_GRAPHS leaves room for more. Past the limit torch
+# would silently run the unfused eager kernel (a [T, T] score matrix per head): here an error.
 FLEX_GRAPHS = 8
 _compiled_flex = None
 flex_graphs = 0  # graphs compiled so far in this process (logged as each one is added)
