@@ -201,6 +201,10 @@ class SFTConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if (self.recompute_method, self.recompute_num_layers) != ("uniform", 1) \
+                and self.recompute_granularity != "full":
+            raise ValueError("--recompute_method / --recompute_num_layers need "
+                             "--recompute_granularity full")
         if self.max_tokens_per_micro_batch and self.max_tokens_per_micro_batch < self.max_length:
             raise ValueError(f"--max_tokens_per_micro_batch {self.max_tokens_per_micro_batch} is "
                              f"below --max_length {self.max_length} (one text must fit)")

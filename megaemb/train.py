@@ -173,14 +173,16 @@ class Trainer:
         if cfg.global_negatives:
             seen, how = cfg.global_batch_size, "the global batch, --global_negatives"
         elif cfg.max_tokens_per_micro_batch:
-            seen, how = cfg.global_batch_size, ("at most: micro-batch x data parallel size, the "
+            seen, how = cfg.global_batch_size, ("at most; micro-batch x data parallel size, each "
                                                  "micro-batch as many groups as fit the token budget")
         else:
             seen, how = cfg.micro_batch_size * self.dp, ("micro-batch x data parallel size; "
                                                           "--global_negatives true would make it the "
                                                           "global batch")
         self.negatives = self.loss.negatives_per_query(seen, k)
-        self._log(f"infonce: {self.negatives} negatives per query (the loss sees {seen} groups: {how})")
+        up_to = "up to " if cfg.max_tokens_per_micro_batch and not cfg.global_negatives else ""
+        self._log(f"infonce: {up_to}{self.negatives} negatives per query (the loss sees {seen} "
+                  f"groups: {how})")
 
     def _build_optimizer(self):
         cfg = self.cfg

@@ -168,6 +168,8 @@ def test_negatives_per_query_counts():
 @pytest.mark.parametrize("flags, message", [
     (dict(global_negatives=True, max_tokens_per_micro_batch=16), "below --max_length"),
     (dict(hidden_dropout=1.0), "--hidden_dropout"),
+    (dict(recompute_method="block", recompute_num_layers=4), "need --recompute_granularity full"),
+    (dict(recompute_granularity="full", recompute_num_layers=0), "--recompute_num_layers must be > 0"),
 ])
 def test_bad_flags_are_refused(flags, message):
     cfg = train_cfg("model", **flags)
