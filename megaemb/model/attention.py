@@ -148,8 +148,12 @@ def _flex_attention(q, k, v, **kwargs):
 
 def per_document(causal, q, k, v, boundaries: list[int]) -> torch.Tensor:
     """``causal`` attention of each document of ``[b, heads, T, hn]`` on its own, concatenated
-    along T: exact, with no ``[T, T]`` mask (memory of one document's causal attention), and
-    with dropout each call is an unmasked causal SDPA, which CUDA's flash kernel runs with GQA."""
+    along T: exact, with no ``[T, T]`` mask (memory of one document's causal attention). With
+    attention dropout on CUDA each call is an unmasked causal SDPA with GQA, which the flash
+    kernel takes in bf16 (the docstring of ``F.scaled_dot_product_attention``: GQA runs on the
+    flash and math kernels only, and a mask rules flash out), so K/V are never repeated and no
+    ``[b, heads, T, T]`` fp32 math kernel runs; one call per text, so short texts are
+    launch-bound there (Transformer Engine's THD kernels are the fast path with dropout)."""
     return torch.cat([causal(*(t[:, :, s:e] for t in (q, k, v)))
                       for s, e in zip(boundaries[:-1], boundaries[1:])], dim=2)
 
