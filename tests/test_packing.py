@@ -107,9 +107,8 @@ def test_packed_attention_is_per_document_causal_sdpa(dropout, monkeypatch):
 
 LONG = """
 import resource, torch
-from megaemb.model.attention import DocumentPacking, document_block_mask
 from types import SimpleNamespace
-from megaemb.model.attention import SDPAAttention
+from megaemb.model.attention import DocumentPacking, SDPAAttention, document_block_mask
 T = 2 * 16384
 cu = torch.tensor([0, T // 2, T], dtype=torch.int32)
 q, k, v = (torch.randn(T, 1, h, 16) for h in (2, 1, 1))
