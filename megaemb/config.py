@@ -66,7 +66,7 @@ class SFTConfig:
     micro_batch_size: int = 1  # groups (query, positive, negatives) per forward pass and rank
     global_batch_size: int = 16  # groups per optimizer step over all data-parallel ranks
     global_negatives: bool = False  # InfoNCE over the whole global batch by gradient caching (one extra forward)
-    max_tokens_per_micro_batch: int = 0  # with --global_negatives: cut micro-batches by tokens, not groups; 0 = by --micro_batch_size
+    max_tokens_per_micro_batch: int = 0  # cut micro-batches by tokens, not groups (plain step: the most groups that fit); 0 = by --micro_batch_size
     train_iters: int = 0  # optimizer steps (or give --num_train_epochs)
     num_train_epochs: float = 0.0  # passes over --dataset (or give --train_iters)
     lr: float = 1e-5  # peak learning rate
@@ -81,6 +81,8 @@ class SFTConfig:
     overlap_grad_reduce: bool | None = None  # overlap DP gradient reduction with backward; none = on CUDA with DP > 1
     bf16: bool | None = None  # bf16 weights (fp32 main params, pooling and loss); none = true on CUDA
     recompute_granularity: str = ""  # activation recompute: full | selective; none = off
+    recompute_method: str = "uniform"  # with full: uniform (every layer, in chunks of --recompute_num_layers) | block (only the first --recompute_num_layers layers of each stage)
+    recompute_num_layers: int = 1  # with full: layers per recomputed chunk (uniform) or recomputed layers per stage (block)
     hidden_dropout: float = 0.0  # dropout after attention and MLP (Qwen3 trains without)
     attention_dropout: float = 0.0  # dropout of attention probabilities
     seed: int = 42  # data order, negatives, initialisation
@@ -150,6 +152,7 @@ class SFTConfig:
                    "train_type": ("full", "lora"),
                    "bad_rows": ("error", "skip"), "lr_decay_style": ("cosine", "linear", "constant"),
                    "recompute_granularity": ("", "full", "selective"),
+                   "recompute_method": ("uniform", "block"),
                    "attention": ("auto", "te", "sdpa", "local")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -160,7 +163,7 @@ class SFTConfig:
         positive = ("micro_batch_size", "global_batch_size", "max_length", "log_interval",
                     "tensor_model_parallel_size", "pipeline_model_parallel_size",
                     "expert_model_parallel_size", "context_parallel_size", "export_timeout_minutes",
-                    "distributed_timeout_minutes")
+                    "distributed_timeout_minutes", "recompute_num_layers")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
@@ -198,13 +201,13 @@ class SFTConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.max_tokens_per_micro_batch:
-            if not self.global_negatives:
-                raise ValueError("--max_tokens_per_micro_batch needs --global_negatives true (without "
-                                 "it each micro-batch has its own loss, so the cut changes the loss)")
-            if self.max_tokens_per_micro_batch < self.max_length:
-                raise ValueError(f"--max_tokens_per_micro_batch {self.max_tokens_per_micro_batch} is "
-                                 f"below --max_length {self.max_length} (one text must fit)")
+        if (self.recompute_method, self.recompute_num_layers) != ("uniform", 1) \
+                and self.recompute_granularity != "full":
+            raise ValueError("--recompute_method / --recompute_num_layers need "
+                             "--recompute_granularity full")
+        if self.max_tokens_per_micro_batch and self.max_tokens_per_micro_batch < self.max_length:
+            raise ValueError(f"--max_tokens_per_micro_batch {self.max_tokens_per_micro_batch} is "
+                             f"below --max_length {self.max_length} (one text must fit)")
         if self.train_type == "lora":
             if self.lora_rank < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
                 raise ValueError(f"LoRA needs --lora_rank >= 1, --lora_alpha > 0 and --lora_dropout in "

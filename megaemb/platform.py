@@ -112,8 +112,8 @@ def shm_problem(path: str = "/dev/shm", min_gib: float = 1.0) -> str | None:
 
 def default_packing() -> bool:
     """``--packing`` when not given: padding-free batches on CUDA (FlexAttention or TE's THD
-    kernels skip other documents' blocks); on CPU the exact dense-mask path costs more than
-    padding saves, so batches stay padded."""
+    kernels skip other documents' blocks); on CPU batches stay padded (the exact packed path
+    there runs one attention call per text)."""
     return has_cuda()
 
 

@@ -9,7 +9,8 @@ groups' embeddings, known on the last pipeline stage.
 
 plain    (default) each micro-batch of ``m`` groups has its own loss, its in-batch candidates
          the micro-batch's groups of every data-parallel rank (``m x DP``); the step's
-         gradient is the mean over micro-batches.
+         gradient is the mean over micro-batches. ``m`` is ``--micro_batch_size``, or under a
+         token budget the most groups that fit it (``plain_micro_batch_size``).
 cached   (``--global_negatives``; GradCache, Gao et al. 2021) the loss of the whole global
          batch, exactly, holding the activations of one micro-batch at a time:
            1. forward only over every micro-batch, keeping its embeddings ``[n_i, d]`` and the
@@ -33,8 +34,9 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megaemb import platform
-from megaemb.data.batching import (GroupBatch, TextBatch, group_chunks, group_texts, text_batch,
-                                   text_keys, token_chunks)
+from megaemb.data.batching import (GroupBatch, TextBatch, chunk_cost, group_chunks, group_texts,
+                                   text_batch, text_keys, token_chunks)
+from megaemb.data.sampler import micro_batches
 from megaemb.loss import GroupLoss
 from megaemb.parallel import rng_states, set_rng_states
 
@@ -93,6 +95,27 @@ def plain_step(model, micro: list[GroupBatch], loss: GroupLoss) -> StepOutput:
     out = _schedule(model, forward_step, [b.texts for b in micro], forward_only=False)
     value = torch.stack([d["loss"] for d in out]).mean() if out else torch.zeros(())
     return StepOutput(value.float(), [b.texts for b in micro])
+
+
+def plain_micro_batch_size(rows: list, layout: Layout, max_tokens: int) -> int:
+    """Groups per micro-batch of the plain step under a token budget: the largest divisor of
+    this rank's ``len(rows)`` that keeps every micro-batch of every data-parallel rank within
+    ``max_tokens`` (``chunk_cost``), so all ranks pass the loss equally many groups (in-batch
+    candidates are gathered over them) and run equally many micro-batches; 1 when even single
+    groups exceed the budget. Chosen anew each step, from that step's lengths."""
+    n = len(rows)
+    sizes = [d for d in range(1, n + 1) if n % d == 0]
+    fits = torch.tensor([_fits(rows, d, layout, max_tokens) for d in sizes], dtype=torch.int32,
+                        device=platform.device())
+    dist.all_reduce(fits, op=dist.ReduceOp.MIN, group=parallel_state.get_data_parallel_group())
+    return max(d for d, ok in zip(sizes, fits.tolist()) if ok or d == 1)
+
+
+def _fits(rows: list, size: int, layout: Layout, max_tokens: int) -> bool:
+    """Whether every micro-batch of ``size`` consecutive groups computes <= ``max_tokens``."""
+    return all(chunk_cost([len(s) for s in group_texts(mb)[0]], packed=layout.packed,
+                          multiple=layout.multiple) <= max_tokens
+               for mb in micro_batches(rows, size))
 
 
 def cached_chunks(rows: list, layout: Layout, *, micro_batch_size: int,

@@ -42,7 +42,7 @@ from megaemb.loss import GroupLoss, InfoNCEConfig
 from megaemb.model.flops import train_flops
 from megaemb.model.lora import is_lora_name
 from megaemb.parallel import init_parallel
-from megaemb.step import Layout, cached_chunks, cached_step, plain_step
+from megaemb.step import Layout, cached_chunks, cached_step, plain_micro_batch_size, plain_step
 
 OPTIMIZER_CKPT_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -96,6 +96,8 @@ class Trainer:
         attention = "sdpa" if self.lora and cfg.attention == "auto" else cfg.attention
         self.loaded = load_model(cfg.model, self.parallel, bf16=cfg.bf16, attention=attention,
                                  recompute_granularity=cfg.recompute_granularity or None,
+                                 recompute_method=cfg.recompute_method,
+                                 recompute_num_layers=cfg.recompute_num_layers,
                                  hidden_dropout=cfg.hidden_dropout,
                                  attention_dropout=cfg.attention_dropout, lora=self.lora, seed=cfg.seed)
         self.module = self.loaded.model
@@ -164,12 +166,24 @@ class Trainer:
                   + (f", at most {cfg.max_tokens_per_micro_batch} tokens each"
                      if cfg.max_tokens_per_micro_batch else ""))
         if cfg.loss_type == "infonce":
-            seen = cfg.global_batch_size if cfg.global_negatives else cfg.micro_batch_size * self.dp
-            self.negatives = self.loss.negatives_per_query(seen, meta["k"])
-            self._log(f"infonce: {self.negatives} negatives per query (the loss sees {seen} groups: "
-                      + ("the global batch, --global_negatives)" if cfg.global_negatives else
-                         "micro-batch x data parallel size; --global_negatives true would make it the "
-                         "global batch)"))
+            self._log_negatives(meta["k"])
+
+    def _log_negatives(self, k: int) -> None:
+        """How many groups (and so negatives) each InfoNCE loss sees."""
+        cfg = self.cfg
+        if cfg.global_negatives:
+            seen, how = cfg.global_batch_size, "the global batch, --global_negatives"
+        elif cfg.max_tokens_per_micro_batch:
+            seen, how = cfg.global_batch_size, ("at most; micro-batch x data parallel size, each "
+                                                 "micro-batch as many groups as fit the token budget")
+        else:
+            seen, how = cfg.micro_batch_size * self.dp, ("micro-batch x data parallel size; "
+                                                          "--global_negatives true would make it the "
+                                                          "global batch")
+        self.negatives = self.loss.negatives_per_query(seen, k)
+        up_to = "up to " if cfg.max_tokens_per_micro_batch and not cfg.global_negatives else ""
+        self._log(f"infonce: {up_to}{self.negatives} negatives per query (the loss sees {seen} "
+                  f"groups: {how})")
 
     def _build_optimizer(self):
         cfg = self.cfg
@@ -317,7 +331,10 @@ class Trainer:
             chunks = cached_chunks(rows, self.layout, micro_batch_size=cfg.micro_batch_size,
                                    max_tokens=cfg.max_tokens_per_micro_batch)
             return cached_step(self.model, rows, chunks, self.loss, self.layout)
-        micro = step_micro_batches(rows, cfg.micro_batch_size, self.layout.pad_id,
+        size = cfg.micro_batch_size
+        if cfg.max_tokens_per_micro_batch:
+            size = plain_micro_batch_size(rows, self.layout, cfg.max_tokens_per_micro_batch)
+        micro = step_micro_batches(rows, size, self.layout.pad_id,
                                    packed=self.layout.packed, multiple=self.layout.multiple)
         return plain_step(self.model, micro, self.loss)
 

@@ -202,9 +202,10 @@ def test_negatives_per_query_counts():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(max_tokens_per_micro_batch=64), "needs --global_negatives"),
     (dict(global_negatives=True, max_tokens_per_micro_batch=16), "below --max_length"),
     (dict(hidden_dropout=1.0), "--hidden_dropout"),
+    (dict(recompute_method="block", recompute_num_layers=4), "need --recompute_granularity full"),
+    (dict(recompute_granularity="full", recompute_num_layers=0), "--recompute_num_layers must be > 0"),
 ])
 def test_bad_flags_are_refused(flags, message):
     cfg = train_cfg("model", **flags)
@@ -220,6 +221,46 @@ def test_global_batch_divisibility_follows_the_cut():
     budget.check_batch(2)  # any number of groups per micro-batch
     with pytest.raises(ValueError, match="data parallel size 4"):
         budget.check_batch(4)
+
+
+def _plain_sizes(rank, world):
+    """Rank 0 holds short groups, rank 1 long ones: each rank alone would take a different
+    micro-batch size; together they must take the one that fits both."""
+    from types import SimpleNamespace
+
+    from megaemb.config import ParallelConfig
+    from megaemb.parallel import init_parallel
+    from megaemb.step import Layout, plain_micro_batch_size
+
+    init_parallel(ParallelConfig())
+    length = 4 if rank == 0 else 16  # 3 texts a group: 12 or 48 padded tokens
+    rows = [SimpleNamespace(query=[1] * length, doc=[2] * length, negatives=[[3] * length],
+                            label=None) for _ in range(6)]
+    padded = Layout(pad_id=0, packed=False)
+    return {budget: plain_micro_batch_size(rows, padded, budget) for budget in (40, 100, 300, 1000)}
+
+
+@pytest.mark.timeout(240)
+def test_plain_step_token_budget_picks_one_micro_batch_size_for_all_ranks():
+    sizes = run_distributed(_plain_sizes, 2, timeout=220)
+    # rank 1's 48 tokens a group decide: 2 groups in 100, 6 in 300, 1 even over budget (40)
+    assert sizes[0] == sizes[1] == {40: 1, 100: 2, 300: 6, 1000: 6}
+
+
+@pytest.mark.timeout(400)
+def test_plain_step_token_budget_equals_that_many_groups(tiny_models):
+    """``--max_tokens_per_micro_batch`` without ``--global_negatives``: the plain step with
+    the most groups that fit (4 padded texts of 32 tokens, 5 texts a group: 2 groups in 400,
+    micro-batches of 2 of 8) trains exactly as ``--micro_batch_size 2``."""
+    model = tiny_models["dense"]
+    got = run_distributed(_budget_vs_groups, 1, model, timeout=380)[0]
+    assert got["micro_batches"] == 4 and got["loss"] <= TOL and got["weights"] <= WEIGHT_TOL, got
+
+
+def _budget_vs_groups(rank, world, model):
+    by_groups = _run(_cfg(model, micro_batch_size=2, train_iters=2), probe=False)
+    by_tokens = _run(_cfg(model, max_tokens_per_micro_batch=400, train_iters=2), probe=False)
+    return {**_compare(by_tokens, by_groups), "micro_batches": by_tokens["micro_batches"]}
 
 
 # ------------------------------------------------------------------------------ one rank

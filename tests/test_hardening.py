@@ -242,7 +242,10 @@ def _configs_one_step(rank, world, models):
     for path in CONFIGS:
         model = models["moe"] if "moe" in os.path.basename(path) else models["dense"]
         cfg = sft_config(build_parser().parse_args(["sft", "--config", path, "--model", model, *OVERRIDES]))
-        out[os.path.basename(path)] = (Trainer(cfg).run()["losses"], cfg.bf16, cfg.recompute_granularity)
+        trainer = Trainer(cfg)
+        model = trainer.module.config  # what megatron was given, not only what was asked
+        out[os.path.basename(path)] = (trainer.run()["losses"], model.bf16, model.recompute_granularity,
+                                       model.recompute_method, model.recompute_num_layers)
     return out
 
 
@@ -250,9 +253,11 @@ def _configs_one_step(rank, world, models):
 def test_every_shipped_config_trains_one_step(tiny_models):
     out = run_distributed(_configs_one_step, 1, tiny_models, timeout=540)[0]
     assert sorted(out) == sorted(os.path.basename(p) for p in CONFIGS)
-    for name, (losses, _, _) in out.items():
+    for name, (losses, *_) in out.items():
         assert len(losses) == 1 and losses[0][1] == losses[0][1] and losses[0][1] > 0, (name, losses)
-    assert out["qwen3-embedding-8B.yaml"][1:] == (True, "full")  # bf16 + recompute really ran
+    # bf16 + recompute of the first 32 layers of each stage (all of the tiny model's) really ran
+    assert out["qwen3-moe-embedder.yaml"][1:] == (True, "full", "block", 32)
+    assert out["qwen3-embedding-0.6B.yaml"][1:] == (True, None, None, None)  # no recompute
 
 
 @pytest.mark.timeout(600)

@@ -55,6 +55,8 @@ def test_shipped_configs_load_typed_and_validate(path):
     assert isinstance(cfg.lr, float) and cfg.lr > 0
     assert isinstance(cfg.min_lr, float) and cfg.min_lr <= cfg.lr
     cfg.validate()
+    if cfg.bf16:  # GPU configs: micro-batches of >= 16k tokens (smaller ones are launch-bound)
+        assert cfg.max_tokens_per_micro_batch >= 16384, path
 
 
 def test_yaml_values_are_coerced_or_named(tmp_path):
@@ -111,7 +113,7 @@ def test_flag_mistakes_are_one_line_before_any_load(tiny_models, tmp_path):
         (["--val_dataset", str(tmp_path / "dev.jsonl#5")], "--val_dataset"),
         (["--train_type", "lora", "--target_modules", "experts"], "has no MoE experts"),
         (["--train_type", "lora", "--lora_rank", "0"], "LoRA needs --lora_rank >= 1"),
-        (["--max_tokens_per_micro_batch", "64"], "needs --global_negatives true"),
+        (["--max_tokens_per_micro_batch", "16"], "is below --max_length 32"),
     ]
     for extra, fragment in cases:
         t0 = time.time()

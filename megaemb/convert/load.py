@@ -28,7 +28,8 @@ def hf_files_dir(path: str) -> str:
 
 
 def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "auto",
-               recompute_granularity: str | None = None, load_weights: bool = True,
+               recompute_granularity: str | None = None, recompute_method: str = "uniform",
+               recompute_num_layers: int = 1, load_weights: bool = True,
                hidden_dropout: float = 0.0, attention_dropout: float = 0.0,
                lora: LoRAConfig | None = None, seed: int = 0) -> LoadedModel:
     """Collective over all ranks. ``path``: HF model dir or megaemb checkpoint dir; a LoRA
@@ -47,7 +48,9 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
             raise FileNotFoundError(f"{path}/{checkpoint.LORA_FILE}: its base model {base} is gone "
                                     "(the adapters need it)")
         loaded = load_model(base, parallel, bf16=bf16, attention=attention,
-                            recompute_granularity=recompute_granularity, load_weights=load_weights,
+                            recompute_granularity=recompute_granularity,
+                            recompute_method=recompute_method,
+                            recompute_num_layers=recompute_num_layers, load_weights=load_weights,
                             hidden_dropout=hidden_dropout, attention_dropout=attention_dropout)
         lora = LoRAConfig.from_json(meta["lora"])
         apply_lora(loaded.model, lora, init=False)
@@ -61,6 +64,8 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
     check_parallel_layout(shape, parallel, path)
     hf = HFCheckpoint(path) if load_weights and not is_mcore else None
     config = transformer_config(shape, parallel, bf16=bf16, recompute_granularity=recompute_granularity,
+                                recompute_method=recompute_method,
+                                recompute_num_layers=recompute_num_layers,
                                 attention=attention, hidden_dropout=hidden_dropout,
                                 attention_dropout=attention_dropout)
     model = build_model(config, shape, attention=attention)

@@ -29,7 +29,8 @@ PACK_STEPS = 4  # bucket sizes per octave: 64, 80, 96, 112, 128, 160, ... (<= 25
 def pack_length(tokens: int, multiple: int = 1) -> int:
     """The bucket size >= ``tokens``: ``2^k * (1 + j / PACK_STEPS)``, at least ``MIN_PACK``,
     rounded up to ``multiple`` (sequence parallel splits it over TP ranks). A few sizes
-    recur, so kernels compiled for a shape (FlexAttention on CUDA) are reused."""
+    recur, so shape-specialised kernels are reused (FlexAttention itself is compiled for any
+    T: ``model.attention.FLEX_GRAPHS``)."""
     size = MIN_PACK
     while size < tokens:
         octave = 1 << (size.bit_length() - 1)

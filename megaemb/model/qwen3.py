@@ -23,7 +23,8 @@ from megaemb.model.norm import HeadRMSNorm, RMSNorm
 from megaemb.shape import Qwen3Shape
 
 def transformer_config(shape: Qwen3Shape, parallel: ParallelConfig, *, bf16: bool = False,
-                       recompute_granularity: str | None = None, attention: str = "auto",
+                       recompute_granularity: str | None = None, recompute_method: str = "uniform",
+                       recompute_num_layers: int = 1, attention: str = "auto",
                        hidden_dropout: float = 0.0, attention_dropout: float = 0.0) -> TransformerConfig:
     """Build the megatron-core config (fp32 params, or bf16 with ``bf16=True``); fusions as
     ``platform.fusions`` decides for this machine and attention backend. Dropout is off
@@ -61,8 +62,8 @@ def transformer_config(shape: Qwen3Shape, parallel: ParallelConfig, *, bf16: boo
         # grad-norm) only while initialising them, so initialise even when weights will load
         perform_initialization=True, use_cpu_initialization=False,
         recompute_granularity=recompute_granularity,
-        recompute_method="uniform" if recompute_granularity == "full" else None,
-        recompute_num_layers=1 if recompute_granularity == "full" else None,
+        recompute_method=recompute_method if recompute_granularity == "full" else None,
+        recompute_num_layers=recompute_num_layers if recompute_granularity == "full" else None,
         **moe,
     )
 
