@@ -14,10 +14,10 @@ import pytest
 
 from test_inputs import DATA, ROOT, SFT, megaemb, one_error
 
-from megaemb import outputs
+from megaemb import outputs, preflight
 
 HOLD = """import sys, time
-from megaemb import outputs
+from megaemb import outputs, preflight
 with outputs.owned(sys.argv[1], sys.argv[2] == "inside", "x", "megaemb sft"):
     print("held", flush=True)
     time.sleep(120)
@@ -151,9 +151,8 @@ def test_export_overwrite_keeps_files_megaemb_did_not_write(tiny_models, tmp_pat
     plain = tmp_path / "mine"  # a user's folder: never megaemb's to replace
     plain.mkdir()
     (plain / "data.csv").write_text("1")
-    one_error(megaemb("export", "--model", dense, "--to_mcore", "true", "--output_dir", str(plain),
-                      "--overwrite", "true"), "export", "holds data.csv, not written by megaemb export")
-    assert os.listdir(plain) == ["data.csv"]
+    with pytest.raises(FileExistsError, match="holds data.csv, not written by megaemb export"):
+        preflight.check_export_dirs(dense, str(plain), "--model", overwrite=True)
 
 
 FULL_DISK = """import errno, sys, numpy
