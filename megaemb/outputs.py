@@ -25,12 +25,14 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 
 LOCK_NAME = "megaemb.lock"  # inside --save
 MANIFEST = "megaemb-export.json"  # inside an export's --output_dir
 FULL = (errno.ENOSPC, errno.EDQUOT)
+RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's std::io::Error prints its errno
 
 
 # ------------------------------------------------------------------------------------ lock
@@ -218,11 +220,15 @@ def atomic_file(path: str, mode: str = "w"):
 
 # ------------------------------------------------------------------------------- full disk
 def disk_full(error: BaseException | None) -> OSError | None:
-    """The ``ENOSPC`` / ``EDQUOT`` error in ``error``'s chain (cause / context), if any."""
+    """The ``ENOSPC`` / ``EDQUOT`` error in ``error``'s chain (cause / context), if any; also
+    one that a Rust library (safetensors) reports as text, ``... (os error 28)``."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, OSError) and error.errno in FULL:
             return error
+        code = RUST_IO_ERROR.search(str(error))
+        if code and int(code.group(1)) in FULL:
+            return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None

@@ -178,6 +178,27 @@ def test_embed_on_a_full_disk_is_one_line_and_leaves_no_temp_file(tiny_models, t
     assert os.listdir(out.parent) == []  # no e.npy, no e.npy.tmp*, no lock
 
 
+FULL_SAFETENSORS = """import safetensors.torch
+def full(tensors, path, metadata=None):  # as safetensors' Rust writer reports ENOSPC
+    raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+safetensors.torch.save_file = full
+"""
+
+
+@pytest.mark.timeout(300)
+def test_sft_whose_hf_export_hits_a_full_disk_is_one_line(tiny_models, tmp_path):
+    """The end-of-run export (a child ``megaemb export``) fails in safetensors' writer: one
+    line for the job, no half-written export, the checkpoint kept."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(FULL_SAFETENSORS)
+    save = tmp_path / "run"
+    r = megaemb("sft", "--model", tiny_models["dense"], "--dataset", f"{DATA}#64", *SFT, "--save", str(save),
+                env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), ROOT])}, timeout=280)
+    one_error(r, "sft", f"HF export to {save}/hf_model: No space left on device (free space, or write elsewhere)")
+    assert sorted(os.listdir(save)) == ["curves.png", "hf", "iter_0000001", "latest_checkpointed_iteration.txt",
+                                        "megaemb-run.txt", "megaemb.json", "tensorboard"]
+
+
 def test_full_disk_anywhere_in_a_chain_is_one_line(tmp_path, monkeypatch, capsys):
     """A quota hit inside a library (wrapped in another error) still ends in one line; an
     atomic write that fails keeps the old file and leaves no temporary one."""
@@ -205,3 +226,6 @@ def test_full_disk_anywhere_in_a_chain_is_one_line(tmp_path, monkeypatch, capsys
         raise OSError(errno.ENOSPC, "No space left on device")
     assert e.value.filename == str(path) and path.read_text() == "old"
     assert os.listdir(tmp_path) == ["metrics.json"]
+    rust = Exception("Error while serializing: I/O error: Disk quota exceeded (os error 122)")
+    assert outputs.disk_full(rust).errno == errno.EDQUOT
+    assert outputs.disk_full(Exception("I/O error: File too large (os error 27)")) is None
