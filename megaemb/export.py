@@ -33,11 +33,21 @@ def _prepare(output_dir: str, overwrite: bool) -> str:
     outputs.check_replaceable(output_dir, "--output_dir")
     tmp = output_dir.rstrip("/") + ".tmp"
     if _rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(tmp) and not _left_by_export(tmp):
+            raise FileExistsError(f"{tmp}: exists and is not an unfinished megaemb export (export "
+                                  f"--output_dir {output_dir} builds there): move it")
+        shutil.rmtree(tmp, ignore_errors=True)  # an export killed before its end
         os.makedirs(tmp)
+        outputs.write_manifest(tmp)  # marks it megaemb's until the finished listing replaces it
     if dist.is_initialized():
         dist.barrier()
     return tmp
+
+
+def _left_by_export(tmp: str) -> bool:
+    """Whether the staging folder ``tmp`` is an export's leftover (marked, or empty)."""
+    return os.path.isdir(tmp) and not os.path.islink(tmp) and (
+        not os.listdir(tmp) or os.path.isfile(os.path.join(tmp, outputs.MANIFEST)))
 
 
 def _publish(tmp: str, output_dir: str) -> None:

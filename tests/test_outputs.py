@@ -155,6 +155,24 @@ def test_export_overwrite_keeps_files_megaemb_did_not_write(tiny_models, tmp_pat
         preflight.check_export_dirs(dense, str(plain), "--model", overwrite=True)
 
 
+def test_export_staging_folder_of_a_user_is_not_deleted(tmp_path):
+    """``export`` builds in ``<output_dir>.tmp``: it removes one that an export left (killed),
+    never a user's folder of that name."""
+    from megaemb import export
+
+    out, staging = tmp_path / "hf", tmp_path / "hf.tmp"
+    staging.mkdir()
+    (staging / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=f"{staging}: exists and is not an unfinished megaemb export"):
+        export._prepare(str(out), overwrite=False)
+    assert (staging / "notes.txt").read_text() == "mine"
+    (staging / "notes.txt").unlink()
+    assert export._prepare(str(out), overwrite=False) == str(staging)  # empty: its own leftover
+    (staging / "shard.part").write_text("killed here")
+    export._prepare(str(out), overwrite=False)  # marked as megaemb's: replaced
+    assert os.listdir(staging) == [outputs.MANIFEST]
+
+
 FULL_DISK = """import errno, sys, numpy
 def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
