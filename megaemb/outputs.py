@@ -121,7 +121,8 @@ def acquire(lock: str, record: dict, what: str, note=None) -> None:
     with _serialised(os.path.dirname(lock)):
         for _ in range(3):
             try:
-                return _create(lock, record)
+                _create(lock, record)
+                return
             except FileExistsError:
                 holder = _read(lock)
             if holder is None:  # released meanwhile
