@@ -19,6 +19,7 @@ import numpy as np
 import torch.distributed as dist
 
 from megaemb import checkpoint
+from megaemb.outputs import atomic_file
 from megaemb.data.eval_sets import PairSet, has_float_labels, is_beir, read_beir, read_infonce, read_pairs
 from megaemb.evaluate import pair_metrics, retrieval_metrics
 
@@ -79,10 +80,8 @@ class EmbeddingCache:
         out = encode(texts, instruction)
         if dist.get_rank() == 0:
             os.makedirs(self.dir, exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
+            with atomic_file(path, "wb") as f:  # per-process temp name: the cache is shared
                 np.save(f, out)
-            os.replace(tmp, path)
         return out, False
 
 
@@ -141,5 +140,6 @@ def plot_dims(kind: str, results: dict, width: int, path: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)

@@ -20,6 +20,8 @@ import shutil
 
 import torch.distributed as dist
 
+from megaemb.outputs import atomic_file
+
 FORMAT = {"format": "megaemb-mcore", "version": 1}
 TRACKER = "latest_checkpointed_iteration.txt"
 LORA_FILE = "lora.json"  # a LoRA run's checkpoint: {"base": model dir, "lora": LoRAConfig} (adapters only)
@@ -41,12 +43,8 @@ def iter_dir(root: str, iteration: int) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def copy_hf_files(src: str, dst: str) -> None:
@@ -126,7 +124,11 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, hf_sour
     _barrier()
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save(sharded_state_dict, tmp)
+    try:
+        dist_checkpointing.save(sharded_state_dict, tmp)
+    except BaseException:  # e.g. a full disk: leave no partial iteration taking its space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier()
     if _rank0():
         shutil.rmtree(final, ignore_errors=True)

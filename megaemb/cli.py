@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+
+from megaemb import outputs
 
 
 def str2bool(v: str) -> bool:
@@ -272,10 +275,8 @@ def run_embed(args) -> None:
                          instruction=args.instruction, dim=args.dim, packed=args.packing)
     if result is not None:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        tmp = f"{args.output}.tmp"
-        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+        with outputs.atomic_file(args.output, "wb") as f:  # a file object: np.save would append .npy
             np.save(f, result)
-        os.replace(tmp, args.output)
         print(f"megaemb embed: {result.shape[0]} texts -> {args.output} {result.shape}, "
               f"{tokenizer.truncated} truncated to --max_length {args.max_length}", flush=True)
 
@@ -345,11 +346,9 @@ def run_eval(args) -> None:
           flush=True)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        tmp = f"{args.output}.tmp"
-        with open(tmp, "w") as f:  # NaN (e.g. Spearman of constant labels) is not JSON: null
+        with outputs.atomic_file(args.output) as f:  # NaN (Spearman of constant labels): null
             json.dump({k: None if isinstance(v, float) and v != v else v
                        for k, v in flat(kind, results, width).items()}, f, indent=2)
-        os.replace(tmp, args.output)
         if len(dims) > 1:
             plot_dims(kind, results, width, os.path.splitext(args.output)[0] + "_dims.png")
 
@@ -530,14 +529,48 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if plan is None and not has_parent:  # runs the command itself, started from a shell
         launcher.reap_descendants_on_exit()  # before torch is imported (it forks)
-    try:
-        world = plan.nproc_per_node * plan.nnodes if plan else int(os.environ.get("WORLD_SIZE", 1))
-        check_args(args, world)
-    except (ValueError, OSError) as e:
-        launcher.report_error(f"megaemb {args.command}: error: {e}")
-        return 2
+    with contextlib.ExitStack() as held:
+        try:
+            world = plan.nproc_per_node * plan.nnodes if plan else int(os.environ.get("WORLD_SIZE", 1))
+            output = job_output(args) if owns_outputs(plan, has_parent) else None
+            if output:  # first: a second job hears that the output is busy, not what it sees there
+                outputs.check_free(*output)
+            check_args(args, world)
+            if output:
+                held.enter_context(outputs.owned(*output, f"megaemb {args.command}"))
+        except (ValueError, OSError) as e:
+            launcher.report_error(f"megaemb {args.command}: error: {e}")
+            return 2
+        if plan is not None:
+            return launcher.relaunch(plan, argv)
+        return run_command(args)
+
+
+def job_output(args) -> tuple[str, bool, str] | None:
+    """What the command writes and must own alone: ``(path, lock inside it, flag + path)``."""
+    if args.command == "sft":
+        save = sft_config(args).save
+        return (save, True, f"--save {save}") if save else None
+    if args.command == "export":
+        return args.output_dir, False, f"--output_dir {args.output_dir}"
+    if args.command in ("embed", "eval", "mine") and args.output:
+        return args.output, False, f"--output {args.output}"
+    return None
+
+
+def owns_outputs(plan, has_parent: bool) -> bool:
+    """Whether this process holds the job's output lock: the launcher of node 0, or a process
+    running the command without a megaemb launcher above it (rank 0 under an outside torchrun)."""
+    if has_parent:  # a rank (or rank 0's export child) of a megaemb launcher, which holds it
+        return False
     if plan is not None:
-        return launcher.relaunch(plan, argv)
+        return plan.node_rank == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_command(args) -> int:
+    """Run the command in this process (a rank); user errors and a full disk end in one line."""
+    from megaemb import launcher
     from megaemb.convert.hf_to_mcore import ConversionError
     from megaemb.parallel import destroy_parallel
 
@@ -546,6 +579,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, FileNotFoundError, FileExistsError, PermissionError,
             ValueError) as e:  # incl. DataError
         launcher.report_error(f"megaemb {args.command}: error: {e}")  # once per job, not per rank
+        return 2
+    except Exception as e:
+        full = outputs.disk_full(e)
+        if full is None:
+            raise
+        launcher.report_error(f"megaemb {args.command}: error: {outputs.full_message(full)}")
         return 2
     finally:
         destroy_parallel()

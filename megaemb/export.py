@@ -1,7 +1,9 @@
 """``megaemb export``: HF -> megaemb MCore checkpoint, and MCore -> HF (+ sentence-transformers).
 
 Both directions write into ``<output_dir>.tmp`` and rename at the end (the temp dir is removed
-on failure), so a failed or killed export never leaves ``output_dir`` looking complete.
+on failure), so a failed or killed export never leaves ``output_dir`` looking complete. The
+finished directory lists its entries in ``megaemb-export.json`` (``outputs.MANIFEST``):
+``--overwrite`` replaces only such a directory, never files megaemb did not write.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megaemb import checkpoint
+from megaemb import checkpoint, outputs
 from megaemb.config import ParallelConfig
 from megaemb.convert.load import load_model
 from megaemb.convert.mcore_to_hf import write_hf_model
@@ -24,24 +26,37 @@ def _rank0() -> bool:
 
 
 def _prepare(output_dir: str, overwrite: bool) -> str:
-    """Refuse to overwrite a non-empty directory (unless asked); return the temp dir."""
+    """Refuse to overwrite a non-empty directory (unless asked) or one holding files megaemb
+    did not write; return the temp dir."""
     if not overwrite and os.path.exists(output_dir) and os.listdir(output_dir):
         raise FileExistsError(f"{output_dir}: output directory exists and is not empty")
+    outputs.check_replaceable(output_dir, "--output_dir")
     tmp = output_dir.rstrip("/") + ".tmp"
     if _rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(tmp) and not _left_by_export(tmp):
+            raise FileExistsError(f"{tmp}: exists and is not an unfinished megaemb export (export "
+                                  f"--output_dir {output_dir} builds there): move it")
+        shutil.rmtree(tmp, ignore_errors=True)  # an export killed before its end
         os.makedirs(tmp)
+        outputs.write_manifest(tmp)  # marks it megaemb's until the finished listing replaces it
     if dist.is_initialized():
         dist.barrier()
     return tmp
+
+
+def _left_by_export(tmp: str) -> bool:
+    """Whether the staging folder ``tmp`` is an export's leftover (marked, or empty)."""
+    return os.path.isdir(tmp) and not os.path.islink(tmp) and (
+        not os.listdir(tmp) or os.path.isfile(os.path.join(tmp, outputs.MANIFEST)))
 
 
 def _publish(tmp: str, output_dir: str) -> None:
     if dist.is_initialized():
         dist.barrier()
     if _rank0():
+        outputs.write_manifest(tmp)
         if os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)  # empty unless overwrite was asked for
+            shutil.rmtree(output_dir)  # empty, or a megaemb export (_prepare)
         os.replace(tmp, output_dir)
     if dist.is_initialized():
         dist.barrier()

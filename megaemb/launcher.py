@@ -67,6 +67,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from megaemb.outputs import atomic_file
+
 PARENT_PID_ENV = "MEGAEMB_PARENT_PID"
 ERROR_DIR_ENV = "MEGAEMB_ERROR_DIR"
 DEFAULT_PORT = 29500
@@ -426,8 +428,7 @@ def report_error(line: str) -> None:
     if error_dir and os.path.isdir(error_dir):
         path = os.path.join(error_dir, f"rank{int(os.environ.get('RANK', 0))}.txt")
         with contextlib.suppress(OSError):
-            with open(path + ".tmp", "w") as f:
+            with atomic_file(path) as f:
                 f.write(line + "\n")
-            os.replace(path + ".tmp", path)
             return
     print(line, file=sys.stderr, flush=True)

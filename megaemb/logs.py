@@ -13,6 +13,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megaemb import platform
+from megaemb.outputs import atomic_file
 from megaemb.preflight import RUN_MARKER
 
 
@@ -87,10 +88,8 @@ class TrainLogger:
         """``<out_dir>/metrics.json`` (atomic): the run's summary, numbers as plain floats."""
         if not self.enabled or not self.out_dir:
             return
-        path = os.path.join(self.out_dir, "metrics.json")
-        with open(path + ".tmp", "w") as f:
+        with atomic_file(os.path.join(self.out_dir, "metrics.json")) as f:
             json.dump(plain(summary), f, indent=2)
-        os.replace(path + ".tmp", path)
 
     def finish(self) -> None:
         """Flush TensorBoard and draw ``curves.png`` (loss, and eval metrics if any)."""
@@ -115,7 +114,8 @@ class TrainLogger:
             axes[0][1].set(title="eval", xlabel="step")
             axes[0][1].legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(self.out_dir, "curves.png"), dpi=100)
+        with atomic_file(os.path.join(self.out_dir, "curves.png"), "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
 
 

@@ -10,11 +10,11 @@ become ``rejected_response``. Rows with fewer candidates keep fewer (training to
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
 from megaemb.evaluate import search
+from megaemb.outputs import atomic_file
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -49,9 +49,7 @@ def mine_negatives(query_emb, corpus_emb, positive: list[int], positives: list[s
 def write_mined(path: str, rows: list[tuple[str, str]], corpus: list[str],
                 negatives: list[list[int]]) -> None:
     """infonce JSONL (``query``, ``response``, ``rejected_response``), written atomically."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         for (query, response), neg in zip(rows, negatives):
             f.write(json.dumps({"query": query, "response": response,
                                 "rejected_response": [corpus[j] for j in neg]}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

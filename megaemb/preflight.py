@@ -20,12 +20,12 @@ import re
 import shutil
 import tempfile
 
-from megaemb import checkpoint, platform
+from megaemb import checkpoint, outputs, platform
 
 RUN_FILES = ("hf_model", "tensorboard", "curves.png", "config.json", "model.safetensors",
              "model.safetensors.index.json")
 RUN_MARKER = "megaemb-run.txt"  # written by sft into --save at start (logs.TrainLogger)
-EARLY_FILES = {RUN_MARKER, "tensorboard", "curves.png"}  # all a run stopped before its first save leaves
+EARLY_FILES = {RUN_MARKER, outputs.LOCK_NAME, "tensorboard", "curves.png"}  # all a run stopped before its first save leaves
 
 
 def _real(path: str) -> str:
@@ -227,4 +227,5 @@ def check_export_dirs(source: str, output_dir: str, source_flag: str, overwrite:
         raise FileExistsError(f"--output_dir {output_dir}: is part of the checkpoint {parent}")
     if not overwrite and os.path.isdir(output_dir) and os.listdir(output_dir):
         raise FileExistsError(f"--output_dir {output_dir}: exists and is not empty "
-                              "(--overwrite true replaces it)")
+                              "(--overwrite true replaces a megaemb export)")
+    outputs.check_replaceable(output_dir, "--output_dir")

@@ -312,14 +312,17 @@ class Trainer:
                 cmd += ["--iteration", str(iteration)]
             result = subprocess.run(cmd, env=launcher.child_env(single_process_env()),
                                     capture_output=True, text=True)
-            if result.returncode:
-                error = f"HF export of {self.cfg.save} failed:\n{result.stderr[-3000:]}"
+            if result.returncode == 2:  # its one-line user error (a full disk, ...): pass it on as one
+                error = ValueError(f"HF export to {out}: "
+                                   f"{result.stderr.strip().splitlines()[-1].split('error: ', 1)[-1]}")
+            elif result.returncode:
+                error = RuntimeError(f"HF export of {self.cfg.save} failed:\n{result.stderr[-3000:]}")
             else:
                 self._log(f"exported {out}")
         outcome = [error]
         dist.broadcast_object_list(outcome, src=0, group=self.wait_group)
         if outcome[0]:
-            raise RuntimeError(outcome[0])
+            raise outcome[0]
 
     # ------------------------------------------------------------------ one step
     def forward_backward(self, rows: list):

@@ -40,7 +40,8 @@ def test_export_prints_precision(exported):
     line = next(l for l in r1.stdout.splitlines() if l.startswith("test_convert_precision"))
     assert float(line.split("min_cosine=")[1]) >= 0.99999
     assert sorted(os.listdir(mcore)) == ["hf", "iter_0000000", "latest_checkpointed_iteration.txt",
-                                         "megaemb.json"]
+                                         "megaemb-export.json", "megaemb.json"]
+    assert not os.path.exists(mcore + ".lock")  # released by the launcher at the end
 
 
 @pytest.mark.timeout(600)
