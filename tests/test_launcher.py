@@ -170,11 +170,15 @@ def test_a_world_of_one_may_say_so():
 
 
 @pytest.mark.timeout(60)
-def test_cli_stray_world_size_is_one_line_not_a_hang():
+def test_cli_stray_world_size_is_one_line_not_a_hang(tiny_models, tmp_path):
+    """A valid command (before: it waited, silent, for a second rank that never came)."""
+    texts = tmp_path / "t.txt"
+    texts.write_text("a\n")
     t0 = time.time()
-    r = megaemb("sft", "--model", "m", "--dataset", "d.jsonl", WORLD_SIZE="2", NPROC_PER_NODE="1")
+    r = megaemb("embed", "--model", tiny_models["dense"], "--input", str(texts), "--output",
+                str(tmp_path / "e.npy"), WORLD_SIZE="2", NPROC_PER_NODE="1", timeout=50)
     assert r.returncode == 2 and time.time() - t0 < 30, r.stderr[-2000:]
-    assert r.stderr.strip() == "megaemb sft: error: WORLD_SIZE=2 needs MASTER_ADDR (the address of node rank 0)"
+    assert r.stderr.strip() == "megaemb embed: error: WORLD_SIZE=2 needs MASTER_ADDR (the address of node rank 0)"
 
 
 @pytest.mark.timeout(90)

@@ -74,13 +74,17 @@ def test_dlc_variables_start_the_ranks_and_logs_are_per_node(tiny_models, tmp_pa
 
 
 @pytest.mark.timeout(120)
-def test_dlc_script_without_master_addr_stops_with_one_line(tmp_path):
-    """The issue's hang: ``WORLD_SIZE=2 RANK=0 bash launch/dlc.sh sft ...`` without MASTER_ADDR."""
-    out = subprocess.run(["bash", "launch/dlc.sh", "sft", "--model", "m", "--dataset", "d.jsonl"],
+def test_dlc_script_without_master_addr_stops_with_one_line(tiny_models, tmp_path):
+    """The issue's hang: ``WORLD_SIZE=2 RANK=0 bash launch/dlc.sh ...`` without MASTER_ADDR (a
+    valid command: before, it waited for a second rank, silent, and RDZV_TIMEOUT did not help)."""
+    texts = tmp_path / "t.txt"
+    texts.write_text("a\n")
+    out = subprocess.run(["bash", "launch/dlc.sh", "embed", "--model", tiny_models["dense"], "--input",
+                          str(texts), "--output", str(tmp_path / "e.npy")],
                          cwd=ROOT, env=_env(tmp_path, WORLD_SIZE="2", RANK="0", RDZV_TIMEOUT="5"),
                          capture_output=True, text=True, timeout=100)
     assert out.returncode == 2, (out.stdout, out.stderr)
-    assert out.stdout.strip() == "megaemb sft: error: WORLD_SIZE=2 needs MASTER_ADDR (the address of node rank 0)"
+    assert out.stdout.strip() == "megaemb embed: error: WORLD_SIZE=2 needs MASTER_ADDR (the address of node rank 0)"
 
 
 @pytest.mark.timeout(300)
