@@ -287,6 +287,20 @@ def relaunch(plan: Plan, argv: list[str]) -> int:
         shutil.rmtree(error_dir, ignore_errors=True)
 
 
+def check_rank_env(env=os.environ) -> None:
+    """A rank of several (``WORLD_SIZE`` > 1) must be told its rank and the rendezvous:
+    ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (else ``ValueError``; torch would wait, or
+    megaemb would invent a port no peer knows)."""
+    world = _positive_int(env, "WORLD_SIZE", 1)
+    if world == 1:
+        return
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} (a rank of {world}) needs {', '.join(missing)}; "
+                         "unset WORLD_SIZE to run alone")
+    _int_in(env, "RANK", 0, world)
+
+
 def join_note(env=os.environ) -> str | None:
     """What a rank about to join its peers waits for, and where it read that: said by local
     rank 0 of each node started outside megaemb's own launcher (an external ``torchrun``, or

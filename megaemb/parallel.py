@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megaemb import platform
+from megaemb import launcher, platform
 from megaemb.config import ParallelConfig
 
 
@@ -25,7 +25,8 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 6
     from megatron.core import parallel_state, tensor_parallel
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        launcher.check_rank_env()  # several ranks: their rendezvous is named, not made up here
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # one process: its own rendezvous
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -51,8 +52,6 @@ def _join(timeout_s: int) -> None:
     ``RDZV_TIMEOUT`` seconds (said first, ``launcher.join_note``), else ``TimeoutError`` in one
     line; its collectives then time out after ``timeout_s``. What ``init_process_group`` does
     with ``env://``, with the two timeouts apart."""
-    from megaemb import launcher
-
     note = launcher.join_note()
     if note:
         print(note, file=sys.stderr, flush=True)

@@ -169,6 +169,20 @@ def test_a_world_of_one_may_say_so():
     assert launcher.launch_plan({"NNODES": "1", "NODE_RANK": "0", "WORLD_SIZE": "1"}) is None
 
 
+@pytest.mark.timeout(10)
+def test_rank_environment_must_name_its_rendezvous():
+    """A rank (LOCAL_RANK set by hand or a launcher) of several: no made-up port to wait on."""
+    with pytest.raises(ValueError, match=r"^WORLD_SIZE=2 \(a rank of 2\) needs RANK, MASTER_ADDR, MASTER_PORT;"):
+        launcher.check_rank_env({"LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match=r"^WORLD_SIZE=2 \(a rank of 2\) needs MASTER_PORT;"):
+        launcher.check_rank_env({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "h0"})
+    full = {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "29500"}
+    with pytest.raises(ValueError, match="RANK='2': expected an integer from 0 to 1"):
+        launcher.check_rank_env(dict(full, RANK="2"))
+    launcher.check_rank_env(full)
+    launcher.check_rank_env({"LOCAL_RANK": "0"})
+
+
 @pytest.mark.timeout(60)
 def test_cli_stray_world_size_is_one_line_not_a_hang(tiny_models, tmp_path):
     """A valid command (before: it waited, silent, for a second rank that never came)."""
