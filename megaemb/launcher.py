@@ -152,10 +152,12 @@ def node_topology(env=os.environ) -> tuple[int, int, str]:
     addr = env.get("MASTER_ADDR")
     if not addr and env.get("SLURM_JOB_NODELIST") and nodes_var == "SLURM_NNODES":
         addr = first_host(env["SLURM_JOB_NODELIST"])
+    hint = "; WORLD_SIZE and RANK count nodes here (PAI-DLC): unset them for one node" \
+        if nodes_var == "WORLD_SIZE" else ""
     if nnodes > 1 and not addr:
-        raise ValueError(f"{nodes_var}={nnodes} needs MASTER_ADDR (the address of node rank 0)")
+        raise ValueError(f"{nodes_var}={nnodes} needs MASTER_ADDR (the address of node rank 0){hint}")
     if nnodes > 1 and not env.get(rank_var):
-        raise ValueError(f"{nodes_var}={nnodes} needs {rank_var} (this node's rank, 0 to {nnodes - 1})")
+        raise ValueError(f"{nodes_var}={nnodes} needs {rank_var} (this node's rank, 0 to {nnodes - 1}){hint}")
     return nnodes, node_rank, addr or "127.0.0.1"
 
 

@@ -192,7 +192,9 @@ def test_cli_stray_world_size_is_one_line_not_a_hang(tiny_models, tmp_path):
     r = megaemb("embed", "--model", tiny_models["dense"], "--input", str(texts), "--output",
                 str(tmp_path / "e.npy"), WORLD_SIZE="2", NPROC_PER_NODE="1", timeout=50)
     assert r.returncode == 2 and time.time() - t0 < 30, r.stderr[-2000:]
-    assert r.stderr.strip() == "megaemb embed: error: WORLD_SIZE=2 needs MASTER_ADDR (the address of node rank 0)"
+    assert r.stderr.strip() == ("megaemb embed: error: WORLD_SIZE=2 needs MASTER_ADDR (the address of node "
+                                  "rank 0); WORLD_SIZE and RANK count nodes here (PAI-DLC): unset them "
+                                  "for one node")
 
 
 @pytest.mark.timeout(90)

@@ -84,7 +84,9 @@ def test_dlc_script_without_master_addr_stops_with_one_line(tiny_models, tmp_pat
                          cwd=ROOT, env=_env(tmp_path, WORLD_SIZE="2", RANK="0", RDZV_TIMEOUT="5"),
                          capture_output=True, text=True, timeout=100)
     assert out.returncode == 2, (out.stdout, out.stderr)
-    assert out.stdout.strip() == "megaemb embed: error: WORLD_SIZE=2 needs MASTER_ADDR (the address of node rank 0)"
+    assert out.stdout.strip() == ("megaemb embed: error: WORLD_SIZE=2 needs MASTER_ADDR (the address of node "
+                                  "rank 0); WORLD_SIZE and RANK count nodes here (PAI-DLC): unset them "
+                                  "for one node")
 
 
 @pytest.mark.timeout(300)
