@@ -86,9 +86,11 @@ def fallback_note() -> str | None:
     """One line for the job when a CUDA machine lacks Transformer Engine or apex (megatron-core
     then falls back to slower torch code); None on CPU, where neither can run and the
     fallbacks are the expected path, and when both are installed."""
+    if not has_cuda():
+        return None
     missing = [name for name, present in (("Transformer Engine", has_transformer_engine()),
                                           ("apex", has_apex())) if not present]
-    if not (has_cuda() and missing):
+    if not missing:
         return None
     return (f"megaemb: note: {' and '.join(missing)} not installed: megatron-core uses torch's "
             "optimizers, norms and kernels instead (slower; NVIDIA's PyTorch image, or the [gpu] "
