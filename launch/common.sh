@@ -35,7 +35,7 @@ read -r -a MEGAEMB_CMD <<< "${MEGAEMB:-megaemb}"
 # node_rank: this node's rank as megaemb reads it (NODE_RANK, PAI-DLC's RANK, Slurm's SLURM_NODEID)
 node_rank() {
     if [ -n "${NNODES:-}${NODE_RANK:-}" ]; then echo "${NODE_RANK:-0}"
-    elif [ -n "${WORLD_SIZE:-}" ] && [ -n "${RANK:-}" ] && [ -n "${MASTER_ADDR:-}" ]; then echo "$RANK"
+    elif [ -n "${WORLD_SIZE:-}${RANK:-}" ]; then echo "${RANK:-0}"
     else echo "${SLURM_NODEID:-0}"
     fi
 }

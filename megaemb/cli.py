@@ -529,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if plan is None and not has_parent:  # runs the command itself, started from a shell
         launcher.reap_descendants_on_exit()  # before torch is imported (it forks)
+    from megaemb import platform
+
+    platform.quiet_megatron_warnings()  # before megatron is imported
     with contextlib.ExitStack() as held:
         try:
             world = plan.nproc_per_node * plan.nnodes if plan else int(os.environ.get("WORLD_SIZE", 1))
@@ -570,14 +573,18 @@ def owns_outputs(plan, has_parent: bool) -> bool:
 
 def run_command(args) -> int:
     """Run the command in this process (a rank); user errors and a full disk end in one line."""
-    from megaemb import launcher
+    from megaemb import launcher, platform
+
+    note = platform.fallback_note()
+    if note and int(os.environ.get("RANK") or 0) == 0:  # once per job
+        print(note, file=sys.stderr, flush=True)
     from megaemb.convert.hf_to_mcore import ConversionError
     from megaemb.parallel import destroy_parallel
 
     try:
         COMMANDS[args.command](args)
     except (ConversionError, FileNotFoundError, FileExistsError, PermissionError,
-            ValueError) as e:  # incl. DataError
+            ValueError, TimeoutError) as e:  # incl. DataError; TimeoutError: peers never joined
         launcher.report_error(f"megaemb {args.command}: error: {e}")  # once per job, not per rank
         return 2
     except Exception as e:

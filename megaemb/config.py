@@ -39,6 +39,21 @@ class ParallelConfig:
         return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
                 * self.context_parallel_size)
 
+    def check_world_size(self, world: int) -> None:
+        """``ValueError`` unless ``world`` processes fit every product megatron-core's
+        ``initialize_model_parallel`` divides the world by: the dense layers' TP x PP x CP
+        (x DP) and the experts' ETP x EP x PP (x expert DP; megaemb's ETP is the TP size)."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        cp, ep = self.context_parallel_size, self.expert_model_parallel_size
+        for names, sizes in ((("tensor", "pipeline", "context"), (tp, pp, cp)),
+                             (("expert tensor (= tensor)", "expert", "pipeline"), (tp, ep, pp))):
+            product = sizes[0] * sizes[1] * sizes[2]
+            if world % product:
+                raise ValueError(
+                    f"{world} processes are not a multiple of {' x '.join(names)} parallel size "
+                    f"{' x '.join(map(str, sizes))} = {product} (set NPROC_PER_NODE / NNODES, or the "
+                    "parallel sizes)")
+
 
 @dataclass
 class SFTConfig:

@@ -16,8 +16,14 @@ PAI-DLC injects, per node, ``MASTER_ADDR``/``MASTER_PORT`` (the master node's se
 ``WORLD_SIZE``/``RANK`` counting *nodes*, not processes, plus ``NPROC_PER_NODE`` (GPUs per
 node) — Alibaba Cloud, "Platform for AI: Built-in environment variables",
 https://www.alibabacloud.com/help/en/pai/general-environment-variables . It is recognised by
-``WORLD_SIZE`` + ``RANK`` + ``MASTER_ADDR`` without ``LOCAL_RANK`` (a rank started by a launcher
-always has ``LOCAL_RANK``). ``MASTER_PORT`` unset: a free port on one node, else 29500.
+``WORLD_SIZE`` or ``RANK`` without ``LOCAL_RANK`` (a rank started by a launcher always has
+``LOCAL_RANK``). ``MASTER_PORT`` unset: a free port on one node, else 29500.
+
+An environment that cannot describe a whole job is a one-line error, not a wait for peers
+that never come: several nodes without ``MASTER_ADDR`` or without this node's rank, and a
+process that runs alone (one node, ``NPROC_PER_NODE=1``) with a ``WORLD_SIZE`` other than 1 or
+a ``RANK`` other than 0 (torch would read them). A rank joins its peers within
+``RDZV_TIMEOUT`` seconds (``megaemb.parallel``), saying first where and for whom it waits.
 
 If this process is not already a rank (no ``LOCAL_RANK``) and more than one rank is asked
 for, this process becomes the torchelastic agent of its node and starts the ranks.
@@ -102,6 +108,7 @@ def launch_plan(env=os.environ) -> Plan | None:
     nproc = _positive_int(env, "NPROC_PER_NODE", 1)
     nnodes, node_rank, addr = node_topology(env)
     if nproc * nnodes <= 1:
+        _check_alone(env)
         return None
     if env.get("MASTER_PORT"):
         port = _int_in(env, "MASTER_PORT", 0, 65536, low=1)
@@ -110,8 +117,25 @@ def launch_plan(env=os.environ) -> Plan | None:
     if node_rank == 0 and not port_is_free(port):
         raise ValueError(f"MASTER_PORT={port} is already in use; set MASTER_PORT to a free port, "
                          "or unset it on a single node to pick one")
-    return Plan(nproc, nnodes, node_rank, addr, port,
-                _positive_int(env, "RDZV_TIMEOUT", Plan.rdzv_timeout))
+    return Plan(nproc, nnodes, node_rank, addr, port, rdzv_timeout(env))
+
+
+def rdzv_timeout(env=os.environ) -> int:
+    """Seconds to wait for the job's other nodes or ranks to join (``RDZV_TIMEOUT``, 600)."""
+    return _positive_int(env, "RDZV_TIMEOUT", Plan.rdzv_timeout)
+
+
+def _check_alone(env) -> None:
+    """A process that runs the command by itself is a world of one: a ``WORLD_SIZE`` or
+    ``RANK`` left in the environment (torch would read them and wait for peers that never
+    come) must say so, else ``ValueError``."""
+    for name, alone in (("WORLD_SIZE", 1), ("RANK", 0)):
+        text = env.get(name)
+        if text and text.strip() != str(alone):
+            raise ValueError(f"{name}={text} but this is the job's only process (NPROC_PER_NODE="
+                             f"{env.get('NPROC_PER_NODE') or 1}, one node): unset {name}, or describe "
+                             "the whole job (NNODES, NODE_RANK, MASTER_ADDR; or PAI-DLC's WORLD_SIZE, "
+                             "RANK, MASTER_ADDR)")
 
 
 def node_topology(env=os.environ) -> tuple[int, int, str]:
@@ -119,7 +143,7 @@ def node_topology(env=os.environ) -> tuple[int, int, str]:
     ``NNODES``/``NODE_RANK``, PAI-DLC, Slurm, else one node on 127.0.0.1 (module docstring)."""
     if env.get("NNODES") or env.get("NODE_RANK"):
         nodes_var, rank_var = "NNODES", "NODE_RANK"
-    elif env.get("WORLD_SIZE") and env.get("RANK") and env.get("MASTER_ADDR"):
+    elif env.get("WORLD_SIZE") or env.get("RANK"):
         nodes_var, rank_var = "WORLD_SIZE", "RANK"  # PAI-DLC: both count nodes
     elif env.get("SLURM_NNODES"):
         nodes_var, rank_var = "SLURM_NNODES", "SLURM_NODEID"
@@ -130,8 +154,12 @@ def node_topology(env=os.environ) -> tuple[int, int, str]:
     addr = env.get("MASTER_ADDR")
     if not addr and env.get("SLURM_JOB_NODELIST") and nodes_var == "SLURM_NNODES":
         addr = first_host(env["SLURM_JOB_NODELIST"])
+    hint = "; WORLD_SIZE and RANK count nodes here (PAI-DLC): unset them for one node" \
+        if nodes_var == "WORLD_SIZE" else ""
     if nnodes > 1 and not addr:
-        raise ValueError(f"{nodes_var}={nnodes} needs MASTER_ADDR (the address of node rank 0)")
+        raise ValueError(f"{nodes_var}={nnodes} needs MASTER_ADDR (the address of node rank 0){hint}")
+    if nnodes > 1 and not env.get(rank_var):
+        raise ValueError(f"{nodes_var}={nnodes} needs {rank_var} (this node's rank, 0 to {nnodes - 1}){hint}")
     return nnodes, node_rank, addr or "127.0.0.1"
 
 
@@ -232,7 +260,7 @@ def relaunch(plan: Plan, argv: list[str]) -> int:
               file=sys.stderr, flush=True)
     try:
         if plan.node_rank > 0:
-            _wait_for_port(plan.master_addr, plan.master_port, plan.rdzv_timeout)
+            wait_for_port(plan.master_addr, plan.master_port, plan.rdzv_timeout)
         elastic_launch(config, sys.executable)("-m", "megaemb.cli", *argv)
         return 0
     except SignalException as e:
@@ -243,7 +271,7 @@ def relaunch(plan: Plan, argv: list[str]) -> int:
         print(line, file=sys.stderr, flush=True)
         return code
     except Exception as e:  # rendezvous errors and the like: one line, not torch's traceback
-        if plan.nnodes > 1 and _is_timeout(e):
+        if plan.nnodes > 1 and is_timeout(e):
             print(f"{command}: error: rendezvous: not all {plan.nnodes} nodes joined "
                   f"{plan.master_addr}:{plan.master_port} within {plan.rdzv_timeout} s (this is "
                   f"node {plan.node_rank}; start every node with the same NNODES, MASTER_ADDR and "
@@ -263,7 +291,33 @@ def relaunch(plan: Plan, argv: list[str]) -> int:
         shutil.rmtree(error_dir, ignore_errors=True)
 
 
-def _wait_for_port(host: str, port: int, timeout_s: float) -> None:
+def check_rank_env(env=os.environ) -> None:
+    """A rank of several (``WORLD_SIZE`` > 1) must be told its rank and the rendezvous:
+    ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (else ``ValueError``; torch would wait, or
+    megaemb would invent a port no peer knows)."""
+    world = _positive_int(env, "WORLD_SIZE", 1)
+    if world == 1:
+        return
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} (a rank of {world}) needs {', '.join(missing)}; "
+                         "unset WORLD_SIZE to run alone")
+    _int_in(env, "RANK", 0, world)
+
+
+def join_note(env=os.environ) -> str | None:
+    """What a rank about to join its peers waits for, and where it read that: said by local
+    rank 0 of each node started outside megaemb's own launcher (an external ``torchrun``, or
+    variables set by hand); megaemb's launcher has said it already. None for one process."""
+    world = int(env.get("WORLD_SIZE") or 1)
+    if world <= 1 or ERROR_DIR_ENV in env or int(env.get("LOCAL_RANK") or 0) != 0:
+        return None
+    return (f"megaemb: rank {env.get('RANK', 0)} of {world} (RANK, WORLD_SIZE): waiting up to "
+            f"{rdzv_timeout(env)} s (RDZV_TIMEOUT) for all {world} ranks to join "
+            f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')} (MASTER_ADDR, MASTER_PORT)")
+
+
+def wait_for_port(host: str, port: int, timeout_s: float) -> None:
     """Until node 0's rendezvous store listens (``TimeoutError`` after ``timeout_s``). The
     store's own client would wait too, but logs a C++ stack trace per failed try."""
     import time
@@ -279,7 +333,7 @@ def _wait_for_port(host: str, port: int, timeout_s: float) -> None:
             time.sleep(1)
 
 
-def _is_timeout(error: BaseException) -> bool:
+def is_timeout(error: BaseException) -> bool:
     """Whether the rendezvous store gave up waiting (its errors say "timed out"/"timeout")."""
     while error is not None:
         text = str(error).lower()

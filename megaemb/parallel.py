@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import time
 
 import torch
 import torch.distributed as dist
 
-from megaemb import platform
+from megaemb import launcher, platform
 from megaemb.config import ParallelConfig
 
 
@@ -23,18 +25,15 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 6
     from megatron.core import parallel_state, tensor_parallel
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        launcher.check_rank_env()  # several ranks: their rendezvous is named, not made up here
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # one process: its own rendezvous
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         if platform.has_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=platform.backend(),
-                                timeout=datetime.timedelta(seconds=timeout_s))
-    world = dist.get_world_size()
-    if world % parallel.model_parallel_size:
-        raise ValueError(f"world size {world} is not divisible by tp*pp*cp = "
-                         f"{parallel.model_parallel_size}")
+        _join(timeout_s)
+    parallel.check_world_size(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -46,6 +45,33 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 6
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
+
+
+def _join(timeout_s: int) -> None:
+    """The default process group from torchrun's variables: the peers must join within
+    ``RDZV_TIMEOUT`` seconds (said first, ``launcher.join_note``), else ``TimeoutError`` in one
+    line; its collectives then time out after ``timeout_s``. What ``init_process_group`` does
+    with ``env://``, with the two timeouts apart."""
+    note = launcher.join_note()
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    env, wait = os.environ, launcher.rdzv_timeout()
+    deadline = time.monotonic() + wait
+    try:
+        if int(env["RANK"]) != 0:  # rank 0's store first: torch's client logs a C++ trace per try
+            launcher.wait_for_port(env["MASTER_ADDR"], int(env["MASTER_PORT"]), wait)
+        left = datetime.timedelta(seconds=max(1.0, deadline - time.monotonic()))
+        store, rank, world = next(dist.rendezvous("env://", timeout=left))
+    except (RuntimeError, TimeoutError) as e:
+        if not launcher.is_timeout(e):
+            raise
+        raise TimeoutError(f"rank {env['RANK']} of {env['WORLD_SIZE']} (RANK, WORLD_SIZE): not all "
+                           f"ranks joined {env['MASTER_ADDR']}:{env['MASTER_PORT']} (MASTER_ADDR, "
+                           f"MASTER_PORT) within {wait} s (RDZV_TIMEOUT); start every rank, or unset "
+                           "WORLD_SIZE and RANK to run alone") from None
+    store.set_timeout(datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend=platform.backend(), store=dist.PrefixStore("default_pg", store),
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def rng_states() -> dict:

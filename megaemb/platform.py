@@ -29,8 +29,10 @@ Fixes 6 and 8 are not CPU specific and are applied on every machine without TE:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
+import warnings
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -60,6 +62,39 @@ def has_transformer_engine() -> bool:
     except Exception:
         return False
     return True
+
+
+def has_apex() -> bool:
+    return importlib.util.find_spec("apex") is not None
+
+
+# Warnings megatron-core gives per rank on every command that say nothing to a megaemb user:
+# "not installed, falling back" once per module when Transformer Engine or apex is missing
+# (``fallback_note`` says that once per job instead), the deprecation of its own default
+# ``cuda_graph_scope``, and torch's deprecation of a collective megatron calls
+_MEGATRON_NOISE = (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
+                   r"full scope is deprecated", r"`torch.distributed.all_gather_into_tensor` is deprecated")
+
+
+def quiet_megatron_warnings() -> None:
+    """Silence ``_MEGATRON_NOISE`` in this process (call it before megatron is imported)."""
+    for text in _MEGATRON_NOISE:
+        warnings.filterwarnings("ignore", message=text)
+
+
+def fallback_note() -> str | None:
+    """One line for the job when a CUDA machine lacks Transformer Engine or apex (megatron-core
+    then falls back to slower torch code); None on CPU, where neither can run and the
+    fallbacks are the expected path, and when both are installed."""
+    if not has_cuda():
+        return None
+    missing = [name for name, present in (("Transformer Engine", has_transformer_engine()),
+                                          ("apex", has_apex())) if not present]
+    if not missing:
+        return None
+    return (f"megaemb: note: {' and '.join(missing)} not installed: megatron-core uses torch's "
+            "optimizers, norms and kernels instead (slower; NVIDIA's PyTorch image, or the [gpu] "
+            "extra for Transformer Engine, brings them)")
 
 
 def has_flex_attention() -> bool:

@@ -123,9 +123,7 @@ def check_layout(path: str, parallel, world: int, dims: list[int] = (), dims_fla
 
     shape = model_shape(path)
     check_parallel_layout(shape, parallel, path)
-    if world % parallel.model_parallel_size:
-        raise ValueError(f"{world} processes are not a multiple of tensor x pipeline parallel size "
-                         f"{parallel.model_parallel_size} (set NPROC_PER_NODE / NNODES)")
+    parallel.check_world_size(world)
     for d in dims:
         if d > shape.hidden_size:
             raise ValueError(f"{dims_flag} {d} is above the model's hidden size {shape.hidden_size}")

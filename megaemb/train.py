@@ -304,6 +304,9 @@ class Trainer:
         whose timeout is ``--export_timeout_minutes`` (a large export outlasts the default
         collective timeout); rank 0 then sends them the outcome, so a failure stops them all."""
         error = None
+        if dist.get_world_size() > 1:
+            self._log(f"exporting {out} on rank 0; the other ranks wait up to "
+                      f"{self.cfg.export_timeout_minutes:g} min (--export_timeout_minutes)")
         if self.rank0:
             cmd = [sys.executable, "-m", "megaemb.cli", "export", "--mcore_model", self.cfg.save,
                    "--to_hf", "true", "--output_dir", out, "--overwrite", "true",

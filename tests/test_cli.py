@@ -146,6 +146,9 @@ def test_sft_under_torchrun_saves_and_exports(tiny_models, tmp_path):
                 "--max_length", "32", "--log_interval", "1", "--save", str(out), nproc=2, timeout=500)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 2: loss" in r.stdout and "eval @ step 2: recall@1" in r.stdout
+    # every wait for peers says its bound first, once per job
+    assert r.stdout.count("the other ranks wait up to 24 h for it") == 1, r.stdout[-3000:]
+    assert r.stdout.count("the other ranks wait up to 240 min (--export_timeout_minutes)") == 1
     for name in ("iter_0000002", "hf_model", "tensorboard", "curves.png"):
         assert (out / name).exists(), name
     from sentence_transformers import SentenceTransformer

@@ -136,7 +136,8 @@ def test_flag_mistakes_are_one_line_before_any_load(tiny_models, tmp_path):
     one_error(megaemb(*base, *SFT, "--tensor_model_parallel_size", "4", env={"NPROC_PER_NODE": "4"}),
               "sft", "--tensor_model_parallel_size 4 does not divide the model's 2 key/value heads")
     one_error(megaemb(*base, *SFT, "--tensor_model_parallel_size", "2", env={"NPROC_PER_NODE": "3"}),
-              "sft", "3 processes are not a multiple of tensor x pipeline parallel size 2")
+              "sft", "3 processes are not a multiple of tensor x pipeline x context parallel size "
+              "2 x 1 x 1 = 2")
     assert time.time() - t0 < 30
 
 
@@ -246,6 +247,53 @@ def test_layout_that_cannot_split_the_model_is_named():
         with pytest.raises(ValueError) as e:
             check_parallel_layout(shape, ParallelConfig(**kw), "m")
         assert fragment in str(e.value), str(e.value)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("world, kw, fragment", [
+    (2, dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
+     "2 processes are not a multiple of expert tensor (= tensor) x expert x pipeline parallel size "
+     "2 x 2 x 1 = 4"),
+    (6, dict(expert_model_parallel_size=4), "x expert x pipeline parallel size 1 x 4 x 1 = 4"),
+    (4, dict(pipeline_model_parallel_size=2, expert_model_parallel_size=4), "= 8"),
+    (3, dict(tensor_model_parallel_size=2), "tensor x pipeline x context parallel size 2 x 1 x 1 = 2"),
+])
+def test_world_that_megatron_cannot_split_is_named(world, kw, fragment):
+    """Every product megatron-core's initialize_model_parallel divides the world by."""
+    from megaemb.config import ParallelConfig
+
+    with pytest.raises(ValueError) as e:
+        ParallelConfig(**kw).check_world_size(world)
+    assert fragment in str(e.value), str(e.value)
+    for fits in (8, 16):
+        ParallelConfig(**kw).check_world_size(fits)
+
+
+@pytest.mark.timeout(120)
+def test_moe_tp_times_ep_beyond_the_world_is_one_line_before_ranks(tiny_models, tmp_path):
+    """The issue's MoE case: TP=2 x EP=2 on 2 processes (two megatron tracebacks before)."""
+    t0 = time.time()
+    r = megaemb("sft", "--model", tiny_models["moe"], "--dataset", DATA, "--save", str(tmp_path / "o"),
+                "--tensor_model_parallel_size", "2", "--expert_model_parallel_size", "2",
+                "--sequence_parallel", "true", *SFT, env={"NPROC_PER_NODE": "2"})
+    one_error(r, "sft", "2 processes are not a multiple of expert tensor (= tensor) x expert x "
+              "pipeline parallel size 2 x 2 x 1 = 4")
+    assert time.time() - t0 < 60 and not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.timeout(120)
+def test_tiny_model_command(tmp_path):
+    """``python -m megaemb.tiny``: the README's way to get a model to try megaemb with."""
+    run = [sys.executable, "-m", "megaemb.tiny"]
+    r = subprocess.run([*run, str(tmp_path / "moe"), "--moe"], capture_output=True, text=True, cwd=ROOT, timeout=100)
+    assert r.returncode == 0 and f"to {tmp_path / 'moe'}" in r.stdout, r.stderr[-2000:]
+    from megaemb.preflight import model_shape
+
+    assert model_shape(str(tmp_path / "moe")).num_experts == 4
+    r = subprocess.run([*run, str(tmp_path / "moe")], capture_output=True, text=True, cwd=ROOT, timeout=100)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"python -m megaemb.tiny: error: {tmp_path / 'moe'} exists and is not an empty directory "
+        "(see python -m megaemb.tiny --help)"], r.stderr
 
 
 @pytest.mark.timeout(30)

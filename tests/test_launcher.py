@@ -145,6 +145,102 @@ def test_bad_values_are_rejected(env, message):
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.parametrize("env, message", [
+    # the issue's hang: a stray WORLD_SIZE (torch then waits for a second rank forever)
+    ({"WORLD_SIZE": "2", "NPROC_PER_NODE": "1"}, "WORLD_SIZE=2 needs MASTER_ADDR"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 needs MASTER_ADDR"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "h0"}, "WORLD_SIZE=2 needs RANK (this node's rank, 0 to 1)"),
+    ({"RANK": "1"}, "RANK='1': expected an integer from 0 to 0"),
+    ({"NNODES": "1", "WORLD_SIZE": "2"}, "WORLD_SIZE=2 but this is the job's only process"),
+    ({"NNODES": "1", "RANK": "1"}, "RANK=1 but this is the job's only process"),
+    ({"SLURM_NNODES": "1", "SLURM_NODEID": "0", "WORLD_SIZE": "4"}, "WORLD_SIZE=4 needs MASTER_ADDR"),
+    ({"NNODES": "2", "MASTER_ADDR": "h0", "NPROC_PER_NODE": "2"}, "NNODES=2 needs NODE_RANK"),
+])
+def test_environment_that_cannot_describe_the_job_is_rejected(env, message):
+    with pytest.raises(ValueError) as e:
+        launcher.launch_plan(env)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.timeout(10)
+def test_a_world_of_one_may_say_so():
+    assert launcher.launch_plan({"WORLD_SIZE": "1", "RANK": "0"}) is None
+    assert launcher.launch_plan({"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "h0"}) is None
+    assert launcher.launch_plan({"NNODES": "1", "NODE_RANK": "0", "WORLD_SIZE": "1"}) is None
+
+
+@pytest.mark.timeout(10)
+def test_rank_environment_must_name_its_rendezvous():
+    """A rank (LOCAL_RANK set by hand or a launcher) of several: no made-up port to wait on."""
+    with pytest.raises(ValueError, match=r"^WORLD_SIZE=2 \(a rank of 2\) needs RANK, MASTER_ADDR, MASTER_PORT;"):
+        launcher.check_rank_env({"LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match=r"^WORLD_SIZE=2 \(a rank of 2\) needs MASTER_PORT;"):
+        launcher.check_rank_env({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "h0"})
+    full = {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "29500"}
+    with pytest.raises(ValueError, match="RANK='2': expected an integer from 0 to 1"):
+        launcher.check_rank_env(dict(full, RANK="2"))
+    launcher.check_rank_env(full)
+    launcher.check_rank_env({"LOCAL_RANK": "0"})
+
+
+@pytest.mark.timeout(60)
+def test_cli_stray_world_size_is_one_line_not_a_hang(tiny_models, tmp_path):
+    """A valid command (before: it waited, silent, for a second rank that never came)."""
+    texts = tmp_path / "t.txt"
+    texts.write_text("a\n")
+    t0 = time.time()
+    r = megaemb("embed", "--model", tiny_models["dense"], "--input", str(texts), "--output",
+                str(tmp_path / "e.npy"), WORLD_SIZE="2", NPROC_PER_NODE="1", timeout=50)
+    assert r.returncode == 2 and time.time() - t0 < 30, r.stderr[-2000:]
+    assert r.stderr.strip() == ("megaemb embed: error: WORLD_SIZE=2 needs MASTER_ADDR (the address of node "
+                                  "rank 0); WORLD_SIZE and RANK count nodes here (PAI-DLC): unset them "
+                                  "for one node")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_rank_whose_peers_never_come_says_so_and_stops(tiny_models, tmp_path, rank):
+    """A rank as an external launcher (or a hand-set environment) starts it, its peer missing:
+    it says where and for whom it waits, then stops after RDZV_TIMEOUT with one line."""
+    texts = tmp_path / "t.txt"
+    texts.write_text("a\n")
+    port = _free_port()
+    t0 = time.time()
+    r = megaemb("embed", "--model", tiny_models["dense"], "--input", str(texts), "--output",
+                str(tmp_path / "e.npy"), LOCAL_RANK="0", RANK=rank, WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RDZV_TIMEOUT="3")
+    assert r.returncode == 2 and time.time() - t0 < 60, r.stderr[-2000:]
+    assert r.stderr.startswith(f"megaemb: rank {rank} of 2 (RANK, WORLD_SIZE): waiting up to 3 s "
+                               f"(RDZV_TIMEOUT) for all 2 ranks to join 127.0.0.1:{port}"), r.stderr[-2000:]
+    assert error_lines(r.stderr) == [
+        f"megaemb embed: error: rank {rank} of 2 (RANK, WORLD_SIZE): not all ranks joined "
+        f"127.0.0.1:{port} (MASTER_ADDR, MASTER_PORT) within 3 s (RDZV_TIMEOUT); start every "
+        "rank, or unset WORLD_SIZE and RANK to run alone"], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "frame #" not in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.splitlines()) == 2, r.stderr[-2000:]
+
+
+@pytest.mark.timeout(180)
+def test_external_torchrun_ranks_join_and_say_it_once(tiny_models, tmp_path):
+    """Ranks of a plain ``torchrun`` (its agent store, not megaemb's launcher): they join, local
+    rank 0 alone says what it waits for, and the job's result is right."""
+    texts = tmp_path / "t.txt"
+    texts.write_text("one text\nanother text\n")
+    out = tmp_path / "e.npy"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", "-m", "megaemb.cli", "embed", "--model",
+                        tiny_models["dense"], "--input", str(texts), "--output", str(out),
+                        "--tensor_model_parallel_size", "2"], capture_output=True, text=True,
+                       env=clean_env(RDZV_TIMEOUT="60"), timeout=150, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    notes = [line for line in r.stderr.splitlines() if "(RDZV_TIMEOUT) for all 2 ranks to join" in line]
+    assert len(notes) == 1 and notes[0].startswith("megaemb: rank 0 of 2"), r.stderr[-3000:]
+    import numpy as np
+
+    assert np.load(out).shape == (2, 64)
+
+
+@pytest.mark.timeout(10)
 def test_busy_port_is_rejected_on_node_zero_only(listening_port):
     env = {"NPROC_PER_NODE": "2", "MASTER_PORT": str(listening_port)}
     with pytest.raises(ValueError, match=f"MASTER_PORT={listening_port} is already in use"):

@@ -102,3 +102,36 @@ def test_noop_when_cuda_present():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.mark.timeout(120)  # the module's fixture imports megatron
+def test_fallback_note_once_on_cuda_never_on_cpu(monkeypatch):
+    assert platform.fallback_note() is None  # CPU: the fallbacks are the expected path
+    monkeypatch.setattr(platform, "has_cuda", lambda: True)
+    monkeypatch.setattr(platform, "has_transformer_engine", lambda: False)
+    monkeypatch.setattr(platform, "has_apex", lambda: False)
+    note = platform.fallback_note()
+    assert note.startswith("megaemb: note: Transformer Engine and apex not installed: ") and "\n" not in note
+    monkeypatch.setattr(platform, "has_transformer_engine", lambda: True)
+    assert platform.fallback_note().startswith("megaemb: note: apex not installed")
+    monkeypatch.setattr(platform, "has_apex", lambda: True)
+    assert platform.fallback_note() is None
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_on_cpu_print_no_megatron_fallback_warnings(tiny_models, tmp_path):
+    """Every megatron module that lacks TE / apex warned once per rank on every command (8+
+    lines per rank); on CPU nothing at all is said now."""
+    import os
+
+    texts = tmp_path / "t.txt"
+    texts.write_text("one\ntwo\n")
+    env = {k: v for k, v in os.environ.items() if k not in
+           ("PYTHONWARNINGS", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "NNODES")}
+    r = subprocess.run([sys.executable, "-m", "megaemb.cli", "embed", "--model", tiny_models["dense"],
+                        "--input", str(texts), "--output", str(tmp_path / "e.npy"),
+                        "--tensor_model_parallel_size", "2"], capture_output=True, text=True,
+                       env=dict(env, NPROC_PER_NODE="2"), timeout=250)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for noise in ("not installed", "Warning", "warnings.warn"):
+        assert noise not in r.stderr, r.stderr[-3000:]

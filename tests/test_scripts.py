@@ -73,6 +73,22 @@ def test_dlc_variables_start_the_ranks_and_logs_are_per_node(tiny_models, tmp_pa
     assert bad.returncode == 2 and "megaemb embed: error:" in bad.stdout, (bad.stdout, bad.stderr)
 
 
+@pytest.mark.timeout(120)
+def test_dlc_script_without_master_addr_stops_with_one_line(tiny_models, tmp_path):
+    """The issue's hang: ``WORLD_SIZE=2 RANK=0 bash launch/dlc.sh ...`` without MASTER_ADDR (a
+    valid command: before, it waited for a second rank, silent, and RDZV_TIMEOUT did not help)."""
+    texts = tmp_path / "t.txt"
+    texts.write_text("a\n")
+    out = subprocess.run(["bash", "launch/dlc.sh", "embed", "--model", tiny_models["dense"], "--input",
+                          str(texts), "--output", str(tmp_path / "e.npy")],
+                         cwd=ROOT, env=_env(tmp_path, WORLD_SIZE="2", RANK="0", RDZV_TIMEOUT="5"),
+                         capture_output=True, text=True, timeout=100)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.stdout.strip() == ("megaemb embed: error: WORLD_SIZE=2 needs MASTER_ADDR (the address of node "
+                                  "rank 0); WORLD_SIZE and RANK count nodes here (PAI-DLC): unset them "
+                                  "for one node")
+
+
 @pytest.mark.timeout(300)
 def test_conversion_wrappers_round_trip(tiny_models, tmp_path):
     mcore, hf = tmp_path / "mcore", tmp_path / "hf"

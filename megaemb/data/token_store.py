@@ -360,9 +360,12 @@ def open_on_every_rank(spec: StoreSpec, cache: str, verbose: bool = True) -> Tok
     then opens ``<cache>/<key>`` (a node-local cache holds its own node's copy)."""
     group = dist.new_group(backend="gloo", timeout=BUILD_TIMEOUT)
     outcome, error = None, None
+    log = functools.partial(print, flush=True) if verbose else _silent
+    if dist.get_world_size() > 1:
+        log(f"token store: local rank 0 of each node builds or reuses it in {cache}; the other "
+            f"ranks wait up to {BUILD_TIMEOUT.total_seconds() / 3600:g} h for it")
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         try:
-            log = functools.partial(print, flush=True) if verbose else _silent
             outcome = build_token_store(spec, cache, log, fresh_process=True)
         except Exception as e:
             outcome, error = _portable(e), e
