@@ -95,6 +95,16 @@ def fusions(attention: str) -> dict:
                 gradient_accumulation_fusion=cuda and te, moe_grouped_gemm=cuda and te)
 
 
+def exact_fp32_matmuls() -> None:
+    """fp32 matmuls are IEEE fp32 on CUDA, not TF32: the pooled embeddings, similarities and
+    loss are fp32, and TF32's 10-bit mantissa puts ~1e-2 into InfoNCE logits at a temperature
+    of 0.05 (the bf16 model's matmuls are bf16 either way). NVIDIA's containers set
+    ``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1``, which turns TF32 on whatever torch's flags say;
+    torch reads it once, at the first fp32 cuBLAS matmul, so it is cleared here, before any."""
+    os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "0"
+    torch.set_float32_matmul_precision("highest")
+
+
 def shm_problem(path: str = "/dev/shm", min_gib: float = 1.0) -> str | None:
     """Why NCCL will fail between the ranks of this node, if ``path`` is too small: Docker's
     default 64 MB ``/dev/shm`` makes NCCL die with "failed to extend /dev/shm/nccl-... No
@@ -326,9 +336,7 @@ def setup() -> None:
         _bind_te_general_gemm()
         _fix_reshardable_optimizer_load()
     if has_cuda():
-        # TF32 for the matmuls left in fp32 (the fp32 loss / similarities, fp32 runs)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        exact_fp32_matmuls()
         return
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _install_cuda_stubs()

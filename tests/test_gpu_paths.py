@@ -101,3 +101,24 @@ def test_checkpointed_states_cross_tracker_kinds(tracker):
     set_rng_states(saved)
     assert torch.is_tensor(plain.states_["model-parallel-rng"])
     assert torch.equal(_draw(plain), first)
+
+
+# ---------------------------------------------------------------- item 10: no TF32 in the loss
+
+@pytest.mark.timeout(60)
+def test_cuda_setup_keeps_fp32_matmuls_exact(monkeypatch):
+    """On CUDA, ``setup`` leaves fp32 matmuls (similarities, InfoNCE logits) in IEEE fp32 and
+    clears NVIDIA's container override that would force TF32 (read once by torch, at the first
+    cuBLAS matmul)."""
+    monkeypatch.setattr(platform, "has_cuda", lambda: True)
+    monkeypatch.setattr(platform, "_APPLIED", False)
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32, as a user script or library might leave it
+    try:
+        platform.setup()
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert platform.os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] == "0"
+    finally:
+        torch.set_float32_matmul_precision(before)
