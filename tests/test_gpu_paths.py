@@ -122,3 +122,43 @@ def test_cuda_setup_keeps_fp32_matmuls_exact(monkeypatch):
         assert platform.os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] == "0"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+# ---------------------------------------------------------------- item 9: pooling under SP
+
+def _sp_pool_rank(rank, world):
+    import torch.distributed as dist
+
+    from megaemb.config import ParallelConfig
+    from megaemb.model.pooling import last_token_pool, sequence_parallel_pool
+    from megaemb.parallel import init_parallel
+
+    init_parallel(ParallelConfig(tensor_model_parallel_size=world, sequence_parallel=True))
+    s, b, h = 8, 3, 5
+    full = torch.randn(s, b, h, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    pool_index = torch.tensor([23, 0, 7, 14, 12])  # flat s-major: position * b + row
+    weight = torch.randn(len(pool_index), h, generator=torch.Generator().manual_seed(1))
+    (last_token_pool(full, pool_index) * weight).sum().backward()
+
+    local = full.detach()[rank * s // world:(rank + 1) * s // world].clone().requires_grad_(True)
+    moved, real = [], dist.all_reduce
+    dist.all_reduce = lambda t, *a, **k: (moved.append(t.numel()), real(t, *a, **k))[1]
+    try:
+        pooled = sequence_parallel_pool(local, pool_index)
+    finally:
+        dist.all_reduce = real
+    (pooled * weight).sum().backward()
+    mine = full.grad[rank * s // world:(rank + 1) * s // world]
+    return (torch.equal(pooled, last_token_pool(full.detach(), pool_index)),
+            torch.equal(local.grad, mine), moved)
+
+
+@pytest.mark.timeout(120)
+def test_sequence_parallel_pooling_moves_only_the_pooled_rows():
+    """TP=2 + SP: each rank pools the rows it holds; the result and each rank's gradient
+    equal pooling the gathered sequence, and the one collective moves ``[n, h]``."""
+    from distributed import run_distributed
+
+    for equal, grad_equal, moved in run_distributed(_sp_pool_rank, 2, timeout=100):
+        assert equal and grad_equal
+        assert moved == [5 * 5]  # n x h, not s x b x h
