@@ -83,16 +83,35 @@ def default_overlap_grad_reduce(data_parallel_size: int) -> bool:
     return has_cuda() and data_parallel_size > 1
 
 
+def has_apex_wgrad_fusion() -> bool:
+    """apex's ``fused_weight_gradient_mlp_cuda``: what megatron's own (non-TE) linears need for
+    gradient-accumulation fusion (``megatron/core/tensor_parallel/layers.py`` 44-48, 924)."""
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
 def fusions(attention: str) -> dict:
     """megatron ``TransformerConfig`` fusion switches for this machine and layer spec
     (``attention``: the resolved backend). On CUDA: the bias-SwiGLU fusion (megatron's own,
-    compiled by torch); with Transformer Engine's spec also TE's fused RoPE (thd and sbhd),
-    gradient-accumulation fusion (weight gradients written into fp32 ``main_grad``) and
-    grouped-GEMM MoE experts (``TEGroupedMLP``; the conversion table reads its names). On CPU
-    none: each would compile or need CUDA kernels."""
-    cuda, te = has_cuda(), attention == "te"
+    compiled by torch); gradient-accumulation fusion (weight gradients written straight into
+    fp32 ``main_grad``) with the TE spec (TE's linears) or, for the SDPA / local specs, with
+    apex's kernel installed; and whenever Transformer Engine imports, whatever the spec, its
+    fused RoPE (``rope_utils.apply_rotary_pos_emb``: sbhd and thd), MoE token permutation
+    (``moe_permute_fusion``) and top-k router (``moe_router_fusion``); grouped-GEMM MoE experts
+    (``TEGroupedMLP``; the conversion table reads its names) with the TE spec. On CPU none:
+    each would compile or need CUDA kernels."""
+    cuda, te, te_spec = has_cuda(), has_transformer_engine(), attention == "te"
     return dict(bias_activation_fusion=cuda, apply_rope_fusion=cuda and te,
-                gradient_accumulation_fusion=cuda and te, moe_grouped_gemm=cuda and te)
+                gradient_accumulation_fusion=cuda and (te_spec or has_apex_wgrad_fusion()),
+                moe_grouped_gemm=cuda and te_spec, moe_permute_fusion=cuda and te,
+                moe_router_fusion=cuda and te)
+
+
+def pinned(batch):
+    """``batch`` (anything with ``pin_memory()``) in page-locked host memory on CUDA, so that
+    its copy to the GPU (``non_blocking``) does not wait; unchanged on CPU."""
+    return batch.pin_memory() if has_cuda() else batch
 
 
 def exact_fp32_matmuls() -> None:

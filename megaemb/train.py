@@ -30,7 +30,6 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megaemb import checkpoint, launcher, platform, preflight
 from megaemb.config import LoRAConfig, SFTConfig
 from megaemb.convert.load import load_model
-from megaemb.data.batching import step_micro_batches
 from megaemb.data.formats import load_examples
 from megaemb.data.sampler import GlobalBatchSampler, shard_for_rank
 from megaemb.data.token_store import StoreSpec, open_on_every_rank
@@ -316,9 +315,7 @@ class Trainer:
             chunks = cached_chunks(rows, self.layout, micro_batch_size=cfg.micro_batch_size,
                                    max_tokens=cfg.max_tokens_per_micro_batch)
             return cached_step(self.model, rows, chunks, self.loss, self.layout)
-        micro = step_micro_batches(rows, cfg.micro_batch_size, self.layout.pad_id,
-                                   packed=self.layout.packed, multiple=self.layout.multiple)
-        return plain_step(self.model, micro, self.loss)
+        return plain_step(self.model, self.layout.micro_batches(rows, cfg.micro_batch_size), self.loss)
 
     def train_step(self) -> dict:
         rows = shard_for_rank(self.sampler.indices_for_step(self.step), self.dp_rank, self.dp)

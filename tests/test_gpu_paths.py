@@ -162,3 +162,98 @@ def test_sequence_parallel_pooling_moves_only_the_pooled_rows():
     for equal, grad_equal, moved in run_distributed(_sp_pool_rank, 2, timeout=100):
         assert equal and grad_equal
         assert moved == [5 * 5]  # n x h, not s x b x h
+
+
+# ---------------------------------------------------------------- item 8: fusions, transfers
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("attention, apex", [("sdpa", False), ("sdpa", True), ("te", False)])
+def test_cuda_fusions_follow_what_imports(monkeypatch, attention, apex):
+    """On CUDA with Transformer Engine importable, TE's fused RoPE, MoE permutation and router
+    serve every spec; gradient-accumulation fusion needs TE's linears or apex's kernel."""
+    monkeypatch.setattr(platform, "has_cuda", lambda: True)
+    monkeypatch.setattr(platform, "has_transformer_engine", lambda: True)
+    monkeypatch.setattr(platform, "has_apex_wgrad_fusion", lambda: apex)
+    f = platform.fusions(attention)
+    assert f["apply_rope_fusion"] and f["moe_permute_fusion"] and f["moe_router_fusion"]
+    assert f["gradient_accumulation_fusion"] == (attention == "te" or apex)
+    assert f["moe_grouped_gemm"] == (attention == "te")
+    monkeypatch.setattr(platform, "has_transformer_engine", lambda: False)
+    f = platform.fusions(attention)
+    assert not (f["apply_rope_fusion"] or f["moe_permute_fusion"] or f["moe_router_fusion"])
+
+
+def te_fused_rope(t, freqs, interleaved=False):
+    """Transformer Engine's ``fused_apply_rotary_pos_emb`` as megatron calls it for sbhd
+    (``megatron/core/models/common/embeddings/rope_utils.py`` 286-287 -> TE
+    ``pytorch/attention/rope.py`` ``FusedRoPEFunc``): ``t [s, b, h, d]``, ``freqs [s2, 1, 1,
+    d2]`` with ``s2 >= s`` and ``d2 <= d``; rows ``0..s-1`` of freqs rotate positions
+    ``0..s-1``. The arithmetic is megatron's unfused sbhd rotation."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    assert t.dim() == 4 and freqs.dim() == 4 and freqs.shape[1:3] == (1, 1), (t.shape, freqs.shape)
+    assert freqs.shape[0] >= t.shape[0] and freqs.shape[-1] <= t.shape[-1]
+    te_fused_rope.calls += 1
+    return _apply_rotary_pos_emb_bshd(t, freqs[:t.shape[0]], rotary_interleaved=interleaved)
+
+
+@pytest.mark.timeout(180)
+def test_fused_rope_takes_the_sdpa_specs_padded_and_packed_batches(tiny_models, monkeypatch):
+    """With ``apply_rope_fusion`` (TE imports, SDPA spec) megatron hands RoPE to TE's kernel:
+    padded ``[s, b]`` and packed ``[T, 1]`` (per-token frequencies) batches meet its contract
+    and give the unfused embeddings."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megaemb.config import ParallelConfig
+    from megaemb.convert.load import load_model
+    from megaemb.data.batching import text_batch
+    from megaemb.parallel import init_parallel
+
+    init_parallel(ParallelConfig())
+    model = load_model(tiny_models["dense"], ParallelConfig(), attention="sdpa").model.eval()
+    seqs = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", te_fused_rope)
+    te_fused_rope.calls = 0
+    for packed in (False, True):
+        batch = text_batch(seqs, 0, packed=packed)
+        with torch.no_grad():
+            model.config.apply_rope_fusion = False
+            plain = model(batch)
+            model.config.apply_rope_fusion = True
+            fused = model(batch)
+        model.config.apply_rope_fusion = False
+        torch.testing.assert_close(fused, plain, rtol=0, atol=1e-6)
+    assert te_fused_rope.calls > 0
+
+
+@pytest.mark.timeout(30)
+def test_packed_max_seqlen_is_a_bucket():
+    """TE picks its attention backend by ``max_seqlen``: rounded to ``pack_length``'s buckets
+    (capped at T), few values recur across micro-batches."""
+    from megaemb.data.batching import pack_batch, pack_length
+
+    seen = set()
+    for longest in range(1, 300, 7):
+        batch = pack_batch([[1] * longest, [2] * 3], pad_id=0)
+        assert max(batch.max_seqlen, longest) == batch.max_seqlen <= batch.input_ids.shape[1]
+        assert batch.max_seqlen in (pack_length(longest), batch.input_ids.shape[1])
+        seen.add(batch.max_seqlen)
+    assert seen <= {pack_length(n) for n in range(1, 400)}  # 10 sizes; exact lengths gave 43
+
+
+@pytest.mark.timeout(30)
+def test_step_batches_are_pinned_on_cuda(monkeypatch):
+    from megaemb.data.batching import TextBatch
+    from megaemb.data.tokenize import TokenizedExample as Example
+    from megaemb.step import Layout
+
+    pinned = []
+    monkeypatch.setattr(TextBatch, "pin_memory", lambda self: pinned.append(self) or self)
+    layout = Layout(pad_id=0, packed=True)
+    rows = [Example(query=[1, 2], doc=[3], negatives=[[4]], label=None)] * 4
+    layout.batch([[1, 2], [3]])
+    layout.micro_batches(rows, 2)
+    assert not pinned  # CPU: nothing to pin
+    monkeypatch.setattr(platform, "has_cuda", lambda: True)
+    out = [layout.batch([[1, 2], [3]])] + [b.texts for b in layout.micro_batches(rows, 2)]
+    assert [id(b) for b in pinned] == [id(b) for b in out]
