@@ -31,6 +31,8 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 6
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=platform.backend(),
                                 timeout=datetime.timedelta(seconds=timeout_s))
+    if dist.get_rank() == 0:
+        platform.report_versions()
     world = dist.get_world_size()
     if world % parallel.model_parallel_size:
         raise ValueError(f"world size {world} is not divisible by tp*pp*cp = "

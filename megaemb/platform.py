@@ -124,6 +124,66 @@ def exact_fp32_matmuls() -> None:
     torch.set_float32_matmul_precision("highest")
 
 
+# module -> its distribution's name (as in reports and in megatron-core's requirements)
+_VERSIONED = {"megatron.core": "megatron-core", "transformer_engine": "transformer-engine",
+              "flash_attn": "flash-attn", "apex": "apex", "triton": "triton"}
+_REPORTED = False
+
+
+def versions() -> dict[str, str | None]:
+    """What the GPU paths run with: torch, its CUDA and cuDNN, megatron-core, Transformer
+    Engine, flash-attn, apex, triton (None: not installed / no CUDA)."""
+    import importlib
+
+    cudnn = torch.backends.cudnn.version() if has_cuda() and torch.backends.cudnn.is_available() else None
+    found = {"torch": torch.__version__, "cuda": torch.version.cuda if has_cuda() else None,
+             "cudnn": str(cudnn) if cudnn else None}
+    for module, name in _VERSIONED.items():
+        try:
+            found[name] = str(getattr(importlib.import_module(module), "__version__", "installed"))
+        except Exception:
+            found[name] = None
+    return found
+
+
+def version_problems(found: dict[str, str | None]) -> list[str]:
+    """Installed versions outside the ranges megatron-core's package metadata declares (0.16.1:
+    ``torch>=2.6.0``, ``transformer-engine>=2.9.0a0,<2.12.0``)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        declared = [Requirement(r) for r in requires("megatron-core") or []]
+    except PackageNotFoundError:
+        return []
+    problems = []
+    for req in declared:
+        have = found.get(req.name)
+        try:
+            ok = have is None or req.specifier.contains(Version(have).base_version, prereleases=True)
+        except InvalidVersion:
+            ok = True
+        if not ok:
+            problems.append(f"{req.name} {have} is outside megatron-core {found['megatron-core']}'s "
+                            f"range {req.specifier}")
+    return problems
+
+
+def report_versions() -> None:
+    """Print the versions line (and any range problems) once per process; the caller picks
+    the rank (global rank 0: once per job)."""
+    global _REPORTED
+    if _REPORTED:
+        return
+    _REPORTED = True
+    found = versions()
+    print("versions: " + ", ".join(f"{k} {v or 'none'}" for k, v in found.items()), flush=True)
+    for problem in version_problems(found):
+        print(f"warning: {problem}", flush=True)
+
+
 def shm_problem(path: str = "/dev/shm", min_gib: float = 1.0) -> str | None:
     """Why NCCL will fail between the ranks of this node, if ``path`` is too small: Docker's
     default 64 MB ``/dev/shm`` makes NCCL die with "failed to extend /dev/shm/nccl-... No

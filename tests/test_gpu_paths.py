@@ -257,3 +257,26 @@ def test_step_batches_are_pinned_on_cuda(monkeypatch):
     monkeypatch.setattr(platform, "has_cuda", lambda: True)
     out = [layout.batch([[1, 2], [3]])] + [b.texts for b in layout.micro_batches(rows, 2)]
     assert [id(b) for b in pinned] == [id(b) for b in out]
+
+
+# ---------------------------------------------------------------- item 12: versions, once
+
+@pytest.mark.timeout(60)
+def test_versions_are_reported_once_with_range_problems(monkeypatch, capsys):
+    found = platform.versions()
+    assert found["torch"] == torch.__version__ and found["megatron-core"] == "0.16.1"
+    assert {"transformer-engine", "cudnn", "flash-attn", "apex", "triton"} <= set(found)
+    # NVIDIA's 25.09 image: TE 2.7, below megatron-core 0.16.1's declared >= 2.9
+    old_te = {**found, "transformer-engine": "2.7.0+1c5f2b4"}
+    assert platform.version_problems(found) == []
+    [problem] = platform.version_problems(old_te)
+    assert problem.startswith("transformer-engine 2.7.0+1c5f2b4 is outside megatron-core 0.16.1's range")
+    assert platform.version_problems({**found, "transformer-engine": "2.11.0+abc"}) == []
+
+    monkeypatch.setattr(platform, "_REPORTED", False)
+    monkeypatch.setattr(platform, "versions", lambda: old_te)
+    platform.report_versions()
+    platform.report_versions()
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("versions: torch ") and "transformer-engine 2.7.0" in out[0]
+    assert out[1].startswith("warning: transformer-engine 2.7.0+1c5f2b4 is outside")
