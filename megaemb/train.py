@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -158,6 +159,8 @@ class Trainer:
         self.train_iters = cfg.train_iters or self.sampler.iterations_for_epochs(cfg.num_train_epochs)
         self.packed = self.module.packs_by_default if cfg.packing is None else cfg.packing
         self.layout = Layout(self.tokenizer.pad_id, self.packed, self.module.sequence_multiple)
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="megaemb-next-step")
+        self._ahead: tuple[int, Future] | None = None  # (step, its inputs being built)
         self._log(f"micro-batches: {'packed [1, T]' if self.packed else 'padded [n, s]'} (--packing)"
                   + (f", at most {cfg.max_tokens_per_micro_batch} tokens each"
                      if cfg.max_tokens_per_micro_batch else ""))
@@ -306,8 +309,28 @@ class Trainer:
             raise RuntimeError(outcome[0])
 
     # ------------------------------------------------------------------ one step
-    def forward_backward(self, rows: list):
-        """This rank's ``rows`` of the step -> ``step.StepOutput``; gradients in DDP's buffers."""
+    def step_inputs(self, step: int) -> tuple[list, list | None]:
+        """What step ``step`` needs that involves no collective (so a helper thread may build
+        it while the accelerator runs the step before): this rank's rows, read from the token
+        store, and for the plain step its micro-batches (pinned on CUDA)."""
+        indices = shard_for_rank(self.sampler.indices_for_step(step), self.dp_rank, self.dp)
+        rows = [self.train[i] for i in indices]
+        if self.cfg.global_negatives:
+            return rows, None
+        return rows, self.layout.micro_batches(rows, self.cfg.micro_batch_size)
+
+    def _inputs_of(self, step: int) -> tuple[list, list | None]:
+        """Step ``step``'s inputs: prefetched, else built now; then step ``step + 1``'s start
+        building on the helper thread (the next step's packs are built while this one runs)."""
+        ahead, self._ahead = self._ahead, None
+        inputs = ahead[1].result() if ahead and ahead[0] == step else self.step_inputs(step)
+        if step + 1 < self.train_iters:
+            self._ahead = (step + 1, self._builder.submit(self.step_inputs, step + 1))
+        return inputs
+
+    def forward_backward(self, rows: list, micro: list | None = None):
+        """This rank's ``rows`` of the step (and the plain step's micro-batches, when built
+        already) -> ``step.StepOutput``; gradients in DDP's buffers."""
         cfg = self.cfg
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -315,11 +338,11 @@ class Trainer:
             chunks = cached_chunks(rows, self.layout, micro_batch_size=cfg.micro_batch_size,
                                    max_tokens=cfg.max_tokens_per_micro_batch)
             return cached_step(self.model, rows, chunks, self.loss, self.layout)
-        return plain_step(self.model, self.layout.micro_batches(rows, cfg.micro_batch_size), self.loss)
+        micro = micro if micro is not None else self.layout.micro_batches(rows, cfg.micro_batch_size)
+        return plain_step(self.model, micro, self.loss)
 
     def train_step(self) -> dict:
-        rows = shard_for_rank(self.sampler.indices_for_step(self.step), self.dp_rank, self.dp)
-        out = self.forward_backward([self.train[i] for i in rows])
+        out = self.forward_backward(*self._inputs_of(self.step))
         lr = self.scheduler.get_lr(self.optimizer.param_groups[0])  # the lr this step used
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)

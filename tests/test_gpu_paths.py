@@ -280,3 +280,48 @@ def test_versions_are_reported_once_with_range_problems(monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[0].startswith("versions: torch ") and "transformer-engine 2.7.0" in out[0]
     assert out[1].startswith("warning: transformer-engine 2.7.0+1c5f2b4 is outside")
+
+
+# ---------------------------------------------------------------- item 8: next step built ahead
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("global_negatives", [False, True])
+def test_next_steps_inputs_are_built_while_a_step_runs(tiny_models, monkeypatch, global_negatives):
+    """Step i + 1's rows and micro-batches are built on the helper thread, submitted before step
+    i's forward / backward; the losses equal those of inputs built in the step itself."""
+    import os
+    import threading
+
+    from megaemb.config import SFTConfig
+    from megaemb.train import Trainer
+
+    data = os.path.join(os.path.dirname(os.path.dirname(__file__)), "demo", "data", "train.jsonl")
+    cfg = SFTConfig(model=tiny_models["dense"], dataset=[f"{data}#32"], max_length=32,
+                    micro_batch_size=2, global_batch_size=4, train_iters=3, lr=1e-4, seed=42,
+                    global_negatives=global_negatives, log_interval=1)
+    events = []
+    built = Trainer.step_inputs
+    ran = Trainer.forward_backward
+
+    def step_inputs(self, step):
+        events.append(("build", step, threading.current_thread().name.startswith("megaemb-next-step")))
+        return built(self, step)
+
+    def forward_backward(self, *args):
+        submitted = self._ahead is not None and self._ahead[0] == self.step + 1
+        events.append(("run", self.step, submitted or self.step + 1 == self.train_iters))
+        return ran(self, *args)
+
+    def losses(trainer):
+        out = []
+        for trainer.step in range(cfg.train_iters):
+            out.append(trainer.train_step()["loss"])
+        return out
+
+    monkeypatch.setattr(Trainer, "step_inputs", step_inputs)
+    monkeypatch.setattr(Trainer, "forward_backward", forward_backward)
+    ahead = losses(Trainer(cfg))
+    assert [e for e in events if e[0] == "build"] == [("build", 0, False), ("build", 1, True), ("build", 2, True)]
+    assert all(e[2] for e in events if e[0] == "run")  # the next build was under way as each step ran
+    monkeypatch.setattr(Trainer, "_inputs_of", lambda self, step: built(self, step))
+    assert losses(Trainer(cfg)) == ahead
