@@ -14,7 +14,7 @@ and its numbers:
     throughput        ``bench/throughput.py --sizes 0.6B --profile``, without and with
     throughput_recompute   ``--recompute full``; ok when both sides' embeddings agree
                       (largest 1 - cos <= 1e-2 in bf16, 1e-5 in fp32)
-    global_negatives  ``bench/global_negatives.py --size 0.6B --max_batch``
+    global_negatives  ``bench/global_negatives.py --size 0.6B --max_batch`` (probes up to 2,048)
 
 Writes ``bench/results/<device>-<date>.json`` (``--output``) and exits 1 when a check fails.
 ``--dry-run`` runs the same plan on CPU with the tiny model (fp32 and bf16 on CPU, no TE spec
@@ -115,7 +115,7 @@ def gpu_smoke(args) -> dict:
 def _throughput(args, recompute: bool) -> dict:
     out = os.path.join(args.work, f"throughput{'-recompute' if recompute else ''}.json")
     cmd = [sys.executable, "bench/throughput.py", "--profile", "--output", out]
-    cmd += ["--tiny", "--workloads", "dense"] if args.dry_run else ["--sizes", "0.6B"]
+    cmd += ["--tiny", "--workloads", "dense"] if args.dry_run else ["--sizes", "0.6B", "--steps", "5"]
     cmd += ["--recompute", "full"] if recompute else []
     record = _run(cmd, args)
     if not record["ok"]:
@@ -134,7 +134,7 @@ def global_negatives(args) -> dict:
     out = os.path.join(args.work, "negatives.json")
     cmd = [sys.executable, "bench/global_negatives.py", "--output", out]
     cmd += ["--size", "tiny", "--steps", "2", "--eval_limit", "20"] if args.dry_run else \
-        ["--size", "0.6B", "--steps", "20", "--max_batch"]
+        ["--size", "0.6B", "--steps", "10", "--eval_limit", "100", "--max_batch", "--max_batch_cap", "2048"]
     record = _run(cmd, args)
     if record["ok"]:
         report = json.load(open(out))
