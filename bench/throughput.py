@@ -81,12 +81,14 @@ class Transformers:
 class Megaemb:
     """megaemb's ``EmbeddingModel`` in megatron DDP, as ``megaemb sft`` builds it (TP=PP=1)."""
 
-    def __init__(self, hf_dir: str, bf16: bool, packed: bool, attention: str):
+    def __init__(self, hf_dir: str, bf16: bool, packed: bool, attention: str,
+                 recompute: str | None = None):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         from megaemb.convert.load import load_model
 
-        module = load_model(hf_dir, ParallelConfig(), bf16=bf16, attention=attention).model
+        module = load_model(hf_dir, ParallelConfig(), bf16=bf16, attention=attention,
+                            recompute_granularity=recompute).model
         module.train()
         self.multiple = module.sequence_multiple
         self.packed = packed
@@ -126,12 +128,21 @@ def top_ops(prof, n: int = PROFILE_ROWS) -> list[dict]:
              "calls": e.count} for e in events[:n]]
 
 
+def embedding_backward_ms(prof) -> float:
+    """Time in ``aten::embedding_dense_backward`` (children included: zeroing the dense
+    ``[vocab, h]`` gradient, then the scatter): device time on CUDA, CPU time elsewhere."""
+    key = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return sum(getattr(e, key) for e in prof.key_averages()
+               if e.key == "aten::embedding_dense_backward") / 1e3
+
+
 def measure(runner, workload: Workload, warmup: int, profile: bool = False) -> dict:
     """Warm up, then time ``workload.steps[warmup:]``. Returns seconds, tokens computed (pad
     included), peak GiB (None on CPU), distinct batch shapes and the first step's embeddings
     ``[n, h]`` (CPU, fp32); or ``{"error": ...}`` when the GPU runs out of memory. With
     ``profile`` the timed steps then run once more under ``torch.profiler`` (not timed):
-    ``profile`` holds ``top_ops`` of that run."""
+    ``profile`` holds ``top_ops`` of that run, ``embedding_backward_ms`` its word-embedding
+    gradient time per step (one micro-batch)."""
     try:
         batches = [runner.prepare(s.seqs, workload.pad_id) for s in workload.steps]
         first = None
@@ -157,7 +168,7 @@ def measure(runner, workload: Workload, warmup: int, profile: bool = False) -> d
             step(i)
         _sync()
         seconds = time.perf_counter() - start
-        ops = None
+        ops = embedding_ms = None
         if profile:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
@@ -167,13 +178,15 @@ def measure(runner, workload: Workload, warmup: int, profile: bool = False) -> d
                     step(i)
                 _sync()
             ops = top_ops(prof)
+            embedding_ms = embedding_backward_ms(prof) / (len(batches) - warmup)
     except torch.cuda.OutOfMemoryError:
         return {"error": "out of memory"}
     finally:
         runner.zero_grad()
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {"seconds": seconds, "computed_tokens": sum(b.input_ids.numel() for b in batches[warmup:]),
-            "peak_gib": peak, "shapes": len(seen), "first": first, "profile": ops}
+            "peak_gib": peak, "shapes": len(seen), "first": first, "profile": ops,
+            "embedding_backward_ms": embedding_ms}
 
 
 def run_side(side: str, make, workloads: list[Workload], warmup: int, profile: bool = False) -> dict:
@@ -216,6 +229,7 @@ def summarize(workload: Workload, warmup: int, shape: Qwen3Shape, sides: dict) -
                     f"{side}_batch_shapes": r["shapes"]})
         if r.get("profile") is not None:
             out[f"{side}_profile"] = r["profile"]
+            out[f"{side}_embedding_backward_ms_per_step"] = r["embedding_backward_ms"]
     ours, base = out["megaemb_tokens_per_s"], out["baseline_tokens_per_s"]
     out["speedup"] = ours / base if ours and base else None
     out["mfu"], out["peak_gib"] = out["megaemb_mfu"], out["megaemb_peak_gib"]
@@ -281,6 +295,8 @@ def parse_args(argv=None):
     p.add_argument("--packing", type=str2bool, default=True, help="megaemb packed [1, T] batches")
     p.add_argument("--attention", default="auto", choices=("auto", "te", "sdpa", "local"),
                    help="megaemb's layer spec (auto = te when installed, else sdpa)")
+    p.add_argument("--recompute", choices=("full", "selective"), default=None,
+                   help="megaemb side: activation recompute (--recompute_granularity)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per workload")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--groups", type=int, default=8, help="mix: groups (1 + 1 + 3 texts) per step")
@@ -317,7 +333,8 @@ def main(argv=None) -> dict:
             shape = Qwen3Shape.from_hf(read_hf_config(hf_dir))
             sides = {"baseline": run_side("baseline", lambda: Transformers(hf_dir, bf16), workloads,
                                           args.warmup, args.profile),
-                     "megaemb": run_side("megaemb", lambda: Megaemb(hf_dir, bf16, args.packing, args.attention),
+                     "megaemb": run_side("megaemb", lambda: Megaemb(hf_dir, bf16, args.packing, args.attention,
+                                                                 args.recompute),
                                          workloads, args.warmup, args.profile)}
             by_size[size] = {w.name: summarize(w, args.warmup, shape, {k: v[w.name] for k, v in sides.items()})
                              for w in workloads}
@@ -325,7 +342,8 @@ def main(argv=None) -> dict:
 
     report = {"device": device, "date": datetime.date.today().isoformat(),
               "dtype": "bf16" if bf16 else "fp32", "megaemb_packing": args.packing,
-              "megaemb_attention": resolve_attention(args.attention), "peak_flops": platform.peak_flops(),
+              "megaemb_attention": resolve_attention(args.attention), "megaemb_recompute": args.recompute,
+              "peak_flops": platform.peak_flops(),
               "versions": _versions(), "mix_groups": args.groups, "mix_max_length": args.max_length,
               **by_size[args.sizes[0]], "by_size": by_size}
     path = args.output or os.path.join(HERE, "results", f"{_slug(device)}-{report['date']}"

@@ -64,9 +64,10 @@ def rng_state_object():
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from megaemb.parallel import rng_states
+    from megaemb.parallel import rng_state_tensor, rng_states
 
     state = {"python": random.getstate(), "numpy": np.random.get_state(), **rng_states()}
+    state["tracker"] = {k: rng_state_tensor(v) for k, v in state["tracker"].items()}
     return ShardedObject("rng_state", state,
                          (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
                          (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),

@@ -33,6 +33,8 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 6
         if platform.has_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         _join(timeout_s)
+    if dist.get_rank() == 0:
+        platform.report_versions()
     parallel.check_world_size(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -77,22 +79,51 @@ def _join(timeout_s: int) -> None:
 def rng_states() -> dict:
     """A copy of every generator a forward pass draws from: torch's (CPU), the accelerator's
     default (hidden dropout on GPU) and megatron's tracker streams (attention dropout under
-    TP, expert-parallel streams). The tracker returns references, hence the clones."""
+    TP, expert-parallel streams). The tracker returns references, hence the copies."""
     from megatron.core import tensor_parallel
 
     tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
     return {"torch": torch.get_rng_state(), "accelerator": platform.accelerator_rng_state(),
-            "tracker": {k: v.clone() for k, v in tracker.items()}}
+            "tracker": {k: copy_rng_state(v) for k, v in tracker.items()}}
 
 
 def set_rng_states(states: dict) -> None:
-    """Inverse of :func:`rng_states` (the states are copied in, so they can be set again)."""
+    """Inverse of :func:`rng_states` (the states are copied in, so they can be set again).
+    Each tracker state is given the kind the live tracker keeps (see :func:`rng_state_like`),
+    so states saved by one kind of tracker (a checkpoint) restore into the other."""
     from megatron.core import tensor_parallel
 
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    live = tracker.get_states()
     torch.set_rng_state(states["torch"])
     platform.set_accelerator_rng_state(states["accelerator"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(
-        {k: v.clone() for k, v in states["tracker"].items()})
+    tracker.set_states({k: rng_state_like(v, live.get(k)) for k, v in states["tracker"].items()})
+
+
+def copy_rng_state(state):
+    """A copy of one tracker state. megatron's tracker keeps state tensors, or, with
+    ``use_cudagraphable_rng`` (CUDA graphs) and Transformer Engine's tracker where graph-safe
+    RNG is available, ``torch.Generator``s, which draws advance in place and which have no
+    ``.clone()`` (megatron-core 0.16.1 ``tensor_parallel/random.py`` 228-231, 250-277)."""
+    return state.clone_state() if isinstance(state, torch.Generator) else state.clone()
+
+
+def rng_state_tensor(state) -> torch.Tensor:
+    """One tracker state as a state tensor (what a checkpoint keeps: portable between
+    trackers and picklable)."""
+    return state.get_state() if isinstance(state, torch.Generator) else state.clone()
+
+
+def rng_state_like(state, live):
+    """A copy of ``state`` (tensor or Generator) of the kind of ``live``, the tracker's
+    current state of the same name: a Generator for a Generator tracker, else a tensor."""
+    if not isinstance(live, torch.Generator):
+        return rng_state_tensor(state)
+    if isinstance(state, torch.Generator):
+        return state.clone_state()
+    generator = live.clone_state()
+    generator.set_state(state)
+    return generator
 
 
 def destroy_parallel() -> None:

@@ -118,16 +118,105 @@ def default_overlap_grad_reduce(data_parallel_size: int) -> bool:
     return has_cuda() and data_parallel_size > 1
 
 
+def has_apex_wgrad_fusion() -> bool:
+    """apex's ``fused_weight_gradient_mlp_cuda``: what megatron's own (non-TE) linears need for
+    gradient-accumulation fusion (``megatron/core/tensor_parallel/layers.py`` 44-48, 924)."""
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
 def fusions(attention: str) -> dict:
     """megatron ``TransformerConfig`` fusion switches for this machine and layer spec
     (``attention``: the resolved backend). On CUDA: the bias-SwiGLU fusion (megatron's own,
-    compiled by torch); with Transformer Engine's spec also TE's fused RoPE (thd and sbhd),
-    gradient-accumulation fusion (weight gradients written into fp32 ``main_grad``) and
-    grouped-GEMM MoE experts (``TEGroupedMLP``; the conversion table reads its names). On CPU
-    none: each would compile or need CUDA kernels."""
-    cuda, te = has_cuda(), attention == "te"
+    compiled by torch); gradient-accumulation fusion (weight gradients written straight into
+    fp32 ``main_grad``) with the TE spec (TE's linears) or, for the SDPA / local specs, with
+    apex's kernel installed; and whenever Transformer Engine imports, whatever the spec, its
+    fused RoPE (``rope_utils.apply_rotary_pos_emb``: sbhd and thd), MoE token permutation
+    (``moe_permute_fusion``) and top-k router (``moe_router_fusion``); grouped-GEMM MoE experts
+    (``TEGroupedMLP``; the conversion table reads its names) with the TE spec. On CPU none:
+    each would compile or need CUDA kernels."""
+    cuda, te, te_spec = has_cuda(), has_transformer_engine(), attention == "te"
     return dict(bias_activation_fusion=cuda, apply_rope_fusion=cuda and te,
-                gradient_accumulation_fusion=cuda and te, moe_grouped_gemm=cuda and te)
+                gradient_accumulation_fusion=cuda and (te_spec or has_apex_wgrad_fusion()),
+                moe_grouped_gemm=cuda and te_spec, moe_permute_fusion=cuda and te,
+                moe_router_fusion=cuda and te)
+
+
+def pinned(batch):
+    """``batch`` (anything with ``pin_memory()``) in page-locked host memory on CUDA, so that
+    its copy to the GPU (``non_blocking``) does not wait; unchanged on CPU."""
+    return batch.pin_memory() if has_cuda() else batch
+
+
+def exact_fp32_matmuls() -> None:
+    """fp32 matmuls are IEEE fp32 on CUDA, not TF32: the pooled embeddings, similarities and
+    loss are fp32, and TF32's 10-bit mantissa puts ~1e-2 into InfoNCE logits at a temperature
+    of 0.05 (the bf16 model's matmuls are bf16 either way). NVIDIA's containers set
+    ``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1``, which turns TF32 on whatever torch's flags say;
+    torch reads it once, at the first fp32 cuBLAS matmul, so it is cleared here, before any."""
+    os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "0"
+    torch.set_float32_matmul_precision("highest")
+
+
+# module -> its distribution's name (as in reports and in megatron-core's requirements)
+_VERSIONED = {"megatron.core": "megatron-core", "transformer_engine": "transformer-engine",
+              "flash_attn": "flash-attn", "apex": "apex", "triton": "triton"}
+_REPORTED = False
+
+
+def versions() -> dict[str, str | None]:
+    """What the GPU paths run with: torch, its CUDA and cuDNN, megatron-core, Transformer
+    Engine, flash-attn, apex, triton (None: not installed / no CUDA)."""
+    import importlib
+
+    cudnn = torch.backends.cudnn.version() if has_cuda() and torch.backends.cudnn.is_available() else None
+    found = {"torch": torch.__version__, "cuda": torch.version.cuda if has_cuda() else None,
+             "cudnn": str(cudnn) if cudnn else None}
+    for module, name in _VERSIONED.items():
+        try:
+            found[name] = str(getattr(importlib.import_module(module), "__version__", "installed"))
+        except Exception:
+            found[name] = None
+    return found
+
+
+def version_problems(found: dict[str, str | None]) -> list[str]:
+    """Installed versions outside the ranges megatron-core's package metadata declares (0.16.1:
+    ``torch>=2.6.0``, ``transformer-engine>=2.9.0a0,<2.12.0``)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        declared = [Requirement(r) for r in requires("megatron-core") or []]
+    except PackageNotFoundError:
+        return []
+    problems = []
+    for req in declared:
+        have = found.get(req.name)
+        try:
+            ok = have is None or req.specifier.contains(Version(have).base_version, prereleases=True)
+        except InvalidVersion:
+            ok = True
+        if not ok:
+            problems.append(f"{req.name} {have} is outside megatron-core {found['megatron-core']}'s "
+                            f"range {req.specifier}")
+    return problems
+
+
+def report_versions() -> None:
+    """Print the versions line (and any range problems) once per process; the caller picks
+    the rank (global rank 0: once per job)."""
+    global _REPORTED
+    if _REPORTED:
+        return
+    _REPORTED = True
+    found = versions()
+    print("versions: " + ", ".join(f"{k} {v or 'none'}" for k, v in found.items()), flush=True)
+    for problem in version_problems(found):
+        print(f"warning: {problem}", flush=True)
 
 
 def shm_problem(path: str = "/dev/shm", min_gib: float = 1.0) -> str | None:
@@ -361,9 +450,7 @@ def setup() -> None:
         _bind_te_general_gemm()
         _fix_reshardable_optimizer_load()
     if has_cuda():
-        # TF32 for the matmuls left in fp32 (the fp32 loss / similarities, fp32 runs)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        exact_fp32_matmuls()
         return
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _install_cuda_stubs()

@@ -26,7 +26,7 @@ cached   (``--global_negatives``; GradCache, Gao et al. 2021) the loss of the wh
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megaemb import platform
 from megaemb.data.batching import (GroupBatch, TextBatch, chunk_cost, group_chunks, group_texts,
-                                   text_batch, text_keys, token_chunks)
+                                   step_micro_batches, text_batch, text_keys, token_chunks)
 from megaemb.data.sampler import micro_batches
 from megaemb.loss import GroupLoss
 from megaemb.parallel import rng_states, set_rng_states
@@ -43,14 +43,20 @@ from megaemb.parallel import rng_states, set_rng_states
 
 @dataclass(frozen=True)
 class Layout:
-    """How texts become ``TextBatch``es: pad id, packed or padded, sequence multiple (SP)."""
+    """How texts become ``TextBatch``es: pad id, packed or padded, sequence multiple (SP);
+    on CUDA in pinned host memory (``platform.pinned``), copied to the GPU asynchronously."""
 
     pad_id: int
     packed: bool
     multiple: int = 1
 
     def batch(self, seqs: list) -> TextBatch:
-        return text_batch(seqs, self.pad_id, packed=self.packed, multiple=self.multiple)
+        return platform.pinned(text_batch(seqs, self.pad_id, packed=self.packed, multiple=self.multiple))
+
+    def micro_batches(self, rows: list, micro_batch_size: int) -> list[GroupBatch]:
+        """The plain step's micro-batches of ``micro_batch_size`` groups each."""
+        return [replace(b, texts=platform.pinned(b.texts)) for b in step_micro_batches(
+            rows, micro_batch_size, self.pad_id, packed=self.packed, multiple=self.multiple)]
 
 
 @dataclass

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,6 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megaemb import checkpoint, launcher, platform, preflight
 from megaemb.config import LoRAConfig, SFTConfig
 from megaemb.convert.load import load_model
-from megaemb.data.batching import step_micro_batches
 from megaemb.data.formats import load_examples
 from megaemb.data.sampler import GlobalBatchSampler, shard_for_rank
 from megaemb.data.token_store import StoreSpec, open_on_every_rank
@@ -162,6 +162,8 @@ class Trainer:
         self.train_iters = cfg.train_iters or self.sampler.iterations_for_epochs(cfg.num_train_epochs)
         self.packed = self.module.packs_by_default if cfg.packing is None else cfg.packing
         self.layout = Layout(self.tokenizer.pad_id, self.packed, self.module.sequence_multiple)
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="megaemb-next-step")
+        self._ahead: tuple[int, Future] | None = None  # (step, its inputs being built)
         self._log(f"micro-batches: {'packed [1, T]' if self.packed else 'padded [n, s]'} (--packing)"
                   + (f", at most {cfg.max_tokens_per_micro_batch} tokens each"
                      if cfg.max_tokens_per_micro_batch else ""))
@@ -328,8 +330,28 @@ class Trainer:
             raise outcome[0]
 
     # ------------------------------------------------------------------ one step
-    def forward_backward(self, rows: list):
-        """This rank's ``rows`` of the step -> ``step.StepOutput``; gradients in DDP's buffers."""
+    def step_inputs(self, step: int) -> tuple[list, list | None]:
+        """What step ``step`` needs that involves no collective (so a helper thread may build
+        it while the accelerator runs the step before): this rank's rows, read from the token
+        store, and for the plain step its micro-batches (pinned on CUDA)."""
+        indices = shard_for_rank(self.sampler.indices_for_step(step), self.dp_rank, self.dp)
+        rows = [self.train[i] for i in indices]
+        if self.cfg.global_negatives or self.cfg.max_tokens_per_micro_batch:
+            return rows, None  # cut in the step (a token budget is agreed by a collective)
+        return rows, self.layout.micro_batches(rows, self.cfg.micro_batch_size)
+
+    def _inputs_of(self, step: int) -> tuple[list, list | None]:
+        """Step ``step``'s inputs: prefetched, else built now; then step ``step + 1``'s start
+        building on the helper thread (the next step's packs are built while this one runs)."""
+        ahead, self._ahead = self._ahead, None
+        inputs = ahead[1].result() if ahead and ahead[0] == step else self.step_inputs(step)
+        if step + 1 < self.train_iters:
+            self._ahead = (step + 1, self._builder.submit(self.step_inputs, step + 1))
+        return inputs
+
+    def forward_backward(self, rows: list, micro: list | None = None):
+        """This rank's ``rows`` of the step (and the plain step's micro-batches, when built
+        already) -> ``step.StepOutput``; gradients in DDP's buffers."""
         cfg = self.cfg
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -337,16 +359,15 @@ class Trainer:
             chunks = cached_chunks(rows, self.layout, micro_batch_size=cfg.micro_batch_size,
                                    max_tokens=cfg.max_tokens_per_micro_batch)
             return cached_step(self.model, rows, chunks, self.loss, self.layout)
-        size = cfg.micro_batch_size
-        if cfg.max_tokens_per_micro_batch:
-            size = plain_micro_batch_size(rows, self.layout, cfg.max_tokens_per_micro_batch)
-        micro = step_micro_batches(rows, size, self.layout.pad_id,
-                                   packed=self.layout.packed, multiple=self.layout.multiple)
+        if micro is None:
+            size = cfg.micro_batch_size
+            if cfg.max_tokens_per_micro_batch:  # a collective: never on the prefetch thread
+                size = plain_micro_batch_size(rows, self.layout, cfg.max_tokens_per_micro_batch)
+            micro = self.layout.micro_batches(rows, size)
         return plain_step(self.model, micro, self.loss)
 
     def train_step(self) -> dict:
-        rows = shard_for_rank(self.sampler.indices_for_step(self.step), self.dp_rank, self.dp)
-        out = self.forward_backward([self.train[i] for i in rows])
+        out = self.forward_backward(*self._inputs_of(self.step))
         lr = self.scheduler.get_lr(self.optimizer.param_groups[0])  # the lr this step used
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)

@@ -111,3 +111,42 @@ def test_global_negatives_bench_runs_both_sides(tmp_path):
     assert report["micro_batch_negatives"]["recall@10_before"] == report["global_negatives"]["recall@10_before"]
     assert isinstance(report["time_overhead"], float)
     assert report["max_global_batch"] == {"micro_batch_negatives": 16, "global_negatives": 16}
+
+
+@pytest.mark.slow  # 195 s on 2 shared CPU cores: smoke chain, two benchmarks, negatives
+@pytest.mark.timeout(900)
+def test_gpu_check_dry_run_runs_the_whole_plan(tmp_path):
+    """``bench/gpu_check.sh --dry-run``: every check of the GPU plan runs on CPU (the other
+    items' FlexAttention and LoRA-under-TE checks report themselves as not run until they
+    land), the JSON holds their numbers, and the exit code is 0."""
+    out = tmp_path / "check.json"
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--output", str(out)], cwd=ROOT,
+                       env=dict(ENV, PYTHON=sys.executable), capture_output=True, text=True, timeout=880)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    report = json.loads(out.read_text())
+    checks = report["checks"]
+    assert report["ok"] and report["dry_run"] and list(checks) == [
+        "versions", "spec_parity", "flex", "lora_te", "gpu_smoke", "throughput",
+        "throughput_recompute", "global_negatives"]
+    assert all(checks[k]["ok"] for k in checks if k not in ("flex", "lora_te"))
+    assert checks["spec_parity"]["fp32_sdpa_packed"] <= 1e-4
+    assert checks["spec_parity"]["bf16_sdpa_packed"] >= 0.999
+    assert checks["throughput_recompute"]["dense_megaemb_embedding_backward_ms_per_step"] > 0
+    assert r.stdout.strip().splitlines()[-1].startswith("gpu_check: ok")
+
+
+@pytest.mark.timeout(240)
+def test_gpu_check_fails_on_a_numeric_check(tmp_path, monkeypatch, capsys):
+    """A check outside its bound makes ``gpu_check`` exit 1 and name it; the JSON keeps the
+    measured number."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "FP32_TOLERANCE", -1.0)  # no difference can pass
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--dry-run", "--only", "versions,spec_parity", "--output", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert report["ok"] is False and report["checks"]["versions"]["ok"] is True
+    assert report["checks"]["spec_parity"]["ok"] is False
+    assert report["checks"]["spec_parity"]["fp32_sdpa_padded"] == 0.0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("gpu_check: FAILED: spec_parity")

@@ -15,7 +15,7 @@ from hf_reference import assert_same_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["launch/common.sh", "launch/torchrun.sh", "launch/dlc.sh", "launch/slurm.sbatch",
-           "convert/hf_to_mcore.sh", "convert/mcore_to_hf.sh", "bench/gpu_smoke.sh"]
+           "convert/hf_to_mcore.sh", "convert/mcore_to_hf.sh", "bench/gpu_smoke.sh", "bench/gpu_check.sh"]
 
 
 def _tool(name):

@@ -49,7 +49,9 @@ class TextBatch:
     position_ids [b, s] long | None   RoPE positions; None = 0..s-1 in every row (padded)
     cu_seqlens   [d + 1] int32 | None packed: document boundaries (d = n, or n + 1 with a
                                   padding tail); None = padded (causal attention suffices)
-    max_seqlen   int              longest document
+    max_seqlen   int              padded: s; packed: the longest document's bucket size
+                                  (``pack_length``, at most T), so that kernels chosen by it
+                                  (Transformer Engine's attention backend) recur
     """
 
     input_ids: torch.Tensor
@@ -68,9 +70,14 @@ class TextBatch:
         return self.lengths.numel()
 
     def to(self, device) -> "TextBatch":
-        move = {k: v.to(device, non_blocking=True) for k, v in vars(self).items()
-                if isinstance(v, torch.Tensor)}
-        return replace(self, **move)
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "TextBatch":
+        """The same batch in page-locked host memory (an asynchronous copy to the GPU)."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> "TextBatch":
+        return replace(self, **{k: fn(v) for k, v in vars(self).items() if isinstance(v, torch.Tensor)})
 
 
 def _as_list(seq) -> list[int]:
@@ -97,7 +104,7 @@ def pack_batch(seqs: list, pad_id: int, multiple: int = 1) -> TextBatch:
     total = pack_length(real, multiple)
     ids = torch.full((1, total), pad_id, dtype=torch.long)
     if seqs:
-        ids[0, :real] = torch.tensor([t for s in seqs for t in _as_list(s)], dtype=torch.long)
+        ids[0, :real] = torch.cat([torch.as_tensor(s, dtype=torch.long) for s in seqs])
     docs = lengths.tolist() + ([total - real] if total > real else [])
     sizes = torch.tensor(docs, dtype=torch.long)
     cu = torch.zeros(len(docs) + 1, dtype=torch.int32)
@@ -105,7 +112,7 @@ def pack_batch(seqs: list, pad_id: int, multiple: int = 1) -> TextBatch:
     starts = torch.repeat_interleave(cu[:-1].long(), sizes)
     positions = (torch.arange(total) - starts).unsqueeze(0)
     return TextBatch(ids, lengths, cu[1:len(seqs) + 1].long() - 1, position_ids=positions,
-                     cu_seqlens=cu, max_seqlen=max(docs))
+                     cu_seqlens=cu, max_seqlen=min(pack_length(max(docs)), total))
 
 
 def text_batch(seqs: list, pad_id: int, *, packed: bool, multiple: int = 1) -> TextBatch:

@@ -15,12 +15,13 @@ s must divide by tp under SP, which the batch builders ensure):
     input_ids [b, s]
     -> word embedding [s, b, h] ([s/tp, b, h] with SP)   (vocab rows split over TP)
     -> decoder        [s, b, h] ([s/tp, b, h] with SP)   (non-last stages return this)
-    -> pooled         [n, h] -> embeddings [n, dim]     (last stage, replicated over TP)
+    -> pooled         [n, h] -> embeddings [n, dim]     (last stage, replicated over TP;
+                                                          with SP pooled per rank, summed)
 """
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.module import MegatronModule
@@ -29,7 +30,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megaemb import platform
 from megaemb.data.batching import TextBatch
 from megaemb.model.attention import DocumentPacking
-from megaemb.model.pooling import finish_embedding, last_token_pool
+from megaemb.model.pooling import finish_embedding, last_token_pool, sequence_parallel_pool
 from megaemb.model.qwen3 import block_spec, resolve_attention
 from megaemb.shape import Qwen3Shape
 
@@ -116,11 +117,9 @@ class EmbeddingModel(MegatronModule):
                               packed_seq_params=packing)
         if not self.post_process:
             return hidden
-        if self.config.sequence_parallel:
-            # pooling and the loss are replicated over TP: gather forward, split backward
-            hidden = tensor_parallel.gather_from_sequence_parallel_region(
-                hidden, tensor_parallel_output_grad=False)
-        return finish_embedding(last_token_pool(hidden, batch.pool_index), dim=dim, normalize=normalize)
+        # pooling and the loss are replicated over TP; under SP each rank pools its own rows
+        pool = sequence_parallel_pool if self.config.sequence_parallel else last_token_pool
+        return finish_embedding(pool(hidden, batch.pool_index), dim=dim, normalize=normalize)
 
 
 def _is_extra_state(key: str) -> bool:
