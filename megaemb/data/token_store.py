@@ -41,6 +41,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -54,7 +55,7 @@ from megaemb.data.formats import DataError, Example, RowReport, iter_examples, p
 from megaemb.data.negatives import negative_picks
 from megaemb.data.tokenize import EmbeddingTokenizer, TokenizedExample, format_query
 
-FORMAT = 2  # raise when the files or the tokenisation change: old stores then stop matching
+FORMAT = 3  # raise when the files or the tokenisation change: old stores then stop matching
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model")
 # the other ranks wait this long for their node's build (hours for 10M long rows); a rank that
@@ -237,9 +238,64 @@ def _write_store(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str]
         truncated += int(rows.cut[block].sum())
     ids.flush()
     del ids
-    meta.update(tokens=os.path.getsize(os.path.join(out, "tokens.bin")) // 4, truncated=truncated)
+    meta.update(tokens=os.path.getsize(os.path.join(out, "tokens.bin")) // 4, truncated=truncated,
+                files={name: _checksum(os.path.join(out, name)) for name in sorted(os.listdir(out))})
     with open(os.path.join(out, "meta.json"), "w") as f:  # last: its presence marks a whole store
         json.dump(meta, f)
+
+
+# ------------------------------------------------------------------------------ verify
+
+def _checksum(path: str) -> list[int]:
+    """``[size, CRC-32]`` of a file, read in 64 MiB blocks (CRC-32 runs at about 4 GB/s)."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 26):
+            crc, size = zlib.crc32(block, crc), size + len(block)
+    return [size, crc]
+
+
+def damage(path: str) -> str | None:
+    """Why the store at ``path`` cannot be used, or None when every file its ``meta.json``
+    lists is there with the size and CRC-32 its build recorded. One read of the store: a
+    second of a multi-hour tokenisation, and it catches what opening cannot (flipped or random
+    bytes in ``tokens.bin`` would be token ids past the vocabulary, or silently other text)."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            files = json.load(f)["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"meta.json is unreadable ({type(e).__name__}: {e})"
+    for name, expected in sorted(files.items()):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        size, crc = _checksum(full)
+        if [size, crc] != expected:
+            return f"{name} does not match its build's checksum ({size} bytes, expected {expected[0]})"
+    return None
+
+
+def _unwritable(cache: str, error: OSError) -> PermissionError:
+    return PermissionError(f"{cache}: cannot write a token store there ({error.strerror or error}); "
+                           "give a writable --data_cache_dir (or set MEGAEMB_CACHE)")
+
+
+def _discard(path: str) -> None:
+    """Move the damaged store ``path`` out of its name, then delete it (a concurrent builder
+    never sees half a store under the name)."""
+    cache = os.path.dirname(path)
+    doomed = os.path.join(cache, f".{os.path.basename(path)}.damaged-{os.getpid()}")
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:  # another builder moved it already
+        return
+    except OSError as e:
+        raise _unwritable(cache, e) from None
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def build_token_store(spec: StoreSpec, cache: str, log: Callable[[str], None] = print,
@@ -250,18 +306,25 @@ def build_token_store(spec: StoreSpec, cache: str, log: Callable[[str], None] = 
     staying in this process's heap (a training rank's); its errors are raised here."""
     path = os.path.join(cache, store_key(spec))
     if os.path.isdir(path):
-        log(f"reusing token store {path}")
-        return path
+        problem = damage(path)
+        if problem is None:
+            log(f"reusing token store {path}")
+            return path
+        log(f"note: token store {path} is damaged ({problem}); rebuilding it")
+        _discard(path)
     if fresh_process:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             return pool.submit(build_token_store, spec, cache, log, chunk_size).result()
-    os.makedirs(cache, exist_ok=True)
     prefix = f".{os.path.basename(path)}.tmp-"
-    unfinished = [n for n in os.listdir(cache) if n.startswith(prefix)]
+    try:
+        os.makedirs(cache, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=cache)
+    except OSError as e:
+        raise _unwritable(cache, e) from None
+    unfinished = [n for n in os.listdir(cache) if n.startswith(prefix) and n != os.path.basename(tmp)]
     if unfinished:
         log(f"note: {len(unfinished)} unfinished build(s) of this store in {cache} ({prefix}*): "
             "left by killed runs, or building now; delete them when no run is building")
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=cache)
     log(f"building token store {path}")
     try:
         _write_store(spec, tmp, chunk_size, log)
@@ -298,18 +361,23 @@ class TokenStore:
     int32 arrays (views of the memory-mapped ``tokens.bin``); ``len(store)`` examples."""
 
     def __init__(self, path: str):
-        meta_path = os.path.join(path, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise ValueError(f"{path}: not a complete token store (no meta.json)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        """Open the store at ``path`` (checked whole by ``damage`` when it was built or
+        reused); ``ValueError`` naming it when its files cannot be read or disagree."""
         self.path = path
-        self.offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r")
-        self.texts = np.load(os.path.join(path, "texts.npy"), mmap_mode="r")
-        n_tokens = os.path.getsize(os.path.join(path, "tokens.bin")) // 4
-        if self.meta.get("format") != FORMAT or n_tokens != self.offsets[-1] \
-                or self.texts.shape != (len(self), 2 + self.meta["k"]):
-            raise ValueError(f"{path}: damaged token store (format or sizes do not match); delete it")
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                self.meta = json.load(f)
+            self.offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r")
+            self.texts = np.load(os.path.join(path, "texts.npy"), mmap_mode="r")
+            n_tokens = os.path.getsize(os.path.join(path, "tokens.bin")) // 4
+            whole = self.meta.get("format") == FORMAT and n_tokens == self.offsets[-1] \
+                and self.texts.shape == (len(self), 2 + self.meta["k"])
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            raise ValueError(f"{path}: damaged token store ({type(e).__name__}: {e}); delete it, "
+                             "the next run rebuilds it") from None
+        if not whole:
+            raise ValueError(f"{path}: damaged token store (format or sizes do not match); delete it, "
+                             "the next run rebuilds it")
         # np.memmap cannot map an empty file
         self.tokens = (np.memmap(os.path.join(path, "tokens.bin"), np.int32, mode="r") if n_tokens
                        else np.zeros(0, np.int32))
