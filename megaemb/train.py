@@ -141,6 +141,7 @@ class Trainer:
                          max_length=cfg.max_length, query_instruction=cfg.query_instruction,
                          tokenizer_dir=self.loaded.hf_dir)
         self.train = open_on_every_rank(spec, cfg.token_cache_dir(), verbose=self.rank0)
+        self.train.check_vocab(self.loaded.shape.vocab_size, cfg.model)
         meta = self.train.meta
         self._log(f"train data: {self.train.report.summary()}")
         for msg in self.train.report.messages:

@@ -214,6 +214,20 @@ def test_damaged_store_is_rebuilt_with_a_note(tmp_path, how):
     assert build_token_store(spec, cache, log=logs.append) == path and logs[-1] == f"reusing token store {path}"
 
 
+@pytest.mark.timeout(60)
+def test_token_ids_are_checked_against_the_model_vocabulary(tmp_path):
+    """The store records its largest id; a model with fewer embeddings (a tokenizer that is
+    not its own) is one error naming store and model, not an IndexError inside the embedding."""
+    spec, cache = _spec(_write_data(tmp_path / "train.jsonl", "infonce")), str(tmp_path / "cache")
+    store = TokenStore(build_token_store(spec, cache, log=lambda m: None))
+    top = int(store.tokens.max())
+    assert store.meta["max_id"] == top
+    store.check_vocab(top + 1, "big")
+    with pytest.raises(ValueError, match=f"^{store.path}: token id {top} is past --model small's vocabulary "
+                                         f"\\({top} ids\\)"):
+        store.check_vocab(top, "small")
+
+
 def store_texts(example: TokenizedExample) -> list[list[int]]:
     return [t.tolist() for t in (example.query, example.doc, *example.negatives)]
 

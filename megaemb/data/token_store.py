@@ -135,6 +135,7 @@ class _Rows:
     cut: np.ndarray          # bool [texts]: text j was cut to max_length
     spec_rows: list[int]     # valid rows per spec
     report: RowReport
+    max_id: int              # the largest token id (-1 when there are no tokens)
 
     @property
     def starts(self) -> list[int]:
@@ -162,7 +163,7 @@ def _tokenize(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str], N
     cap = spec.hard_negatives if infonce else 0
     report, spec_rows = RowReport(), []
     lengths, cut, negatives, per_row, labels = [np.zeros(1, np.int64)], [], [], [], []
-    done, every = 0, max(chunk_size, 100_000)
+    done, every, max_id = 0, max(chunk_size, 100_000), -1
     with open(os.path.join(out, "tokens.bin"), "wb") as f:
         for _, rows in _read(spec, report):
             spec_rows.append(0)
@@ -172,8 +173,9 @@ def _tokenize(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str], N
                          for t in (format_query(e.query, spec.query_instruction or None), e.response, *negs)]
                 ids, chunk_cut = tok.encode_marked(texts)
                 lengths.append(np.fromiter(map(len, ids), np.int64, len(ids)))
-                f.write(np.fromiter(itertools.chain.from_iterable(ids), np.int32,
-                                    int(lengths[-1].sum())).tobytes())
+                flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths[-1].sum()))
+                f.write(flat.tobytes())
+                max_id = max(max_id, int(flat.max(initial=-1)))
                 cut.append(np.array(chunk_cut, bool))
                 negatives.append(np.array([len(e.negatives) for e in chunk], np.int64))
                 per_row.append(np.array([2 + len(negs) for negs in kept], np.int64))
@@ -185,7 +187,7 @@ def _tokenize(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str], N
     np.save(os.path.join(out, "offsets.npy"), np.cumsum(np.concatenate(lengths)))
     first = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.concatenate(per_row))])
     return _Rows(first, np.concatenate(negatives), np.concatenate(labels), np.concatenate(cut),
-                 spec_rows, report)
+                 spec_rows, report, max_id)
 
 
 def _rows_at(spec: StoreSpec, rows: _Rows, wanted: np.ndarray) -> dict[int, Example]:
@@ -215,7 +217,7 @@ def _write_store(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str]
     with open(os.path.join(out, "held_out.jsonl"), "w") as f:
         f.writelines(json.dumps(asdict(text[int(r)])) + "\n" for r in held)
     report = rows.report
-    meta = {"format": FORMAT, "examples": len(train), "k": 0, "held_out": len(held),
+    meta = {"format": FORMAT, "examples": len(train), "k": 0, "held_out": len(held), "max_id": rows.max_id,
             "report": {"rows_read": report.rows_read, "skipped": dict(report.skipped),
                        "messages": report.messages}}
     k, picks = 0, np.zeros((len(train), 0), np.int64)
@@ -386,6 +388,14 @@ class TokenStore:
 
     def __len__(self) -> int:
         return self.meta["examples"]
+
+    def check_vocab(self, vocab_size: int, model: str) -> None:
+        """Every token id fits a model with ``vocab_size`` embeddings: ``ValueError`` naming
+        the store and the model otherwise (a tokenizer that is not the model's would end in
+        an ``IndexError`` inside the embedding)."""
+        if self.meta["max_id"] >= vocab_size:
+            raise ValueError(f"{self.path}: token id {self.meta['max_id']} is past --model {model}'s "
+                             f"vocabulary ({vocab_size} ids): its tokenizer files do not belong to its weights")
 
     def __getitem__(self, i: int) -> TokenizedExample:
         if not 0 <= i < len(self):
