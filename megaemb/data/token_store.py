@@ -13,12 +13,14 @@ the pair losses) by text id, so ``#N`` repeats and resampled negatives cost no t
     texts.npy     int64   [n, t]      example i's text ids: query, doc, k negatives
     labels.npy    float64 [n]         labelled losses only
     held_out.jsonl                    ``--split_dataset_ratio``'s eval rows, as text, in split order
-    meta.json                         counts and the data report (what the trainer logs)
+    meta.json                         counts, the data report (what the trainer logs), the
+                                      largest token id, each other file's size and CRC-32
 
 A build writes into a temporary sibling ``.<key>.tmp-*`` and renames it to ``<key>`` when
 complete, so a directory named ``<key>`` is always a whole store: a killed build leaves only
 its temporary directory, and of two concurrent builders (nodes sharing the cache) one rename
-wins and the other's identical result is dropped.
+wins and the other's identical result is dropped. Reuse reads the whole store once against
+its recorded checksums (``damage``); a damaged store is moved aside and built again.
 
 The build streams: it reads each file row by row (``iter_examples``) and tokenises
 ``chunk_size`` rows at a time, so neither the text nor the token lists of the whole set are
