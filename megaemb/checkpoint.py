@@ -132,7 +132,8 @@ def _sampled_blocks(f, path: str, size: int) -> list[tuple[int, int]]:
         n, records = tensors
         return [(0, 8 + n)] + [(8 + n + int(t["data_offsets"][0]), FINGERPRINT_BLOCK) for t in records]
     step = max(FINGERPRINT_BLOCK, size // FINGERPRINT_PLACES)
-    return [(o, FINGERPRINT_BLOCK) for o in range(0, size, step)] + [(max(0, size - FINGERPRINT_BLOCK), FINGERPRINT_BLOCK)]
+    places = [*range(0, size, step), max(0, size - FINGERPRINT_BLOCK)]
+    return [(o, FINGERPRINT_BLOCK) for o in places]
 
 
 def weights_fingerprint(path: str) -> str:
