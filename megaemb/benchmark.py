@@ -3,7 +3,8 @@
 Collective over every rank (encoding runs through the parallel model, ``embed.embed_texts``,
 padded or packed); global rank 0 computes the metrics (``evaluate``), prints the table and
 writes ``--output``. Corpus embeddings are cached by content (``EmbeddingCache``): the same
-model files, texts, ``--max_length`` and dimension reuse ``<cache>/<hash>.npy``.
+model files, texts, ``--max_length`` and dimension reuse ``<cache>/<hash>.npz`` (checked by
+its CRC-32 on every read).
 
 Retrieval: recall@1/5/10/100, nDCG@10, MRR@10, MAP@100 (``evaluate.retrieval_metrics``);
 pairs: Spearman and Pearson of cosine vs label. With several ``--mrl_dims`` one row per
@@ -55,8 +56,14 @@ def _files_fingerprint(path: str) -> list:
 
 
 class EmbeddingCache:
-    """``<dir>/<sha256>.npy`` per (model files, texts, max_length, instruction, dim); rank 0
-    reads and writes (atomically), every rank learns whether it hit."""
+    """``<dir>/<sha256>.npz`` per (model files, texts, max_length, instruction, dim); rank 0
+    reads and writes (atomically), every rank learns whether it hit.
+
+    An entry is an uncompressed ``.npz`` (one array, ``emb``): the zip format stores a CRC-32
+    of the array that is checked on every read, so a flipped, truncated or foreign entry is
+    found at the cost of one CRC-32 pass (about 4 GB/s, against minutes of encoding), noted
+    in one line naming it, and encoded again. A cache that cannot be written costs only the
+    reuse: the embeddings are still returned, with a note."""
 
     def __init__(self, directory: str, model_path: str, max_length: int):
         self.dir = directory
@@ -67,22 +74,50 @@ class EmbeddingCache:
         for t in texts:
             h.update(t.encode())
             h.update(b"\0")
-        return os.path.join(self.dir, h.hexdigest()[:32] + ".npy")
+        return os.path.join(self.dir, h.hexdigest()[:32] + ".npz")
 
     def embed(self, encode, texts: list[str], instruction: str | None = None,
               dim: int | None = None) -> tuple[np.ndarray | None, bool]:
         """``encode(texts, instruction)`` (collective) unless cached; (rank 0's array, hit)."""
         path = self.path(texts, instruction, dim)
-        hit = [os.path.isfile(path) if dist.get_rank() == 0 else None]
+        cached = _read_entry(path, len(texts)) if dist.get_rank() == 0 else None
+        hit = [cached is not None]
         dist.broadcast_object_list(hit, src=0)
         if hit[0]:
-            return (np.load(path) if dist.get_rank() == 0 else None), True
+            return cached, True
         out = encode(texts, instruction)
         if dist.get_rank() == 0:
-            os.makedirs(self.dir, exist_ok=True)
-            with atomic_file(path, "wb") as f:  # per-process temp name: the cache is shared
-                np.save(f, out)
+            _write_entry(path, out)
         return out, False
+
+
+def _read_entry(path: str, rows: int) -> np.ndarray | None:
+    """The cached ``[rows, d]`` array at ``path``; None when there is none, or (with a note)
+    when it is damaged: a CRC-32 mismatch, a truncated or foreign file, another row count."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path) as entry:
+            emb = entry["emb"]
+        if emb.ndim != 2 or emb.shape[0] != rows:
+            raise ValueError(f"shape {emb.shape}, expected {rows} rows")
+        return emb
+    except Exception as e:  # zipfile, numpy and pickle errors of a damaged file vary
+        print(f"note: embedding cache entry {path} is damaged ({type(e).__name__}: {e}); "
+              "encoding again", flush=True)
+        return None
+
+
+def _write_entry(path: str, emb: np.ndarray) -> None:
+    """Write ``emb`` to ``path`` atomically (a per-process temp name: the cache is shared); a
+    note, not an error, when the cache is not writable."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_file(path, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, emb=emb)
+    except OSError as e:
+        print(f"note: cannot write the embedding cache {path} ({e.strerror or e}); "
+              "the embeddings are used but not kept", flush=True)
 
 
 def truncate(emb: np.ndarray, dim: int | None) -> np.ndarray:

@@ -13,6 +13,7 @@ so a crash mid-save leaves the previous iteration loadable.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from megaemb.outputs import atomic_file
 
 FORMAT = {"format": "megaemb-mcore", "version": 1}
 TRACKER = "latest_checkpointed_iteration.txt"
-LORA_FILE = "lora.json"  # a LoRA run's checkpoint: {"base": model dir, "lora": LoRAConfig} (adapters only)
+LORA_FILE = "lora.json"  # a LoRA run's checkpoint: {"base": model dir, "base_fingerprint", "lora": LoRAConfig}
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
             "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
@@ -94,6 +95,89 @@ def read_lora(root: str) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+FINGERPRINT_BLOCK = 4096  # bytes read at each sampled place of a weights file
+FINGERPRINT_PLACES = 256  # evenly spaced places sampled in a file that is not safetensors
+
+
+def _weight_files(path: str) -> list[str]:
+    """The files holding a model's weights: an HF directory's ``*.safetensors``, or a megaemb
+    checkpoint's latest iteration."""
+    if is_checkpoint(path):
+        path = iter_dir(path, latest_iteration(path))
+        return sorted(os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+    return sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+
+
+def _safetensors_tensors(f, size: int) -> tuple[int, list[dict]] | None:
+    """(header length, its tensor records) of an open safetensors file; None if malformed."""
+    f.seek(0)
+    n = int.from_bytes(f.read(8), "little")
+    if not 2 <= n <= size - 8:
+        return None
+    try:
+        header = json.loads(f.read(n))
+        return n, [header[k] for k in sorted(header) if k != "__metadata__"]
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _sampled_blocks(f, path: str, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of what the fingerprint reads of an open weights file: a safetensors
+    file's whole header and the first block of every tensor; else evenly spaced blocks."""
+    tensors = _safetensors_tensors(f, size) if path.endswith(".safetensors") else None
+    if tensors is not None:
+        n, records = tensors
+        return [(0, 8 + n)] + [(8 + n + int(t["data_offsets"][0]), FINGERPRINT_BLOCK) for t in records]
+    step = max(FINGERPRINT_BLOCK, size // FINGERPRINT_PLACES)
+    places = [*range(0, size, step), max(0, size - FINGERPRINT_BLOCK)]
+    return [(o, FINGERPRINT_BLOCK) for o in places]
+
+
+def weights_fingerprint(path: str) -> str:
+    """A digest of the weights at ``path`` (HF directory or megaemb checkpoint) that changes
+    when they change, and only then: copying the folder elsewhere keeps it (no paths, no
+    mtimes).
+
+    It hashes, per weights file, its name and size and: for safetensors, the whole header
+    (every tensor's name, dtype, shape and place) and the first 4 KiB of every tensor's data;
+    for other files (a checkpoint's ``.distcp``), 256 evenly spaced 4 KiB blocks. For an 8B
+    model that is about 400 reads of 4 KiB (under 2 MB, well under a second even on a
+    network disk), where hashing every byte would read 16 GB at every load. A new revision
+    of a model changes every tensor it was trained on, so it changes their first bytes;
+    another dtype or shape changes the header. What it misses is an edit that leaves every
+    sampled byte in place, which neither training nor conversion makes."""
+    h = hashlib.sha256()
+    for file in _weight_files(path):
+        size = os.path.getsize(file)
+        h.update(f"{os.path.basename(file)}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            for offset, length in _sampled_blocks(f, file, size):
+                f.seek(offset)
+                h.update(f.read(length))
+    return h.hexdigest()[:16]
+
+
+def check_lora_base(root: str, flag: str, allow_changed: bool, base: str | None = None) -> None:
+    """When ``root`` is a LoRA checkpoint: its base model (``base``, default ``lora.json``'s)
+    exists and, unless ``allow_changed``, holds the weights the adapters were trained on (the
+    fingerprint ``lora.json`` recorded; a checkpoint saved before fingerprints is not
+    checked). ``FileNotFoundError`` / ``ValueError`` naming both otherwise."""
+    meta = read_lora(root) if is_checkpoint(root) else None
+    if not meta:
+        return
+    base = meta["base"] if base is None else base
+    if not os.path.isdir(base):
+        raise FileNotFoundError(f"{flag} {root}: its base model {base} is gone (the adapters need it)")
+    saved = meta.get("base_fingerprint")
+    if allow_changed or not saved:
+        return
+    now = weights_fingerprint(base)
+    if now != saved:
+        raise ValueError(f"{flag} {root}: the base model {base} holds other weights than its adapters "
+                         f"were trained on (fingerprint {now}, trained on {saved}); restore those "
+                         "weights, or pass --allow_changed_base true to use these knowingly")
 
 
 def check_lora_matches(root: str, lora: dict | None) -> None:

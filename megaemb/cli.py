@@ -51,7 +51,14 @@ def add_inference_flags(p: argparse.ArgumentParser, *, max_length_help: str | No
     p.add_argument("--batch_size", type=int, default=32, help=batch_size_help)
     p.add_argument("--packing", type=str2bool, default=None,
                    help="padding-free [1, T] batches (default: true on CUDA, false on CPU)")
+    add_allow_changed_base(p)
     add_parallel_flags(p)
+
+
+def add_allow_changed_base(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow_changed_base", type=str2bool, default=False,
+                   help="a LoRA checkpoint whose base model now holds other weights than its adapters "
+                        "were trained on: use it knowingly (refused by default)")
 
 
 def parallel_config(args):
@@ -80,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing, non-empty --output_dir")
     e.add_argument("--merge_lora", type=str2bool, default=False,
                    help="--to_hf of a LoRA checkpoint: the merged HF model (default: a PEFT adapter folder)")
+    add_allow_changed_base(e)
     add_parallel_flags(e)
 
     m = sub.add_parser("embed", help="embed texts with an HF or MCore checkpoint", allow_abbrev=False)
@@ -248,7 +256,7 @@ def run_export(args) -> None:
         export.mcore_to_hf(args.mcore_model, args.output_dir, bf16=args.bf16,
                            max_shard_bytes=parse_size(args.max_shard_size),
                            iteration=args.iteration, overwrite=args.overwrite,
-                           merge_lora=args.merge_lora)
+                           merge_lora=args.merge_lora, allow_changed_base=args.allow_changed_base)
         hf_weights = args.output_dir
         loaded = None
     _rank0_print(f"megaemb export: wrote {args.output_dir}")
@@ -257,7 +265,8 @@ def run_export(args) -> None:
             from megaemb.convert.load import load_model
 
             init_parallel(parallel, seed=args.seed)
-            loaded = load_model(args.mcore_model, parallel, bf16=args.bf16, attention=args.attention)
+            loaded = load_model(args.mcore_model, parallel, bf16=args.bf16, attention=args.attention,
+                                allow_changed_base=args.allow_changed_base)
         stats = compare_with_transformers(loaded.model, hf_weights, loaded.hf_dir)
         if stats:
             print(f"test_convert_precision: max_abs_diff={stats['max_abs_diff']:.3e} "
@@ -290,7 +299,8 @@ def _load_for_inference(args):
 
     parallel = parallel_config(args)
     init_parallel(parallel, seed=args.seed)
-    loaded = load_model(args.model, parallel, bf16=args.bf16, attention=args.attention)
+    loaded = load_model(args.model, parallel, bf16=args.bf16, attention=args.attention,
+                        allow_changed_base=args.allow_changed_base)
     if args.max_length is None:
         args.max_length = min(8192, loaded.shape.max_position_embeddings)
     if args.max_length > loaded.shape.max_position_embeddings:
@@ -408,15 +418,16 @@ COMMANDS = {"export": run_export, "embed": run_embed, "eval": run_eval, "mine": 
 
 def _check_inference(args, world: int, positive: tuple[str, ...] = (), dims: list[int] = (),
                      dims_flag: str = "") -> None:
-    """embed / eval / mine / serve: sizes >= 1, the model, the layout (and Matryoshka ``dims``)
-    it can take, packing."""
-    from megaemb import preflight
+    """embed / eval / mine / serve: sizes >= 1, the model (a LoRA checkpoint: its unchanged
+    base), the layout (and Matryoshka ``dims``) it can take, packing."""
+    from megaemb import checkpoint, preflight
     from megaemb.config import check_packing
 
     for name in ("batch_size", "max_length", *positive):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     preflight.check_model(args.model)
+    checkpoint.check_lora_base(args.model, "--model", args.allow_changed_base)
     preflight.check_layout(args.model, parallel_config(args), world, dims, dims_flag)
     check_packing(args.packing, args.attention)
 
@@ -449,8 +460,11 @@ def check_args(args, world: int = 1) -> None:
         preflight.check_model(source, flag, None if args.to_mcore else args.iteration)
         if args.to_hf and not os.path.isfile(os.path.join(source, "megaemb.json")):
             raise FileNotFoundError(f"--mcore_model {source}: not a megaemb checkpoint (no megaemb.json)")
-        if args.to_hf and not args.merge_lora:
+        if args.to_hf:
             from megaemb import checkpoint
+
+            checkpoint.check_lora_base(source, flag, args.allow_changed_base)
+        if args.to_hf and not args.merge_lora:
             from megaemb.config import LoRAConfig
 
             lora = checkpoint.read_lora(source)

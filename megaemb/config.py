@@ -106,6 +106,7 @@ class SFTConfig:
     lora_rank: int = 8  # adapter rank r
     lora_alpha: float = 32.0  # adapter scale alpha (the update is alpha / r * B A)
     lora_dropout: float = 0.05  # dropout on the adapters' input
+    allow_changed_base: bool = False  # resume / --finetune a LoRA --load although --model holds other weights than its adapters were trained on
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # all-linear (dense linears), experts (MoE experts, opt-in), or linear_qkv linear_proj linear_fc1 linear_fc2 (q_proj ... down_proj map onto them)
     # loss
     infonce_temperature: float | None = None  # InfoNCE temperature; none = INFONCE_TEMPERATURE or 0.01

@@ -87,16 +87,18 @@ def hf_to_mcore(model_dir: str, output_dir: str, parallel: ParallelConfig, bf16:
 
 def mcore_to_hf(mcore_dir: str, output_dir: str, bf16: bool = False,
                 max_shard_bytes: int = 5 * 2**30, iteration: int | None = None,
-                overwrite: bool = False, merge_lora: bool = False) -> None:
+                overwrite: bool = False, merge_lora: bool = False, allow_changed_base: bool = False) -> None:
     """Collective over ranks grouped with TP=PP=EP=1 (extra ranks are data-parallel copies;
     the checkpoint, saved under any layout, is resharded on load one tensor at a time);
     global rank 0 writes the HF directory. A LoRA checkpoint becomes, with ``merge_lora``,
-    the merged HF model, else a PEFT adapter folder."""
+    the merged HF model, else a PEFT adapter folder (either refused when its base's weights
+    changed since training, unless ``allow_changed_base``)."""
     if parallel_state.get_model_parallel_group().size() != 1:
         raise ValueError("export --to_hf runs with tensor/pipeline/expert parallel size 1 "
                          "(the MCore checkpoint is resharded on load)")
     if not checkpoint.is_checkpoint(mcore_dir):
         raise FileNotFoundError(f"{mcore_dir}: not a megaemb checkpoint (no megaemb.json)")
+    checkpoint.check_lora_base(mcore_dir, "--mcore_model", allow_changed_base)
     dtype = torch.bfloat16 if bf16 else torch.float32
     with _staged(output_dir, overwrite) as tmp:
         if checkpoint.read_lora(mcore_dir) and not merge_lora:

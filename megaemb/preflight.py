@@ -175,6 +175,8 @@ def resolve_load(cfg) -> str:
         load = cfg.save
     if load and not cfg.finetune:
         check_resume(load, cfg)
+    if load and cfg.train_type == "lora":
+        checkpoint.check_lora_base(load, "--load", cfg.allow_changed_base, base=cfg.model)
     if done is not None:
         return load
     if not checkpoint.is_checkpoint(cfg.save) and os.path.isdir(cfg.save):

@@ -102,6 +102,8 @@ class Trainer:
                                  attention_dropout=cfg.attention_dropout, lora=self.lora, seed=cfg.seed)
         self.module = self.loaded.model
         self.module.train()
+        # what lora.json records: the base's weights, read before training (resumes compare it)
+        self.base_fingerprint = checkpoint.weights_fingerprint(cfg.model) if self.lora else None
         if self.lora:
             trained = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
             frozen = sum(p.numel() for p in self.module.parameters() if not p.requires_grad)
@@ -141,6 +143,7 @@ class Trainer:
                          max_length=cfg.max_length, query_instruction=cfg.query_instruction,
                          tokenizer_dir=self.loaded.hf_dir)
         self.train = open_on_every_rank(spec, cfg.token_cache_dir(), verbose=self.rank0)
+        self.train.check_vocab(self.loaded.shape.vocab_size, cfg.model)
         meta = self.train.meta
         self._log(f"train data: {self.train.report.summary()}")
         for msg in self.train.report.messages:
@@ -224,7 +227,8 @@ class Trainer:
         return {k: v for k, v in state.items() if is_lora_name(k)} if self.lora else state
 
     def _lora_record(self) -> dict | None:
-        return {"base": os.path.abspath(self.cfg.model), "lora": self.lora.to_json()} if self.lora else None
+        return {"base": os.path.abspath(self.cfg.model), "base_fingerprint": self.base_fingerprint,
+                "lora": self.lora.to_json()} if self.lora else None
 
     def _state(self, is_loading: bool, with_rng: bool = True) -> dict:
         model_sd = self._model_state()
@@ -259,6 +263,7 @@ class Trainer:
         # --finetune too: a LoRA run takes adapters, a full run full weights (a full checkpoint
         # under LoRA is a --model)
         checkpoint.check_lora_matches(root, self.lora.to_json() if self.lora else None)
+        checkpoint.check_lora_base(root, "--load", self.cfg.allow_changed_base, base=self.cfg.model)
         same_layout = all(saved.get(k) == now[k] for k in ("tp", "pp", "ep"))
         state = checkpoint.load_checkpoint(root, self._state(is_loading=True, with_rng=same_layout))
         self.module.load_state_dict({k: state[k] for k in self._model_state()}, strict=not self.lora)

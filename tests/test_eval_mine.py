@@ -238,3 +238,66 @@ def test_eval_and_mine_commands(tiny_models, tmp_path):
     for dataset in (str(pairs), beir):
         refused = _megaemb("mine", "--model", model, "--dataset", dataset, "--output", str(tmp_path / "x.jsonl"))
         assert refused.returncode == 2 and "mine reads infonce rows" in refused.stderr, refused.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------ embedding cache
+
+def _spoil(path: str, how: str) -> None:
+    data = bytearray(open(path, "rb").read())
+    if how == "flipped":  # one byte of the array's data (the zip's member ends before its directory)
+        data[len(data) // 3] ^= 0x40
+    elif how == "truncated":
+        data = data[:len(data) // 2]
+    else:  # emptied
+        data = bytearray()
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["flipped", "truncated", "emptied"])
+def test_damaged_embedding_cache_entry_is_encoded_again(tmp_path, monkeypatch, capsys, how):
+    """A cache entry is checked (CRC-32) when read: a damaged one is noted in one line naming
+    it and encoded again, never used as it is (a flipped byte used to change recall@10
+    silently; a truncated file ended in ``EOF: reading array header`` naming no file)."""
+    from megaemb import benchmark
+
+    monkeypatch.setattr(benchmark.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(benchmark.dist, "broadcast_object_list", lambda objects, src: None)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    texts = [f"document {i}" for i in range(64)]
+    want = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    calls = []
+
+    def encode(batch, instruction):
+        calls.append(len(batch))
+        return want.copy()
+
+    cache = benchmark.EmbeddingCache(str(tmp_path / "cache"), str(model), 128)
+    assert cache.embed(encode, texts)[1] is False and cache.embed(encode, texts)[1] is True and calls == [64]
+    entry = os.path.join(tmp_path / "cache", os.listdir(tmp_path / "cache")[0])
+    capsys.readouterr()
+    _spoil(entry, how)
+    got, hit = cache.embed(encode, texts)
+    notes = capsys.readouterr().out.splitlines()
+    assert not hit and calls == [64, 64] and np.array_equal(got, want)
+    assert len(notes) == 1 and notes[0].startswith(f"note: embedding cache entry {entry} is damaged"), notes
+    got, hit = cache.embed(encode, texts)  # rewritten whole
+    assert hit and np.array_equal(got, want) and calls == [64, 64]
+
+
+@pytest.mark.timeout(30)
+def test_unwritable_embedding_cache_is_a_note(tmp_path, monkeypatch, capsys):
+    """A --cache_dir that cannot be written costs the reuse, not the run."""
+    from megaemb import benchmark
+
+    monkeypatch.setattr(benchmark.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(benchmark.dist, "broadcast_object_list", lambda objects, src: None)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cache = benchmark.EmbeddingCache(str(blocker / "cache"), str(tmp_path), 128)
+    got, hit = cache.embed(lambda texts, instruction: np.ones((2, 4), np.float32), ["a", "b"])
+    notes = capsys.readouterr().out.splitlines()
+    assert not hit and got.shape == (2, 4)
+    assert len(notes) == 1 and notes[0].startswith(f"note: cannot write the embedding cache {blocker}/cache/"), notes

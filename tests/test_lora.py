@@ -250,3 +250,87 @@ def test_lora_raises_dev_recall(tiny_models):
     before, after = run_distributed(_learn, 1, tiny_models["dense"], timeout=540)[0]
     print(f"LoRA dev recall@10 {before['recall@10']:.3f} -> {after['recall@10']:.3f}")
     assert after["recall@10"] >= before["recall@10"] + 0.1, (before, after)  # measured 0.14 -> 0.34
+
+
+# ------------------------------------------------------------------------------ base fingerprint
+
+def _flip(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+
+
+@pytest.mark.timeout(60)
+def test_weights_fingerprint_follows_the_weights_not_the_folder(tiny_models, tmp_path):
+    """Copies (new paths, new mtimes) keep the fingerprint; one changed byte at the start of
+    the smallest tensor (the final norm) changes it, and so does a byte of a checkpoint file."""
+    import json
+    import shutil
+
+    from megaemb.checkpoint import weights_fingerprint
+
+    base = tiny_models["dense"]
+    copy = shutil.copytree(base, tmp_path / "copy", copy_function=shutil.copyfile)
+    assert weights_fingerprint(str(copy)) == weights_fingerprint(base)
+    st = str(copy / "model.safetensors")
+    with open(st, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    name = min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1]
+               - header[k]["data_offsets"][0])
+    _flip(st, 8 + n + header[name]["data_offsets"][0])
+    assert weights_fingerprint(str(copy)) != weights_fingerprint(base), name
+    # a megaemb checkpoint's iteration files: sampled at evenly spaced places
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000001").mkdir(parents=True)
+    (ckpt / "megaemb.json").write_text("{}")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("1")
+    (ckpt / "iter_0000001" / "__0_0.distcp").write_bytes(os.urandom(1 << 20))
+    before = weights_fingerprint(str(ckpt))
+    _flip(str(ckpt / "iter_0000001" / "__0_0.distcp"), (1 << 20) // 2)
+    assert weights_fingerprint(str(ckpt)) != before
+
+
+@pytest.mark.timeout(600)
+def test_changed_lora_base_is_refused_unless_allowed(tiny_models, tmp_path):
+    """A LoRA checkpoint records its base's fingerprint; a base folder now holding other
+    weights (a new revision in the same place) is refused with one line by embed, export and
+    sft (resume and --finetune) unless --allow_changed_base true (it used to give vectors at
+    cosine -0.10 to the trained model's without a word); the restored base passes again."""
+    import shutil
+
+    from megaemb.tiny import make_tiny_checkpoint
+    from test_inputs import megaemb, one_error
+
+    base = shutil.copytree(tiny_models["dense"], tmp_path / "base")
+    lora = str(tmp_path / "lora")
+    train = ["--model", str(base), "--train_type", "lora", "--dataset", f"{DATA}#16", "--max_length", "32",
+             "--micro_batch_size", "2", "--global_batch_size", "4", "--lr", "1e-3"]
+    r = megaemb("sft", *train, "--train_iters", "1", "--save", lora, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from megaemb import checkpoint
+
+    assert checkpoint.read_lora(lora)["base_fingerprint"] == checkpoint.weights_fingerprint(str(base))
+    original = tmp_path / "original.safetensors"
+    shutil.copyfile(base / "model.safetensors", original)
+    other = make_tiny_checkpoint(str(tmp_path / "revision"), seed=9)  # same shape, other weights
+    shutil.copyfile(os.path.join(other, "model.safetensors"), base / "model.safetensors")
+    texts = tmp_path / "t.txt"
+    texts.write_text("hello\n")
+    embed = ["embed", "--model", lora, "--input", str(texts), "--output", str(tmp_path / "e.npy")]
+    why = ("holds other weights than its adapters were trained on", "--allow_changed_base true")
+    one_error(megaemb(*embed), "embed", f"--model {lora}: the base model {base}", *why)
+    for merge in ("true", "false"):
+        one_error(megaemb("export", "--mcore_model", lora, "--to_hf", "true", "--output_dir",
+                          str(tmp_path / "hf"), "--merge_lora", merge), "export", *why)
+    one_error(megaemb("sft", *train, "--train_iters", "2", "--save", lora), "sft", f"--load {lora}", *why)
+    one_error(megaemb("sft", *train, "--train_iters", "1", "--load", lora, "--finetune", "true",
+                      "--save", str(tmp_path / "tuned")), "sft", *why)
+    assert not os.path.exists(tmp_path / "e.npy") and not os.path.exists(tmp_path / "hf")
+    r = megaemb(*embed, "--allow_changed_base", "true")
+    assert r.returncode == 0 and np.load(tmp_path / "e.npy").shape[0] == 1, r.stderr[-3000:]
+    shutil.copyfile(original, base / "model.safetensors")  # the trained-on weights are back
+    r = megaemb("export", "--mcore_model", lora, "--to_hf", "true", "--output_dir", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -163,12 +163,90 @@ def test_killed_build_is_not_a_store(tmp_path):
         proc.join()
     final = cache / store_key(spec)
     assert not final.exists() and len(tmps) == 1
-    with pytest.raises(ValueError, match="not a complete token store"):
+    with pytest.raises(ValueError, match="damaged token store .*meta.json.*the next run rebuilds it"):
         TokenStore(str(tmps[0]))
     logs = []
     store = TokenStore(build_token_store(spec, str(cache), log=logs.append, chunk_size=1000))
     assert store.path == str(final) and len(store) == 3000
     assert any("1 unfinished build(s)" in m for m in logs), logs
+
+
+def _damage(store: str, how: str) -> str:
+    """Spoil a built store as a disk, a copy or a user might; -> the file named in the note."""
+    if how == "random_tokens":  # same size, other bytes: ids past the vocabulary
+        size = os.path.getsize(os.path.join(store, "tokens.bin"))
+        with open(os.path.join(store, "tokens.bin"), "wb") as f:
+            f.write(os.urandom(size))
+        return "tokens.bin"
+    if how == "flipped_id":  # one id changed into another valid one: silently other text
+        with open(os.path.join(store, "tokens.bin"), "r+b") as f:
+            f.seek(4)
+            f.write((int.from_bytes(f.read(4), "little") ^ 1).to_bytes(4, "little"))
+        return "tokens.bin"
+    if how == "deleted_texts":
+        os.remove(os.path.join(store, "texts.npy"))
+        return "texts.npy"
+    with open(os.path.join(store, "meta.json"), "w") as f:  # broken_meta
+        f.write('{"format": 3, "exam')
+    return "meta.json"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["random_tokens", "flipped_id", "deleted_texts", "broken_meta"])
+def test_damaged_store_is_rebuilt_with_a_note(tmp_path, how):
+    """Reuse checks every file against the CRC-32 its build recorded: a damaged store is
+    rebuilt (one note naming it and the file), never read as it is."""
+    spec, cache = _spec(_write_data(tmp_path / "train.jsonl", "infonce")), str(tmp_path / "cache")
+    path = build_token_store(spec, cache, log=lambda m: None)
+    want = [store_texts(TokenStore(path)[i]) for i in range(len(TokenStore(path)))]
+    name = _damage(path, how)
+    if how in ("deleted_texts", "broken_meta"):  # opened as it is: one error naming the store and the fix
+        with pytest.raises(ValueError, match=f"^{path}: damaged token store .*delete it, the next run rebuilds it"):
+            TokenStore(path)
+    logs = []
+    assert build_token_store(spec, cache, log=logs.append) == path
+    notes = [m for m in logs if m.startswith("note:")]
+    assert len(notes) == 1 and f"token store {path} is damaged ({name}" in notes[0], logs
+    assert logs[-1] == f"built token store {path}", logs
+    store = TokenStore(path)
+    assert [store_texts(store[i]) for i in range(len(store))] == want
+    assert sorted(os.listdir(cache)) == [os.path.basename(path)]  # the damaged copy is gone
+    assert build_token_store(spec, cache, log=logs.append) == path and logs[-1] == f"reusing token store {path}"
+
+
+@pytest.mark.timeout(60)
+def test_token_ids_are_checked_against_the_model_vocabulary(tmp_path):
+    """The store records its largest id; a model with fewer embeddings (a tokenizer that is
+    not its own) is one error naming store and model, not an IndexError inside the embedding."""
+    spec, cache = _spec(_write_data(tmp_path / "train.jsonl", "infonce")), str(tmp_path / "cache")
+    store = TokenStore(build_token_store(spec, cache, log=lambda m: None))
+    top = int(store.tokens.max())
+    assert store.meta["max_id"] == top
+    store.check_vocab(top + 1, "big")
+    with pytest.raises(ValueError, match=f"^{store.path}: token id {top} is past --model small's vocabulary "
+                                         f"\\({top} ids\\)"):
+        store.check_vocab(top, "small")
+
+
+def store_texts(example: TokenizedExample) -> list[list[int]]:
+    return [t.tolist() for t in (example.query, example.doc, *example.negatives)]
+
+
+@pytest.mark.timeout(30)
+def test_unwritable_cache_is_one_line(tmp_path, monkeypatch):
+    """A read-only --data_cache_dir (root ignores permission bits, so the mount's EROFS is
+    simulated) is a PermissionError naming the folder and the flag, not an OSError trace."""
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    cache = str(tmp_path / "cache")
+    with pytest.raises(PermissionError, match=f"^{cache}: cannot write a token store there "
+                                              r"\(Read-only file system\); give a writable --data_cache_dir"):
+        build_token_store(_spec(_write_data(tmp_path / "train.jsonl", "infonce")), cache, log=lambda m: None)
 
 
 def _concurrent_build(barrier, spec, cache, results):

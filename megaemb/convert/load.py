@@ -31,9 +31,11 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
                recompute_granularity: str | None = None, recompute_method: str = "uniform",
                recompute_num_layers: int = 1, load_weights: bool = True,
                hidden_dropout: float = 0.0, attention_dropout: float = 0.0,
-               lora: LoRAConfig | None = None, seed: int = 0) -> LoadedModel:
+               lora: LoRAConfig | None = None, seed: int = 0,
+               allow_changed_base: bool = False) -> LoadedModel:
     """Collective over all ranks. ``path``: HF model dir or megaemb checkpoint dir; a LoRA
-    checkpoint loads its base model (``lora.json``), then its adapters. ``lora``: add fresh
+    checkpoint loads its base model (``lora.json``; refused if its weights changed since
+    training, unless ``allow_changed_base``), then its adapters. ``lora``: add fresh
     adapters (seeded by ``seed``) to the loaded model and freeze the rest."""
     from megaemb.model.lora import apply_lora, is_lora_name
 
@@ -43,11 +45,8 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
         if lora is not None:
             raise ValueError(f"{path} is a LoRA checkpoint: give it as --load (resume), or export "
                              "it with --merge_lora true and train from that")
-        base = meta["base"]
-        if not os.path.isdir(base):
-            raise FileNotFoundError(f"{path}/{checkpoint.LORA_FILE}: its base model {base} is gone "
-                                    "(the adapters need it)")
-        loaded = load_model(base, parallel, bf16=bf16, attention=attention,
+        checkpoint.check_lora_base(path, "--model", allow_changed_base)
+        loaded = load_model(meta["base"], parallel, bf16=bf16, attention=attention,
                             recompute_granularity=recompute_granularity,
                             recompute_method=recompute_method,
                             recompute_num_layers=recompute_num_layers, load_weights=load_weights,

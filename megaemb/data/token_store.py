@@ -13,12 +13,14 @@ the pair losses) by text id, so ``#N`` repeats and resampled negatives cost no t
     texts.npy     int64   [n, t]      example i's text ids: query, doc, k negatives
     labels.npy    float64 [n]         labelled losses only
     held_out.jsonl                    ``--split_dataset_ratio``'s eval rows, as text, in split order
-    meta.json                         counts and the data report (what the trainer logs)
+    meta.json                         counts, the data report (what the trainer logs), the
+                                      largest token id, each other file's size and CRC-32
 
 A build writes into a temporary sibling ``.<key>.tmp-*`` and renames it to ``<key>`` when
 complete, so a directory named ``<key>`` is always a whole store: a killed build leaves only
 its temporary directory, and of two concurrent builders (nodes sharing the cache) one rename
-wins and the other's identical result is dropped.
+wins and the other's identical result is dropped. Reuse reads the whole store once against
+its recorded checksums (``damage``); a damaged store is moved aside and built again.
 
 The build streams: it reads each file row by row (``iter_examples``) and tokenises
 ``chunk_size`` rows at a time, so neither the text nor the token lists of the whole set are
@@ -41,6 +43,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -54,7 +57,7 @@ from megaemb.data.formats import DataError, Example, RowReport, iter_examples, p
 from megaemb.data.negatives import negative_picks
 from megaemb.data.tokenize import EmbeddingTokenizer, TokenizedExample, format_query
 
-FORMAT = 3  # raise when the files or the tokenisation change: old stores then stop matching
+FORMAT = 4  # raise when the files or the tokenisation change: old stores then stop matching
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model")
 # the other ranks wait this long for their node's build (hours for 10M long rows); a rank that
@@ -134,6 +137,7 @@ class _Rows:
     cut: np.ndarray          # bool [texts]: text j was cut to max_length
     spec_rows: list[int]     # valid rows per spec
     report: RowReport
+    max_id: int              # the largest token id (-1 when there are no tokens)
 
     @property
     def starts(self) -> list[int]:
@@ -161,7 +165,7 @@ def _tokenize(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str], N
     cap = spec.hard_negatives if infonce else 0
     report, spec_rows = RowReport(), []
     lengths, cut, negatives, per_row, labels = [np.zeros(1, np.int64)], [], [], [], []
-    done, every = 0, max(chunk_size, 100_000)
+    done, every, max_id = 0, max(chunk_size, 100_000), -1
     with open(os.path.join(out, "tokens.bin"), "wb") as f:
         for _, rows in _read(spec, report):
             spec_rows.append(0)
@@ -171,8 +175,9 @@ def _tokenize(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str], N
                          for t in (format_query(e.query, spec.query_instruction or None), e.response, *negs)]
                 ids, chunk_cut = tok.encode_marked(texts)
                 lengths.append(np.fromiter(map(len, ids), np.int64, len(ids)))
-                f.write(np.fromiter(itertools.chain.from_iterable(ids), np.int32,
-                                    int(lengths[-1].sum())).tobytes())
+                flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths[-1].sum()))
+                f.write(flat.tobytes())
+                max_id = max(max_id, int(flat.max(initial=-1)))
                 cut.append(np.array(chunk_cut, bool))
                 negatives.append(np.array([len(e.negatives) for e in chunk], np.int64))
                 per_row.append(np.array([2 + len(negs) for negs in kept], np.int64))
@@ -184,7 +189,7 @@ def _tokenize(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str], N
     np.save(os.path.join(out, "offsets.npy"), np.cumsum(np.concatenate(lengths)))
     first = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.concatenate(per_row))])
     return _Rows(first, np.concatenate(negatives), np.concatenate(labels), np.concatenate(cut),
-                 spec_rows, report)
+                 spec_rows, report, max_id)
 
 
 def _rows_at(spec: StoreSpec, rows: _Rows, wanted: np.ndarray) -> dict[int, Example]:
@@ -214,7 +219,7 @@ def _write_store(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str]
     with open(os.path.join(out, "held_out.jsonl"), "w") as f:
         f.writelines(json.dumps(asdict(text[int(r)])) + "\n" for r in held)
     report = rows.report
-    meta = {"format": FORMAT, "examples": len(train), "k": 0, "held_out": len(held),
+    meta = {"format": FORMAT, "examples": len(train), "k": 0, "held_out": len(held), "max_id": rows.max_id,
             "report": {"rows_read": report.rows_read, "skipped": dict(report.skipped),
                        "messages": report.messages}}
     k, picks = 0, np.zeros((len(train), 0), np.int64)
@@ -237,9 +242,64 @@ def _write_store(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str]
         truncated += int(rows.cut[block].sum())
     ids.flush()
     del ids
-    meta.update(tokens=os.path.getsize(os.path.join(out, "tokens.bin")) // 4, truncated=truncated)
+    meta.update(tokens=os.path.getsize(os.path.join(out, "tokens.bin")) // 4, truncated=truncated,
+                files={name: _checksum(os.path.join(out, name)) for name in sorted(os.listdir(out))})
     with open(os.path.join(out, "meta.json"), "w") as f:  # last: its presence marks a whole store
         json.dump(meta, f)
+
+
+# ------------------------------------------------------------------------------ verify
+
+def _checksum(path: str) -> list[int]:
+    """``[size, CRC-32]`` of a file, read in 64 MiB blocks (CRC-32 runs at about 4 GB/s)."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 26):
+            crc, size = zlib.crc32(block, crc), size + len(block)
+    return [size, crc]
+
+
+def damage(path: str) -> str | None:
+    """Why the store at ``path`` cannot be used, or None when every file its ``meta.json``
+    lists is there with the size and CRC-32 its build recorded. One read of the store: a
+    second of a multi-hour tokenisation, and it catches what opening cannot (flipped or random
+    bytes in ``tokens.bin`` would be token ids past the vocabulary, or silently other text)."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            files = json.load(f)["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"meta.json is unreadable ({type(e).__name__}: {e})"
+    for name, expected in sorted(files.items()):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        size, crc = _checksum(full)
+        if [size, crc] != expected:
+            return f"{name} does not match its build's checksum ({size} bytes, expected {expected[0]})"
+    return None
+
+
+def _unwritable(cache: str, error: OSError) -> PermissionError:
+    return PermissionError(f"{cache}: cannot write a token store there ({error.strerror or error}); "
+                           "give a writable --data_cache_dir (or set MEGAEMB_CACHE)")
+
+
+def _discard(path: str) -> None:
+    """Move the damaged store ``path`` out of its name, then delete it (a concurrent builder
+    never sees half a store under the name)."""
+    cache = os.path.dirname(path)
+    doomed = os.path.join(cache, f".{os.path.basename(path)}.damaged-{os.getpid()}")
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:  # another builder moved it already
+        return
+    except OSError as e:
+        raise _unwritable(cache, e) from None
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def build_token_store(spec: StoreSpec, cache: str, log: Callable[[str], None] = print,
@@ -250,18 +310,25 @@ def build_token_store(spec: StoreSpec, cache: str, log: Callable[[str], None] = 
     staying in this process's heap (a training rank's); its errors are raised here."""
     path = os.path.join(cache, store_key(spec))
     if os.path.isdir(path):
-        log(f"reusing token store {path}")
-        return path
+        problem = damage(path)
+        if problem is None:
+            log(f"reusing token store {path}")
+            return path
+        log(f"note: token store {path} is damaged ({problem}); rebuilding it")
+        _discard(path)
     if fresh_process:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             return pool.submit(build_token_store, spec, cache, log, chunk_size).result()
-    os.makedirs(cache, exist_ok=True)
     prefix = f".{os.path.basename(path)}.tmp-"
-    unfinished = [n for n in os.listdir(cache) if n.startswith(prefix)]
+    try:
+        os.makedirs(cache, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=cache)
+    except OSError as e:
+        raise _unwritable(cache, e) from None
+    unfinished = [n for n in os.listdir(cache) if n.startswith(prefix) and n != os.path.basename(tmp)]
     if unfinished:
         log(f"note: {len(unfinished)} unfinished build(s) of this store in {cache} ({prefix}*): "
             "left by killed runs, or building now; delete them when no run is building")
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=cache)
     log(f"building token store {path}")
     try:
         _write_store(spec, tmp, chunk_size, log)
@@ -298,18 +365,23 @@ class TokenStore:
     int32 arrays (views of the memory-mapped ``tokens.bin``); ``len(store)`` examples."""
 
     def __init__(self, path: str):
-        meta_path = os.path.join(path, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise ValueError(f"{path}: not a complete token store (no meta.json)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        """Open the store at ``path`` (checked whole by ``damage`` when it was built or
+        reused); ``ValueError`` naming it when its files cannot be read or disagree."""
         self.path = path
-        self.offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r")
-        self.texts = np.load(os.path.join(path, "texts.npy"), mmap_mode="r")
-        n_tokens = os.path.getsize(os.path.join(path, "tokens.bin")) // 4
-        if self.meta.get("format") != FORMAT or n_tokens != self.offsets[-1] \
-                or self.texts.shape != (len(self), 2 + self.meta["k"]):
-            raise ValueError(f"{path}: damaged token store (format or sizes do not match); delete it")
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                self.meta = json.load(f)
+            self.offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r")
+            self.texts = np.load(os.path.join(path, "texts.npy"), mmap_mode="r")
+            n_tokens = os.path.getsize(os.path.join(path, "tokens.bin")) // 4
+            whole = self.meta.get("format") == FORMAT and n_tokens == self.offsets[-1] \
+                and self.texts.shape == (len(self), 2 + self.meta["k"])
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            raise ValueError(f"{path}: damaged token store ({type(e).__name__}: {e}); delete it, "
+                             "the next run rebuilds it") from None
+        if not whole:
+            raise ValueError(f"{path}: damaged token store (format or sizes do not match); delete it, "
+                             "the next run rebuilds it")
         # np.memmap cannot map an empty file
         self.tokens = (np.memmap(os.path.join(path, "tokens.bin"), np.int32, mode="r") if n_tokens
                        else np.zeros(0, np.int32))
@@ -318,6 +390,14 @@ class TokenStore:
 
     def __len__(self) -> int:
         return self.meta["examples"]
+
+    def check_vocab(self, vocab_size: int, model: str) -> None:
+        """Every token id fits a model with ``vocab_size`` embeddings: ``ValueError`` naming
+        the store and the model otherwise (a tokenizer that is not the model's would end in
+        an ``IndexError`` inside the embedding)."""
+        if self.meta["max_id"] >= vocab_size:
+            raise ValueError(f"{self.path}: token id {self.meta['max_id']} is past --model {model}'s "
+                             f"vocabulary ({vocab_size} ids): its tokenizer files do not belong to its weights")
 
     def __getitem__(self, i: int) -> TokenizedExample:
         if not 0 <= i < len(self):
