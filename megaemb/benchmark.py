@@ -107,10 +107,14 @@ def evaluate_set(data, queries: np.ndarray, docs: np.ndarray, dims: list[int | N
 
 
 def table(kind: str, results: dict, width: int) -> str:
+    """The metrics, one row per dimension; a NaN is explained below the table."""
     cols = COLUMNS[kind]
     lines = ["dim     " + "".join(f"{c:>11}" for c in cols)]
     for d, m in results.items():
         lines.append(f"{d or width:<8}" + "".join(f"{m[c]:>11.4f}" for c in cols))
+    if any(m[c] != m[c] for m in results.values() for c in cols):  # labels vary (read_pairs)
+        lines.append("nan: the model gives every pair the same cosine, so it has no correlation "
+                     "with the labels")
     return "\n".join(lines)
 
 

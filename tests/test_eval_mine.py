@@ -84,6 +84,26 @@ def test_mining_skips_positives_and_respects_margin_and_range():
             parse_range(bad)
 
 
+@pytest.mark.timeout(60)
+def test_sts_nan_has_a_reason(tmp_path):
+    """Constant STS labels are refused with the reason (no silent ``nan nan``); a NaN that
+    remains (every cosine equal) is explained under the table."""
+    from megaemb.benchmark import read_eval_set, table
+    from megaemb.data.formats import DataError
+    from megaemb.evaluate import pair_metrics
+
+    pairs = tmp_path / "sts.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"q{i}", "response": f"d{i}", "label": 1.0}) + "\n"
+                             for i in range(4)))
+    with pytest.raises(DataError, match="every label is 1; Spearman and Pearson"):
+        read_eval_set([str(pairs)])
+    same = np.ones((4, 8))
+    printed = table("pairs", {None: pair_metrics(same, same, [0.0, 1.0, 2.0, 3.0])}, 8)
+    assert "nan" in printed and "the model gives every pair the same cosine" in printed, printed
+    varied = np.random.default_rng(0).normal(size=(4, 8))
+    assert "nan" not in table("pairs", {None: pair_metrics(varied, same, [0.0, 1.0, 2.0, 3.0])}, 8)
+
+
 def _beir(root):
     os.makedirs(root / "qrels")
     docs = ["apt: command-line package manager", "jq: lightweight JSON processor",

@@ -138,9 +138,14 @@ def read_infonce(specs: list[str]) -> RetrievalSet:
 
 
 def read_pairs(specs: list[str]) -> PairSet:
+    """Labelled pairs; ``DataError`` when every label is the same (Spearman and Pearson of a
+    constant are undefined: there is nothing to correlate with)."""
     examples, _ = load_examples(specs, "sts")
-    return PairSet([e.query for e in examples], [e.response for e in examples],
-                   [float(e.label) for e in examples])
+    labels = [float(e.label) for e in examples]
+    if len(set(labels)) == 1:
+        raise DataError(f"{' '.join(specs)}: every label is {labels[0]:g}; Spearman and Pearson "
+                        "score how cosines follow labels that vary (e.g. STS-B's 0-5)")
+    return PairSet([e.query for e in examples], [e.response for e in examples], labels)
 
 
 def has_float_labels(path: str) -> bool:
