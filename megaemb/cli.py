@@ -439,7 +439,7 @@ def check_args(args, world: int = 1) -> None:
                 and not preflight.model_shape(cfg.model).num_experts:
             raise ValueError(f"--target_modules experts: --model {cfg.model} has no MoE experts")
         preflight.check_datasets(cfg.dataset, "--dataset")
-        preflight.check_datasets(cfg.val_dataset, "--val_dataset")
+        preflight.check_eval_datasets(cfg.val_dataset, "--val_dataset")
         preflight.resolve_load(cfg)
     elif args.command == "export":
         if args.to_mcore == args.to_hf:
@@ -461,16 +461,10 @@ def check_args(args, world: int = 1) -> None:
         preflight.check_export_dirs(source, args.output_dir, flag, args.overwrite)
         parse_size(args.max_shard_size)
     elif args.command == "eval":
-        from megaemb.data.eval_sets import is_beir
-
-        folders = [d for d in args.dataset if is_beir(d.split("#")[0])]
-        if folders and (len(args.dataset) > 1 or "#" in folders[0]):
-            raise ValueError(f"--dataset {' '.join(args.dataset)}: a BEIR folder is evaluated alone and "
-                             "whole (no #N sampling, no other files)")
+        preflight.check_eval_datasets(args.dataset, "--dataset")
         if any(d < 1 for d in args.mrl_dims or []):
             raise ValueError(f"--mrl_dims must be positive, got {args.mrl_dims}")
         _check_inference(args, world, dims=args.mrl_dims or [], dims_flag="--mrl_dims")
-        preflight.check_datasets(args.dataset, "--dataset")
         if args.output:
             preflight.check_output_file(args.output, "--output", {"--model": args.model}, args.overwrite)
             if len(set(args.mrl_dims or [])) > 1:

@@ -141,6 +141,18 @@ def check_datasets(specs: list[str], flag: str) -> None:
             raise FileNotFoundError(f"{flag} {spec}: no such file or directory")
 
 
+def check_eval_datasets(specs: list[str], flag: str) -> None:
+    """``check_datasets``, and a BEIR folder comes alone and whole (its queries, corpus and
+    qrels belong together)."""
+    from megaemb.data.eval_sets import is_beir
+
+    check_datasets(specs, flag)
+    folders = [d for d in specs if is_beir(d.split("#")[0])]
+    if folders and (len(specs) > 1 or "#" in folders[0]):
+        raise ValueError(f"{flag} {' '.join(specs)}: a BEIR folder is evaluated alone and whole (no #N "
+                         "sampling, no other files)")
+
+
 def completed_iteration(path: str) -> int | None:
     """The latest completed iteration of a megaemb checkpoint dir, else None."""
     if not (path and checkpoint.is_checkpoint(path)

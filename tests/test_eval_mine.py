@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from distributed import run_distributed
 from test_train import DATA, _megaemb
 
 DEV = os.path.join(os.path.dirname(DATA), "dev.jsonl")
@@ -258,3 +259,30 @@ def test_eval_and_mine_commands(tiny_models, tmp_path):
     for dataset in (str(pairs), beir):
         refused = _megaemb("mine", "--model", model, "--dataset", dataset, "--output", str(tmp_path / "x.jsonl"))
         assert refused.returncode == 2 and "mine reads infonce rows" in refused.stderr, refused.stderr[-2000:]
+
+
+def _beir_val_run(rank, world, model, beir):
+    from megaemb.config import SFTConfig
+    from megaemb.train import Trainer
+
+    cfg = SFTConfig(model=model, dataset=[f"{DATA}#8"], val_dataset=[beir], max_length=32, micro_batch_size=2,
+                    global_batch_size=4, train_iters=1, lr=1e-4)
+    return Trainer(cfg).run()["eval_before"]
+
+
+@pytest.mark.timeout(300)
+def test_sft_val_dataset_takes_a_beir_folder(tiny_models, tmp_path):
+    """``sft --val_dataset`` takes the BEIR folder ``eval`` takes and scores it as ``eval``
+    does (before training: the same model, the same numbers); alone and whole, as in eval."""
+    from megaemb.preflight import check_eval_datasets
+
+    model, beir = tiny_models["dense"], _beir(tmp_path / "beir")
+    before = run_distributed(_beir_val_run, 1, model, beir, timeout=240)[0]
+    r = _megaemb("eval", "--model", model, "--dataset", beir, "--output", str(tmp_path / "m.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = json.loads((tmp_path / "m.json").read_text())
+    for key in ("recall@1", "recall@10", "ndcg@10", "mrr@10"):
+        assert abs(before[key] - ref[key]) < 1e-6, (key, before, ref)
+    for specs in ([f"{beir}#2"], [beir, DATA]):
+        with pytest.raises(ValueError, match="--val_dataset .*a BEIR folder is evaluated alone and whole"):
+            check_eval_datasets(specs, "--val_dataset")
