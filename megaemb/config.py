@@ -304,6 +304,20 @@ def target_modules(names: list[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def fused_targets_note(names: list[str]) -> str | None:
+    """What HF projection names in ``--target_modules`` adapt beyond themselves: megatron fuses
+    q/k/v into ``linear_qkv`` and gate/up into ``linear_fc1``, so one adapter covers them all
+    (None when every fused name is listed, or none is given)."""
+    extra = {}
+    for name in names or []:
+        fused = [hf for hf, linear in HF_NAMES.items() if linear == HF_NAMES.get(name)]
+        extra.update({hf: HF_NAMES[hf] for hf in fused if hf not in names})
+    if not extra:
+        return None
+    return (f"--target_modules {' '.join(names)} also adapts {', '.join(extra)}: megatron fuses q/k/v into "
+            "linear_qkv and gate/up into linear_fc1, and one adapter covers each fused linear")
+
+
 def field_docs(cls) -> dict[str, str]:
     """Each dataclass field's documentation: the comment ending its line in the class source
     (``name: type = default  # doc``); ``KeyError`` at ``--help`` for an undocumented field."""

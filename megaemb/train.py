@@ -28,7 +28,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megaemb import checkpoint, launcher, platform, preflight
-from megaemb.config import LoRAConfig, SFTConfig
+from megaemb.config import LoRAConfig, SFTConfig, fused_targets_note
 from megaemb.convert.load import load_model
 from megaemb.data.batching import step_micro_batches
 from megaemb.data.eval_sets import PairSet, RetrievalSet, first_queries, is_beir, read_beir, rows_as_set
@@ -38,7 +38,7 @@ from megaemb.data.token_store import StoreSpec, open_on_every_rank
 from megaemb.data.tokenize import EmbeddingTokenizer, format_query
 from megaemb.embed import embed_texts
 from megaemb.evaluate import pair_metrics, retrieval_metrics
-from megaemb.logs import TrainLogger
+from megaemb.logs import TrainLogger, micro_batch_note
 from megaemb.loss import GroupLoss, InfoNCEConfig
 from megaemb.model.flops import train_flops
 from megaemb.model.lora import is_lora_name
@@ -109,6 +109,9 @@ class Trainer:
             self._log(f"LoRA r={self.lora.rank} alpha={self.lora.alpha} on {', '.join(self.lora.target_modules)}: "
                       f"{trained:,} trained parameters, {frozen:,} frozen (no gradient buffer or "
                       "optimizer state) on this rank")
+            note = fused_targets_note(cfg.target_modules)
+            if note:
+                self._log(f"note: {note}")
         if cfg.hidden_dropout or cfg.attention_dropout:
             self._log(f"dropout: hidden {cfg.hidden_dropout}, attention {cfg.attention_dropout}")
         ddp_config = DistributedDataParallelConfig(
@@ -158,9 +161,7 @@ class Trainer:
         self.train_iters = cfg.train_iters or self.sampler.iterations_for_epochs(cfg.num_train_epochs)
         self.packed = self.module.packs_by_default if cfg.packing is None else cfg.packing
         self.layout = Layout(self.tokenizer.pad_id, self.packed, self.module.sequence_multiple)
-        self._log(f"micro-batches: {'packed [1, T]' if self.packed else 'padded [n, s]'} (--packing)"
-                  + (f", at most {cfg.max_tokens_per_micro_batch} tokens each"
-                     if cfg.max_tokens_per_micro_batch else ""))
+        self._log(micro_batch_note(self.packed, cfg.max_tokens_per_micro_batch))
         if cfg.loss_type == "infonce":
             self._log_negatives(meta["k"])
 
