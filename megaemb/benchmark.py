@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megaemb import checkpoint
 from megaemb.data.eval_sets import PairSet, has_float_labels, is_beir, read_beir, read_infonce, read_pairs
+from megaemb.data.formats import parse_spec
 from megaemb.evaluate import pair_metrics, retrieval_metrics
 
 RETRIEVAL_KS = (1, 5, 10, 100)
@@ -31,7 +32,7 @@ def read_eval_set(specs: list[str]):
     """A BEIR folder, labelled pairs, or infonce rows -> ``RetrievalSet`` / ``PairSet``."""
     if len(specs) == 1 and is_beir(specs[0]):
         return read_beir(specs[0])
-    first = specs[0].split("#")[0]
+    first = parse_spec(specs[0])[0]
     if os.path.exists(first) and has_float_labels(first):
         return read_pairs(specs)
     return read_infonce(specs)

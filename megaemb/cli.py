@@ -423,12 +423,13 @@ def check_args(args, world: int = 1) -> None:
             raise ValueError(f"--mrl_dims must be positive, got {args.mrl_dims}")
         _check_inference(args, world, dims=args.mrl_dims or [], dims_flag="--mrl_dims")
         if args.output:
-            preflight.check_output_file(args.output, "--output", {"--model": args.model}, args.overwrite)
+            preflight.check_output_file(args.output, "--output", [("--model", args.model)], args.overwrite)
             if len(set(args.mrl_dims or [])) > 1:
                 preflight.check_output_file(os.path.splitext(args.output)[0] + "_dims.png", "the plot of --output",
-                                            {"--model": args.model}, args.overwrite)
+                                            [("--model", args.model)], args.overwrite)
     elif args.command == "mine":
         from megaemb.data.eval_sets import has_float_labels, is_beir
+        from megaemb.data.formats import parse_spec
         from megaemb.mine import parse_range
 
         _check_inference(args, world, positive=("num_negatives",))
@@ -436,10 +437,10 @@ def check_args(args, world: int = 1) -> None:
         if not args.margin > 0:
             raise ValueError(f"--margin must be > 0, got {args.margin}")
         preflight.check_datasets(args.dataset, "--dataset")
-        inputs = {"--model": args.model, **{"--dataset": d.split("#")[0] for d in args.dataset}}
+        inputs = [("--model", args.model)] + [("--dataset", parse_spec(d)[0]) for d in args.dataset]
         preflight.check_output_file(args.output, "--output", inputs, args.overwrite)
         for spec in args.dataset:
-            path = spec.split("#")[0]
+            path = parse_spec(spec)[0]
             if is_beir(path):
                 raise ValueError(f"--dataset {spec}: a BEIR folder; mine reads infonce rows (query, "
                                  "response[, rejected_response]) and mines from their responses")
@@ -464,7 +465,7 @@ def check_args(args, world: int = 1) -> None:
         from megaemb.embed import check_input
 
         check_input(args.input)
-        preflight.check_output_file(args.output, "--output", {"--input": args.input, "--model": args.model},
+        preflight.check_output_file(args.output, "--output", [("--input", args.input), ("--model", args.model)],
                                     args.overwrite)
 
 

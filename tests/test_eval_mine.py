@@ -286,3 +286,22 @@ def test_sft_val_dataset_takes_a_beir_folder(tiny_models, tmp_path):
     for specs in ([f"{beir}#2"], [beir, DATA]):
         with pytest.raises(ValueError, match="--val_dataset .*a BEIR folder is evaluated alone and whole"):
             check_eval_datasets(specs, "--val_dataset")
+
+
+@pytest.mark.timeout(120)
+def test_mine_never_overwrites_any_of_its_datasets(tiny_models, tmp_path):
+    """Every --dataset is protected from --output (not only the last one), and a file whose
+    name holds a '#' is protected under its own name."""
+    from megaemb.cli import build_parser, check_args
+
+    rows = "".join(json.dumps({"query": f"q{i}", "response": f"r{i}"}) + "\n" for i in range(4))
+    first, second, odd = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c#d.jsonl"
+    for path in (first, second, odd):
+        path.write_text(rows)
+    for datasets, output in (([first, second], first), ([first, second], second), ([odd], odd),
+                             ([f"{odd}#2"], odd)):
+        args = build_parser().parse_args(["mine", "--model", tiny_models["dense"], "--dataset",
+                                          *map(str, datasets), "--output", str(output), "--overwrite", "true"])
+        with pytest.raises(FileExistsError, match="would destroy the input"):
+            check_args(args)
+    assert first.read_text() == second.read_text() == odd.read_text() == rows
