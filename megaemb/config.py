@@ -150,7 +150,7 @@ class SFTConfig:
 
     model: str = ""  # HF model dir (Qwen3 / Qwen3-Embedding / Qwen3-MoE) or megaemb checkpoint
     dataset: list[str] = field(default_factory=list)  # training files or folders; FILE#N samples N rows
-    val_dataset: list[str] = field(default_factory=list)  # eval files (retrieval or pair metrics)
+    val_dataset: list[str] = field(default_factory=list)  # eval files (retrieval or pair metrics) or a BEIR folder
     split_dataset_ratio: float = 0.0  # hold out this share of --dataset for eval instead
     loss_type: str = "infonce"  # infonce | cosine_similarity | contrastive | online_contrastive
     bad_rows: str = "error"  # error (stop at file:line) | skip (count in the log)
@@ -212,7 +212,7 @@ class SFTConfig:
     save_hf: bool = False  # also export HF files at every save
     save_total_limit: int = 0  # keep only the newest N checkpoints (and their HF exports); 0 = all
     eval_interval: int = 0  # evaluate every N steps (0: before and after training only)
-    eval_limit: int = 0  # eval rows used (0: all)
+    eval_limit: int = 0  # eval rows (or BEIR queries) used (0: all)
     log_interval: int = 10  # steps per log line (loss, tokens/s, MFU, memory)
     export_timeout_minutes: float = 240.0  # other ranks wait this long for rank 0's HF export
     distributed_timeout_minutes: float = 10.0  # a collective waiting longer ends the job
@@ -411,10 +411,8 @@ def fused_targets_note(names: list[str]) -> str | None:
     """What HF projection names in ``--target_modules`` adapt beyond themselves: megatron fuses
     q/k/v into ``linear_qkv`` and gate/up into ``linear_fc1``, so one adapter covers them all
     (None when every fused name is listed, or none is given)."""
-    extra = {}
-    for name in names or []:
-        fused = [hf for hf, linear in HF_NAMES.items() if linear == HF_NAMES.get(name)]
-        extra.update({hf: HF_NAMES[hf] for hf in fused if hf not in names})
+    extra = dict.fromkeys(hf for name in names or [] for hf, linear in HF_NAMES.items()
+                          if linear == HF_NAMES.get(name) and hf not in names)
     if not extra:
         return None
     return (f"--target_modules {' '.join(names)} also adapts {', '.join(extra)}: megatron fuses q/k/v into "

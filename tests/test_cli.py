@@ -177,10 +177,10 @@ def test_every_flag_has_help_with_its_default():
             text = action.help or ""
             shown = "(default: " in text or text.endswith("(required)")
             assert shown and len(text.rsplit(" (", 1)[0].strip()) > 5, (name, action.option_strings, text)
-        assert "``" not in sub.format_help(), name
+        assert "`" not in sub.format_help(), name
     from megaemb.cli import build_parser
 
-    assert "``" not in build_parser().format_help()
+    assert "`" not in build_parser().format_help()
     actions = {a.option_strings[0][2:]: a for a in subs["sft"]._actions if a.option_strings}
     assert all(f.name in actions for f in dataclasses.fields(SFTConfig))
     assert actions["lr"].help.endswith("(default: 1e-05)")
