@@ -49,6 +49,7 @@ REQUIRED = {"required": True}
 
 
 def choices(*values: str) -> dict:
+    """Field metadata: the flag takes only these values."""
     return {"choices": values}
 
 
