@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megaemb import checkpoint
 from megaemb.outputs import atomic_file
 from megaemb.data.eval_sets import PairSet, has_float_labels, is_beir, read_beir, read_infonce, read_pairs
+from megaemb.data.formats import parse_spec
 from megaemb.evaluate import pair_metrics, retrieval_metrics
 
 RETRIEVAL_KS = (1, 5, 10, 100)
@@ -33,7 +34,7 @@ def read_eval_set(specs: list[str]):
     """A BEIR folder, labelled pairs, or infonce rows -> ``RetrievalSet`` / ``PairSet``."""
     if len(specs) == 1 and is_beir(specs[0]):
         return read_beir(specs[0])
-    first = specs[0].split("#")[0]
+    first = parse_spec(specs[0])[0]
     if os.path.exists(first) and has_float_labels(first):
         return read_pairs(specs)
     return read_infonce(specs)
@@ -141,10 +142,14 @@ def evaluate_set(data, queries: np.ndarray, docs: np.ndarray, dims: list[int | N
 
 
 def table(kind: str, results: dict, width: int) -> str:
+    """The metrics, one row per dimension; a NaN is explained below the table."""
     cols = COLUMNS[kind]
     lines = ["dim     " + "".join(f"{c:>11}" for c in cols)]
     for d, m in results.items():
         lines.append(f"{d or width:<8}" + "".join(f"{m[c]:>11.4f}" for c in cols))
+    if any(m[c] != m[c] for m in results.values() for c in cols):  # labels vary (read_pairs)
+        lines.append("nan: the model gives every pair the same cosine, so it has no correlation "
+                     "with the labels")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from megaemb import outputs
 
 
 def str2bool(v: str) -> bool:
+    """A true/false flag value (the bench scripts' flags)."""
     if isinstance(v, bool):
         return v
     if v.lower() in ("true", "1", "yes"):
@@ -28,138 +29,86 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{prog}: error: {message} (see {prog} --help)\n")
 
 
-def add_parallel_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("parallelism (world size = NPROC_PER_NODE * NNODES)")
-    g.add_argument("--tensor_model_parallel_size", type=int, default=1)
-    g.add_argument("--pipeline_model_parallel_size", type=int, default=1)
-    g.add_argument("--expert_model_parallel_size", type=int, default=1)
-    g.add_argument("--context_parallel_size", type=int, default=1)
-    g.add_argument("--sequence_parallel", type=str2bool, default=False)
-    g.add_argument("--bf16", type=str2bool, default=False, help="bf16 weights (default fp32)")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--attention", default="auto", choices=("auto", "te", "sdpa", "local"),
-                   help="layer spec: te (Transformer Engine), sdpa, local; auto = te when installed")
-
-
-def add_inference_flags(p: argparse.ArgumentParser, *, max_length_help: str | None = None,
-                        batch_size_help: str | None = None) -> None:
-    """What every command that embeds takes (embed, eval, mine, serve): the model, text length,
-    micro-batch, packing, and the parallel flags."""
-    p.add_argument("--model", required=True, help="HF model dir or megaemb MCore checkpoint dir (LoRA too)")
-    p.add_argument("--max_length", type=int, default=None, help=max_length_help or
-                   "tokens per text (default: 8192 or the model's max_position_embeddings)")
-    p.add_argument("--batch_size", type=int, default=32, help=batch_size_help)
-    p.add_argument("--packing", type=str2bool, default=None,
-                   help="padding-free [1, T] batches (default: true on CUDA, false on CPU)")
-    add_allow_changed_base(p)
-    add_parallel_flags(p)
-
-
-def add_allow_changed_base(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allow_changed_base", type=str2bool, default=False,
-                   help="a LoRA checkpoint whose base model now holds other weights than its adapters "
-                        "were trained on: use it knowingly (refused by default)")
-
-
 def parallel_config(args):
     from megaemb.config import ParallelConfig
 
     return ParallelConfig.of(args)
 
 
+DESCRIPTION = ("Train text-embedding models on Megatron-Core, convert them between Hugging Face and "
+               "Megatron-Core, embed, evaluate, mine hard negatives and serve. Flags follow "
+               "Megatron-SWIFT's spelling (--to_mcore true); 'megaemb COMMAND --help' lists a "
+               "command's flags with their defaults.")
+
+
+def command_flags() -> dict[str, tuple[type, ...]]:
+    """Each subcommand but sft: the dataclasses whose fields are its flags, its own first (it
+    documents a flag it shares, e.g. serve's --max_length)."""
+    from megaemb.config import (EmbedFlags, EvalFlags, ExportFlags, InferenceFlags, MineFlags, ParallelFlags,
+                                ServeFlags)
+
+    return {"export": (ExportFlags, ParallelFlags),
+            "embed": (EmbedFlags, InferenceFlags, ParallelFlags),
+            "eval": (EvalFlags, InferenceFlags, ParallelFlags),
+            "mine": (MineFlags, InferenceFlags, ParallelFlags),
+            "serve": (ServeFlags, InferenceFlags, ParallelFlags)}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from megaemb.config import SFTConfig
+
     # allow_abbrev=False: a mistyped flag (--train_iter) is an error, never a silent prefix match
-    parser = Parser(prog="megaemb", description=__doc__, allow_abbrev=False)
+    parser = Parser(prog="megaemb", description=DESCRIPTION, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    e = sub.add_parser("export", help="convert HF <-> Megatron-Core checkpoints", allow_abbrev=False)
-    e.add_argument("--model", help="HF model directory (with --to_mcore)")
-    e.add_argument("--mcore_model", help="megaemb MCore checkpoint directory (with --to_hf)")
-    e.add_argument("--to_mcore", type=str2bool, default=False)
-    e.add_argument("--to_hf", type=str2bool, default=False)
-    e.add_argument("--output_dir", required=True)
-    e.add_argument("--test_convert_precision", type=str2bool, default=False,
-                   help="compare the converted model with transformers on sample texts")
-    e.add_argument("--max_shard_size", default="5GB", help="HF safetensors shard size (--to_hf)")
-    e.add_argument("--iteration", type=int, default=None,
-                   help="checkpoint iteration to export with --to_hf (default: the latest)")
-    e.add_argument("--overwrite", type=str2bool, default=False,
-                   help="replace an existing, non-empty --output_dir")
-    e.add_argument("--merge_lora", type=str2bool, default=False,
-                   help="--to_hf of a LoRA checkpoint: the merged HF model (default: a PEFT adapter folder)")
-    add_allow_changed_base(e)
-    add_parallel_flags(e)
-
-    m = sub.add_parser("embed", help="embed texts with an HF or MCore checkpoint", allow_abbrev=False)
-    m.add_argument("--input", required=True, help=".txt (a text per line), or --text_field of each row of "
-                   ".jsonl, .json, .csv, .parquet or a datasets folder")
-    m.add_argument("--output", required=True,
-                   help="file to write (exactly this path): .npy format, float32 [n, dim]")
-    m.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --output")
-    m.add_argument("--text_field", default="text", help="the field holding the text (all but .txt)")
-    m.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\\nQuery:{text}'")
-    m.add_argument("--dim", type=int, default=None, help="Matryoshka dimension")
-    add_inference_flags(m)
-    v = sub.add_parser("eval", help="retrieval / STS metrics of an HF or MCore checkpoint", allow_abbrev=False)
-    v.add_argument("--dataset", required=True, nargs="+",
-                   help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/*.tsv), infonce rows "
-                        "(query/response/rejected_response) or pairs with float labels")
-    v.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\\nQuery:{query}'")
-    v.add_argument("--mrl_dims", type=int, nargs="+", default=None,
-                   help="Matryoshka dimensions: one row each, and a PNG beside --output")
-    v.add_argument("--output", default=None, help="metrics JSON (flat keys: recall@10, ndcg@10, ...)")
-    v.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --output")
-    v.add_argument("--cache_dir", default=None,
-                   help="corpus embeddings by content hash (default: $MEGAEMB_CACHE/embeddings or "
-                        "~/.cache/megaemb/embeddings)")
-    add_inference_flags(v)
-    n = sub.add_parser("mine", help="hard negatives from a dataset's own corpus -> infonce JSONL",
-                       allow_abbrev=False)
-    n.add_argument("--dataset", required=True, nargs="+", help="infonce rows (query/response[/rejected_response])")
-    n.add_argument("--output", required=True, help="JSONL to write: query, response, rejected_response")
-    n.add_argument("--overwrite", type=str2bool, default=False, help="replace an existing --output")
-    n.add_argument("--num_negatives", type=int, default=7, help="hard negatives per row")
-    n.add_argument("--range", default="10-100",
-                   help="LO-HI: candidates ranked LO+1..HI by similarity (skips the LO closest)")
-    n.add_argument("--margin", type=float, default=0.95,
-                   help="drop candidates scoring above MARGIN x the positive's score (false negatives)")
-    n.add_argument("--instruction", default=None, help="task for 'Instruct: {task}\\nQuery:{query}'")
-    n.add_argument("--cache_dir", default=None, help="corpus embeddings by content hash (as eval)")
-    add_inference_flags(n)
-    r = sub.add_parser("serve", help="OpenAI-compatible /v1/embeddings server", allow_abbrev=False)
-    r.add_argument("--host", default="127.0.0.1")
-    r.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
-    r.add_argument("--served_model_name", default=None, help="the model id clients send (default: the "
-                   "--model directory's name)")
-    r.add_argument("--max_batch_texts", type=int, default=256,
-                   help="dynamic batching: most texts of concurrent requests run together")
-    r.add_argument("--batch_wait_ms", type=float, default=5.0,
-                   help="dynamic batching: how long a first request waits for others")
-    add_inference_flags(r, batch_size_help="texts per forward micro-batch", max_length_help=(
-        "longest input in tokens, end token included; longer ones get a 400 "
-        "(default: 8192 or the model's max_position_embeddings)"))
-    s = sub.add_parser("sft", help="train an embedding model (contrastive losses)", allow_abbrev=False)
-    s.add_argument("--config", help="YAML with the same keys as the flags; flags override it")
-    add_dataclass_flags(s)
+    for name, classes in command_flags().items():
+        summary = classes[0].__doc__.strip()
+        add_dataclass_flags(sub.add_parser(name, help=summary, description=summary, allow_abbrev=False), classes)
+    summary = "train an embedding model (contrastive losses)"
+    s = sub.add_parser("sft", help=summary, description=summary, allow_abbrev=False)
+    s.add_argument("--config", help="YAML with the same keys as the flags; flags override it (default: none)")
+    add_dataclass_flags(s, (SFTConfig,), yaml=True)
+    s.add_argument("--eval_dataset", dest="val_dataset", nargs="+", default=None,
+                   help="alias of --val_dataset (default: none)")
     return parser
 
 
-def add_dataclass_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per ``SFTConfig`` field; defaults are None so YAML values are not overridden."""
+def add_dataclass_flags(p: argparse.ArgumentParser, classes: tuple[type, ...], yaml: bool = False) -> None:
+    """One flag per field of ``classes`` (the first class to declare a name wins; each later
+    class is a group titled by its docstring): type, choices and ``required`` from the field,
+    help from its comment (``config.field_docs``) with the default shown. With ``yaml`` (sft)
+    every default is None, so flags not given do not override the YAML. A field without a
+    comment raises ``ValueError``: every flag is documented."""
     import dataclasses
 
-    from megaemb.config import SFTConfig, field_docs, field_kind
+    from megaemb.config import field_docs, field_kind
 
-    docs = field_docs(SFTConfig)
-    for f in dataclasses.fields(SFTConfig):
-        kind = field_kind(f)
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = "none" if default in (None, "", []) else str(default).lower() if kind[0] == "bool" else default
-        p.add_argument(f"--{f.name}", type=_flag_type(kind), default=None,
-                       nargs="+" if kind[1] else None, metavar=kind[0].upper(),
-                       help=f"{docs[f.name]} (default: {shown})")
-    p.add_argument("--eval_dataset", dest="val_dataset", nargs="+", default=None,
-                   help="alias of --val_dataset")
+    taken = set()
+    for i, cls in enumerate(classes):
+        docs = field_docs(cls)
+        target = p.add_argument_group(cls.__doc__.strip()) if i else p
+        for f in dataclasses.fields(cls):
+            if f.name in taken:
+                continue
+            taken.add(f.name)
+            if not docs.get(f.name):
+                raise ValueError(f"{cls.__name__}.{f.name}: no comment documents the flag --{f.name}")
+            kind = field_kind(f)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            required = f.metadata.get("required", False)
+            target.add_argument(f"--{f.name}", type=_flag_type(kind), default=None if yaml else default,
+                                required=required, nargs="+" if kind[1] else None,
+                                choices=f.metadata.get("choices"),
+                                metavar=None if "choices" in f.metadata else kind[0].upper(),
+                                help=f"{docs[f.name]} ({_shown(default, kind, required)})".replace("%", "%%"))
+
+
+def _shown(default, kind, required: bool) -> str:
+    """How ``--help`` shows a flag's default."""
+    if required:
+        return "required"
+    if default in (None, "", []):
+        return "default: none"
+    return f"default: {str(default).lower() if kind[0] == 'bool' else default}"
 
 
 def _flag_type(kind):
@@ -449,7 +398,7 @@ def check_args(args, world: int = 1) -> None:
                 and not preflight.model_shape(cfg.model).num_experts:
             raise ValueError(f"--target_modules experts: --model {cfg.model} has no MoE experts")
         preflight.check_datasets(cfg.dataset, "--dataset")
-        preflight.check_datasets(cfg.val_dataset, "--val_dataset")
+        preflight.check_eval_datasets(cfg.val_dataset, "--val_dataset")
         preflight.resolve_load(cfg)
     elif args.command == "export":
         if args.to_mcore == args.to_hf:
@@ -474,23 +423,18 @@ def check_args(args, world: int = 1) -> None:
         preflight.check_export_dirs(source, args.output_dir, flag, args.overwrite)
         parse_size(args.max_shard_size)
     elif args.command == "eval":
-        from megaemb.data.eval_sets import is_beir
-
-        folders = [d for d in args.dataset if is_beir(d.split("#")[0])]
-        if folders and (len(args.dataset) > 1 or "#" in folders[0]):
-            raise ValueError(f"--dataset {' '.join(args.dataset)}: a BEIR folder is evaluated alone and "
-                             "whole (no #N sampling, no other files)")
+        preflight.check_eval_datasets(args.dataset, "--dataset")
         if any(d < 1 for d in args.mrl_dims or []):
             raise ValueError(f"--mrl_dims must be positive, got {args.mrl_dims}")
         _check_inference(args, world, dims=args.mrl_dims or [], dims_flag="--mrl_dims")
-        preflight.check_datasets(args.dataset, "--dataset")
         if args.output:
-            preflight.check_output_file(args.output, "--output", {"--model": args.model}, args.overwrite)
+            preflight.check_output_file(args.output, "--output", [("--model", args.model)], args.overwrite)
             if len(set(args.mrl_dims or [])) > 1:
                 preflight.check_output_file(os.path.splitext(args.output)[0] + "_dims.png", "the plot of --output",
-                                            {"--model": args.model}, args.overwrite)
+                                            [("--model", args.model)], args.overwrite)
     elif args.command == "mine":
         from megaemb.data.eval_sets import has_float_labels, is_beir
+        from megaemb.data.formats import parse_spec
         from megaemb.mine import parse_range
 
         _check_inference(args, world, positive=("num_negatives",))
@@ -498,10 +442,10 @@ def check_args(args, world: int = 1) -> None:
         if not args.margin > 0:
             raise ValueError(f"--margin must be > 0, got {args.margin}")
         preflight.check_datasets(args.dataset, "--dataset")
-        inputs = {"--model": args.model, **{"--dataset": d.split("#")[0] for d in args.dataset}}
+        inputs = [("--model", args.model)] + [("--dataset", parse_spec(d)[0]) for d in args.dataset]
         preflight.check_output_file(args.output, "--output", inputs, args.overwrite)
         for spec in args.dataset:
-            path = spec.split("#")[0]
+            path = parse_spec(spec)[0]
             if is_beir(path):
                 raise ValueError(f"--dataset {spec}: a BEIR folder; mine reads infonce rows (query, "
                                  "response[, rejected_response]) and mines from their responses")
@@ -526,7 +470,7 @@ def check_args(args, world: int = 1) -> None:
         from megaemb.embed import check_input
 
         check_input(args.input)
-        preflight.check_output_file(args.output, "--output", {"--input": args.input, "--model": args.model},
+        preflight.check_output_file(args.output, "--output", [("--input", args.input), ("--model", args.model)],
                                     args.overwrite)
 
 

@@ -55,6 +55,112 @@ class ParallelConfig:
                     "parallel sizes)")
 
 
+# ------------------------------------------------------------------ the other subcommands' flags
+# One flag per field, documented by the comment ending its line (``field_docs``), shown with its
+# default; ``cli.add_dataclass_flags`` builds the parsers from these. ``REQUIRED`` marks a flag
+# that must be given; ``choices(...)`` limits a flag's values.
+
+REQUIRED = {"required": True}
+
+
+def choices(*values: str) -> dict:
+    """Field metadata: the flag takes only these values."""
+    return {"choices": values}
+
+
+@dataclass
+class ParallelFlags:
+    """parallelism (world size = NPROC_PER_NODE * NNODES)"""
+
+    tensor_model_parallel_size: int = 1  # TP: layers split over this many GPUs
+    pipeline_model_parallel_size: int = 1  # PP: layers in this many stages
+    expert_model_parallel_size: int = 1  # EP: MoE experts spread over this many ranks
+    context_parallel_size: int = 1  # CP (needs Transformer Engine attention; only 1 is supported yet)
+    sequence_parallel: bool = False  # SP: split norms/activations over TP ranks along the sequence
+    bf16: bool = False  # bf16 weights (false: fp32)
+    seed: int = 42  # random seed (the model's initialisation)
+    attention: str = field(default="auto", metadata=choices("auto", "te", "sdpa", "local"))  # layer spec: te (Transformer Engine), sdpa, local; auto = te when installed
+
+
+@dataclass
+class InferenceFlags:
+    """model and batching"""
+
+    model: str = field(default="", metadata=REQUIRED)  # HF model dir or megaemb MCore checkpoint dir (LoRA too)
+    max_length: int | None = None  # tokens per text, end token included (longer texts are cut); none = 8192 or the model's max_position_embeddings
+    batch_size: int = 32  # texts per forward micro-batch (sorted by length first)
+    packing: bool | None = None  # padding-free micro-batches (the texts in one row); none = true on CUDA, false on CPU
+    allow_changed_base: bool = False  # a LoRA checkpoint whose base model now holds other weights than its adapters were trained on: use it knowingly (refused by default)
+
+
+@dataclass
+class ExportFlags:
+    """convert HF <-> Megatron-Core checkpoints"""
+
+    model: str | None = None  # HF model directory (with --to_mcore)
+    mcore_model: str | None = None  # megaemb MCore checkpoint directory (with --to_hf)
+    to_mcore: bool = False  # convert --model to a Megatron-Core checkpoint under the parallel layout
+    to_hf: bool = False  # convert --mcore_model to HF (transformers + sentence-transformers files)
+    output_dir: str = field(default="", metadata=REQUIRED)  # directory to write (never the input)
+    test_convert_precision: bool = False  # compare the converted model with transformers on sample texts
+    max_shard_size: str = "5GB"  # HF safetensors shard size (--to_hf), e.g. 500MB
+    iteration: int | None = None  # checkpoint iteration to export with --to_hf; none = the latest
+    overwrite: bool = False  # replace an existing, non-empty --output_dir
+    merge_lora: bool = False  # --to_hf of a LoRA checkpoint: the merged HF model (false: a PEFT adapter folder)
+    allow_changed_base: bool = False  # a LoRA checkpoint whose base model now holds other weights than its adapters were trained on: use it knowingly (refused by default)
+
+
+@dataclass
+class EmbedFlags:
+    """embed texts with an HF or MCore checkpoint"""
+
+    input: str = field(default="", metadata=REQUIRED)  # .txt (a text per line), or --text_field of each row of .jsonl, .json, .csv, .parquet or a datasets folder
+    output: str = field(default="", metadata=REQUIRED)  # file to write (exactly this path): .npy format, float32 [n, dim]
+    overwrite: bool = False  # replace an existing --output
+    text_field: str = "text"  # the field holding the text (all but .txt)
+    instruction: str | None = None  # task for 'Instruct: {task}\nQuery:{text}'; none = the texts as they are
+    dim: int | None = None  # Matryoshka dimension (the first DIM coordinates, renormalised); none = all
+
+
+@dataclass
+class EvalFlags:
+    """retrieval / STS metrics of an HF or MCore checkpoint"""
+
+    dataset: list[str] = field(default_factory=list, metadata=REQUIRED)  # a BEIR folder (corpus.jsonl, queries.jsonl, qrels/*.tsv), infonce rows (query/response/rejected_response) or pairs with float labels; FILE#N samples N rows
+    instruction: str | None = None  # task for 'Instruct: {task}\nQuery:{query}'; none = the queries as they are
+    mrl_dims: list[int] | None = None  # Matryoshka dimensions: one row each, and a PNG beside --output; none = the full width
+    output: str | None = None  # metrics JSON (flat keys: recall@10, ndcg@10, ...); none = the table only
+    overwrite: bool = False  # replace an existing --output
+    cache_dir: str | None = None  # corpus embeddings by content hash; none = $MEGAEMB_CACHE/embeddings or ~/.cache/megaemb/embeddings
+
+
+@dataclass
+class MineFlags:
+    """hard negatives from a dataset's own corpus -> infonce JSONL"""
+
+    dataset: list[str] = field(default_factory=list, metadata=REQUIRED)  # infonce rows (query/response[/rejected_response]); FILE#N samples N rows
+    output: str = field(default="", metadata=REQUIRED)  # JSONL to write: query, response, rejected_response
+    overwrite: bool = False  # replace an existing --output
+    num_negatives: int = 7  # hard negatives per row
+    range: str = "10-100"  # LO-HI: candidates ranked LO+1..HI by similarity (skips the LO closest)
+    margin: float = 0.95  # drop candidates scoring above MARGIN x the positive's score (false negatives)
+    instruction: str | None = None  # task for 'Instruct: {task}\nQuery:{query}'; none = the queries as they are
+    cache_dir: str | None = None  # corpus embeddings by content hash (as eval); none = $MEGAEMB_CACHE/embeddings or ~/.cache/megaemb/embeddings
+
+
+@dataclass
+class ServeFlags:
+    """OpenAI-compatible /v1/embeddings server"""
+
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0: every interface)
+    port: int = 8000  # TCP port; 0 picks a free port (printed)
+    served_model_name: str | None = None  # the model id clients send; none = the --model directory's name
+    max_batch_texts: int = 256  # dynamic batching: most texts of concurrent requests run together
+    batch_wait_ms: float = 5.0  # dynamic batching: how long a first request waits for others
+    max_length: int | None = None  # longest input in tokens, end token included; longer ones get a 400; none = 8192 or the model's max_position_embeddings
+    batch_size: int = 32  # texts per forward micro-batch
+
+
 @dataclass
 class SFTConfig:
     """``megaemb sft`` settings. Every field is a flag of the same name (Megatron-SWIFT
@@ -62,7 +168,7 @@ class SFTConfig:
 
     model: str = ""  # HF model dir (Qwen3 / Qwen3-Embedding / Qwen3-MoE) or megaemb checkpoint
     dataset: list[str] = field(default_factory=list)  # training files or folders; FILE#N samples N rows
-    val_dataset: list[str] = field(default_factory=list)  # eval files (retrieval or pair metrics)
+    val_dataset: list[str] = field(default_factory=list)  # eval files (retrieval or pair metrics) or a BEIR folder
     split_dataset_ratio: float = 0.0  # hold out this share of --dataset for eval instead
     loss_type: str = "infonce"  # infonce | cosine_similarity | contrastive | online_contrastive
     bad_rows: str = "error"  # error (stop at file:line) | skip (count in the log)
@@ -125,7 +231,7 @@ class SFTConfig:
     save_hf: bool = False  # also export HF files at every save
     save_total_limit: int = 0  # keep only the newest N checkpoints (and their HF exports); 0 = all
     eval_interval: int = 0  # evaluate every N steps (0: before and after training only)
-    eval_limit: int = 0  # eval rows used (0: all)
+    eval_limit: int = 0  # eval rows (or BEIR queries) used (0: all)
     log_interval: int = 10  # steps per log line (loss, tokens/s, MFU, memory)
     export_timeout_minutes: float = 240.0  # other ranks wait this long for rank 0's HF export
     distributed_timeout_minutes: float = 10.0  # a collective waiting longer ends the job
@@ -320,9 +426,22 @@ def target_modules(names: list[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def fused_targets_note(names: list[str]) -> str | None:
+    """What HF projection names in ``--target_modules`` adapt beyond themselves: megatron fuses
+    q/k/v into ``linear_qkv`` and gate/up into ``linear_fc1``, so one adapter covers them all
+    (None when every fused name is listed, or none is given)."""
+    extra = dict.fromkeys(hf for name in names or [] for hf, linear in HF_NAMES.items()
+                          if linear == HF_NAMES.get(name) and hf not in names)
+    if not extra:
+        return None
+    return (f"--target_modules {' '.join(names)} also adapts {', '.join(extra)}: megatron fuses q/k/v into "
+            "linear_qkv and gate/up into linear_fc1, and one adapter covers each fused linear")
+
+
 def field_docs(cls) -> dict[str, str]:
     """Each dataclass field's documentation: the comment ending its line in the class source
-    (``name: type = default  # doc``); ``KeyError`` at ``--help`` for an undocumented field."""
+    (``name: type = default  # doc``); a field without one has none here (``cli`` refuses
+    to build a flag without help)."""
     import inspect
     import io
     import tokenize

@@ -17,6 +17,18 @@ from megaemb.outputs import atomic_file
 from megaemb.preflight import RUN_MARKER
 
 
+def micro_batch_note(packed: bool, max_tokens: int = 0) -> str:
+    """The log line saying how a step's texts become model inputs (``--packing``), in words."""
+    if packed:
+        line = ("micro-batches: packed (--packing true): a micro-batch's texts are concatenated into "
+                "one row, kept apart by a document mask; padding only rounds the row's length up")
+    else:
+        line = ("micro-batches: padded (--packing false): one row per text, each padded to the longest "
+                "text of its micro-batch")
+    line += " (each step's line gives the padding share)"
+    return line + (f"; at most {max_tokens} tokens each (--max_tokens_per_micro_batch)" if max_tokens else "")
+
+
 class TrainLogger:
     def __init__(self, out_dir: str, enabled: bool):
         self.enabled = enabled

@@ -70,14 +70,14 @@ def check_free_space(path: str, shape, bf16: bool, flag: str) -> None:
                       f"export need about {need / 2**30:.1f} GiB")
 
 
-def check_output_file(path: str, flag: str, inputs: dict[str, str], overwrite: bool) -> None:
+def check_output_file(path: str, flag: str, inputs: list[tuple[str, str]], overwrite: bool) -> None:
     """``path`` can be written as a new file: not a directory, its directory writable, not one
-    of ``inputs`` ({flag: path}) nor inside one, not inside a megaemb checkpoint, and not an
-    existing file unless ``overwrite``."""
+    of ``inputs`` ((flag, path) pairs; a flag may name several) nor inside one, not inside a
+    megaemb checkpoint, and not an existing file unless ``overwrite``."""
     if os.path.isdir(path):
         raise FileExistsError(f"{flag} {path}: is a directory; give a file name")
     check_writable_dir(os.path.dirname(_real(path)), f"{flag} {path}")
-    for input_flag, source in inputs.items():
+    for input_flag, source in inputs:
         if contains(source, path):
             raise FileExistsError(f"{flag} {path}: is or lies inside {input_flag} {source}; "
                                   "writing there would destroy the input")
@@ -137,6 +137,20 @@ def check_datasets(specs: list[str], flag: str) -> None:
         path, _ = parse_spec(spec)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{flag} {spec}: no such file or directory")
+
+
+def check_eval_datasets(specs: list[str], flag: str) -> None:
+    """``check_datasets``, and a BEIR folder comes alone and whole (its queries, corpus and
+    qrels belong together)."""
+    from megaemb.data.eval_sets import is_beir
+    from megaemb.data.formats import parse_spec
+
+    check_datasets(specs, flag)
+
+    folders = [d for d in specs if is_beir(parse_spec(d)[0])]
+    if folders and (len(specs) > 1 or "#" in folders[0]):
+        raise ValueError(f"{flag} {' '.join(specs)}: a BEIR folder is evaluated alone and whole (no #N "
+                         "sampling, no other files)")
 
 
 def completed_iteration(path: str) -> int | None:

@@ -17,10 +17,11 @@ little-endian float32 (OpenAI's format), and ``usage`` token counts.
 Texts are tokenised as ``megaemb embed`` does (the end token appended). Token-id inputs get
 the end token appended unless they end with it. Bad requests get OpenAI's error shape,
 ``{"error": {"message", "type", "param", "code"}}``, with 400 (malformed JSON, missing,
-empty, over-long or mistyped input, a bad ``dimensions`` / ``encoding_format``, a batch
-over ``max_batch_size`` inputs), 404 (unknown model or route), 405 (a method a route does not
-take), 411 (no Content-Length) or 413 (a body over 64 MiB), and the server keeps serving.
-"""
+empty, over-long, mistyped or non-Unicode input, a bad ``dimensions`` / ``encoding_format``, a
+batch over ``max_batch_size`` inputs), 404 (unknown model or route), 405 (a method a route does
+not take), 411 (no Content-Length) or 413 (a body over 64 MiB), and the server keeps serving.
+HTTP protocol errors (400 for a garbage request line, 414, 431, 501, 505: ``send_error``) and
+a fault of the handler itself (500) get the same shape: every answer is JSON."""
 from __future__ import annotations
 
 import base64
@@ -30,6 +31,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -114,6 +116,9 @@ def parse_request(body: bytes, cfg: ServeConfig, tokenize) -> Job:
         if isinstance(x, str):
             if not x.strip():
                 raise RequestError(400, f"input[{i}] is empty", "input")
+            if not _is_unicode(x):
+                raise RequestError(400, f"input[{i}] is not valid Unicode (a lone surrogate escape such as "
+                                   "\\ud800)", "input")
         elif not (isinstance(x, list) and x and all(_is_int(t) and 0 <= t < cfg.vocab_size for t in x)):
             raise RequestError(400, f"input[{i}] must be a non-empty string or a list of token ids in "
                                f"[0, {cfg.vocab_size})", "input")
@@ -130,6 +135,16 @@ def parse_request(body: bytes, cfg: ServeConfig, tokenize) -> Job:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string JSON let through with a lone surrogate (``"\\ud800"``), which the
+    tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def answer(job: Job, cfg: ServeConfig) -> dict:
@@ -160,8 +175,21 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", tokenize):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":  # a HEAD answer has headers only, or the next answer is garbled
+                self.wfile.write(data)
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+            """http.server's own errors (a garbage request line, an unknown method or HTTP version,
+            an over-long line, too many headers) in OpenAI's JSON shape, not its HTML page; the
+            connection closes."""
+            if not self.request_version.startswith("HTTP/1."):
+                self.request_version = "HTTP/1.0"  # a status line and headers even for an unreadable line
+            self.close_connection = True
+            status = HTTPStatus(code)
+            self._send(code, RequestError(code, message or status.phrase, code=status.name.lower()).body())
 
         def _route(self) -> str:
             return self.path.split("?", 1)[0].rstrip("/")
@@ -214,6 +242,9 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", tokenize):
                 job = parse_request(body, cfg, locked_tokenize)
             except RequestError as e:
                 self._send(e.status, e.body())
+                return
+            except Exception as e:  # a bug, not the client's fault: still an answer in OpenAI's shape
+                self._send(500, RequestError(500, f"{type(e).__name__}: {e}").body())
                 return
             jobs.put(job)
             job.done.wait()

@@ -29,15 +29,16 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megaemb import checkpoint, launcher, platform, preflight
-from megaemb.config import LoRAConfig, SFTConfig
+from megaemb.config import LoRAConfig, SFTConfig, fused_targets_note
 from megaemb.convert.load import load_model
+from megaemb.data.eval_sets import PairSet, RetrievalSet, first_queries, is_beir, read_beir, rows_as_set
 from megaemb.data.formats import load_examples
 from megaemb.data.sampler import GlobalBatchSampler, shard_for_rank
 from megaemb.data.token_store import StoreSpec, open_on_every_rank
 from megaemb.data.tokenize import EmbeddingTokenizer, format_query
 from megaemb.embed import embed_texts
 from megaemb.evaluate import pair_metrics, retrieval_metrics
-from megaemb.logs import TrainLogger
+from megaemb.logs import TrainLogger, micro_batch_note
 from megaemb.loss import GroupLoss, InfoNCEConfig
 from megaemb.model.flops import train_flops
 from megaemb.model.lora import is_lora_name
@@ -110,6 +111,9 @@ class Trainer:
             self._log(f"LoRA r={self.lora.rank} alpha={self.lora.alpha} on {', '.join(self.lora.target_modules)}: "
                       f"{trained:,} trained parameters, {frozen:,} frozen (no gradient buffer or "
                       "optimizer state) on this rank")
+            note = fused_targets_note(cfg.target_modules)
+            if note:
+                self._log(f"note: {note}")
         if cfg.hidden_dropout or cfg.attention_dropout:
             self._log(f"dropout: hidden {cfg.hidden_dropout}, attention {cfg.attention_dropout}")
         ddp_config = DistributedDataParallelConfig(
@@ -148,12 +152,7 @@ class Trainer:
         self._log(f"train data: {self.train.report.summary()}")
         for msg in self.train.report.messages:
             self._log(f"  skipped: {msg}")
-        if cfg.val_dataset:
-            val, vreport = load_examples(cfg.val_dataset, cfg.loss_type, bad_rows=cfg.bad_rows, seed=cfg.seed)
-            self._log(f"eval data: {vreport.summary()}")
-            self.eval_examples = val[: cfg.eval_limit] if cfg.eval_limit else val
-        else:
-            self.eval_examples = self.train.held_out(cfg.eval_limit)
+        self.eval_set = self._eval_set()
         if cfg.loss_type == "infonce":
             low, high = meta["negatives_per_row"]
             self._log(f"infonce: {meta['k']} hard negatives per query (rows have {low}..{high}; "
@@ -167,9 +166,7 @@ class Trainer:
         self.layout = Layout(self.tokenizer.pad_id, self.packed, self.module.sequence_multiple)
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="megaemb-next-step")
         self._ahead: tuple[int, Future] | None = None  # (step, its inputs being built)
-        self._log(f"micro-batches: {'packed [1, T]' if self.packed else 'padded [n, s]'} (--packing)"
-                  + (f", at most {cfg.max_tokens_per_micro_batch} tokens each"
-                     if cfg.max_tokens_per_micro_batch else ""))
+        self._log(micro_batch_note(self.packed, cfg.max_tokens_per_micro_batch))
         if cfg.loss_type == "infonce":
             self._log_negatives(meta["k"])
 
@@ -189,6 +186,24 @@ class Trainer:
         up_to = "up to " if cfg.max_tokens_per_micro_batch and not cfg.global_negatives else ""
         self._log(f"infonce: {up_to}{self.negatives} negatives per query (the loss sees {seen} "
                   f"groups: {how})")
+
+    def _eval_set(self) -> RetrievalSet | PairSet | None:
+        """What the in-loop eval scores: a BEIR folder as ``megaemb eval`` reads it, the
+        ``--val_dataset`` rows or the held-out rows of ``--split_dataset_ratio`` (None: no eval);
+        ``--eval_limit`` keeps the first queries / rows."""
+        cfg = self.cfg
+        if cfg.val_dataset and is_beir(cfg.val_dataset[0]):  # alone and whole (preflight)
+            data = first_queries(read_beir(cfg.val_dataset[0]), cfg.eval_limit)
+            self._log(f"eval data: BEIR {cfg.val_dataset[0]}: {len(data.queries)} queries, "
+                      f"{len(data.corpus)} documents")
+            return data
+        if cfg.val_dataset:
+            rows, report = load_examples(cfg.val_dataset, cfg.loss_type, bad_rows=cfg.bad_rows, seed=cfg.seed)
+            self._log(f"eval data: {report.summary()}")
+            rows = rows[: cfg.eval_limit] if cfg.eval_limit else rows
+        else:
+            rows = self.train.held_out(cfg.eval_limit)
+        return rows_as_set(rows, cfg.loss_type) if rows else None
 
     def _build_optimizer(self):
         cfg = self.cfg
@@ -389,20 +404,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
-        if not self.eval_examples:
+        """Retrieval or pair metrics of ``eval_set`` (queries with ``--query_instruction``)."""
+        data = self.eval_set
+        if data is None:
             return {}
-        ex = self.eval_examples
-        queries = [format_query(e.query, self.cfg.query_instruction or None) for e in ex]
-        if self.cfg.loss_type == "infonce":
-            corpus = sorted(set(e.response for e in ex))
-            where = {t: i for i, t in enumerate(corpus)}
-            q = embed_texts(self.module, self.tokenizer, queries, packed=self.packed)
-            c = embed_texts(self.module, self.tokenizer, corpus, packed=self.packed)
-            metrics = retrieval_metrics(q, c, [{where[e.response]} for e in ex]) if self.rank0 else {}
+        pairs = isinstance(data, PairSet)
+        first, second = (data.texts1, data.texts2) if pairs else (data.queries, data.corpus)
+        q = embed_texts(self.module, self.tokenizer, [format_query(t, self.cfg.query_instruction or None)
+                                                      for t in first], packed=self.packed)
+        d = embed_texts(self.module, self.tokenizer, second, packed=self.packed)
+        if not self.rank0:
+            metrics = {}
         else:
-            q = embed_texts(self.module, self.tokenizer, queries, packed=self.packed)
-            d = embed_texts(self.module, self.tokenizer, [e.response for e in ex], packed=self.packed)
-            metrics = pair_metrics(q, d, [e.label for e in ex]) if self.rank0 else {}
+            metrics = pair_metrics(q, d, data.labels) if pairs else retrieval_metrics(q, d, data.relevant)
         self.module.train()
         box = [metrics]
         dist.broadcast_object_list(box, src=0)
@@ -417,7 +431,7 @@ class Trainer:
         if finished:
             self._log(f"nothing to train: {self.load_dir} is at iteration {self.start_step} "
                       f"= --train_iters (raise --train_iters to train on)")
-        history = {"eval_before": self.evaluate() if self.eval_examples else {}}
+        history = {"eval_before": self.evaluate()}
         self.logger.log_eval(self.step, history["eval_before"])
         progress = self.logger.progress(self.start_step, self.train_iters)
         window, t0 = [], time.time()
@@ -442,7 +456,7 @@ class Trainer:
         if finished:
             history["eval_after"] = history["eval_before"]
         else:
-            history["eval_after"] = self.evaluate() if self.eval_examples else {}
+            history["eval_after"] = self.evaluate()
             self.logger.log_eval(self.step, history["eval_after"])
         if cfg.save:
             if not finished and not (cfg.save_interval and self.train_iters % cfg.save_interval == 0):

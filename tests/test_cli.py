@@ -157,19 +157,78 @@ def test_sft_under_torchrun_saves_and_exports(tiny_models, tmp_path):
     assert emb.shape == (1, 64)
 
 
+def _subparsers() -> dict:
+    from megaemb.cli import build_parser
+
+    return next(a for a in build_parser()._actions if a.dest == "command").choices
+
+
 @pytest.mark.timeout(30)
-def test_every_sft_flag_has_help_with_its_default():
-    """Generated from SFTConfig's field comments: a new undocumented field fails here."""
+def test_every_flag_has_help_with_its_default():
+    """Every subcommand's flags come from one typed source (SFTConfig, config.*Flags) and their
+    field comments: each has help text and shows its default (or that it is required); a new
+    undocumented field fails here, and so does reST markup in any help page."""
     import dataclasses
 
-    from megaemb.cli import build_parser
     from megaemb.config import SFTConfig
 
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    actions = {a.option_strings[0][2:]: a for a in sub.choices["sft"]._actions if a.option_strings}
-    for f in dataclasses.fields(SFTConfig):
-        text = actions[f.name].help
-        assert text and "(default: " in text and len(text.split("(default:")[0].strip()) > 5, (f.name, text)
+    subs = _subparsers()
+    assert set(subs) == {"export", "embed", "eval", "mine", "serve", "sft"}
+    for name, sub in subs.items():
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            text = action.help or ""
+            shown = "(default: " in text or text.endswith("(required)")
+            assert shown and len(text.rsplit(" (", 1)[0].strip()) > 5, (name, action.option_strings, text)
+        assert "`" not in sub.format_help(), name
+    from megaemb.cli import build_parser
+
+    assert "`" not in build_parser().format_help()
+    actions = {a.option_strings[0][2:]: a for a in subs["sft"]._actions if a.option_strings}
+    assert all(f.name in actions for f in dataclasses.fields(SFTConfig))
     assert actions["lr"].help.endswith("(default: 1e-05)")
     assert actions["bf16"].help.endswith("(default: none)") and "CUDA" in actions["bf16"].help
     assert actions["sequence_parallel"].help.endswith("(default: false)")
+    serve = {a.dest: a for a in subs["serve"]._actions}
+    assert "400" in serve["max_length"].help  # serve documents its own --max_length
+    assert serve["port"].help.endswith("(default: 8000)") and serve["model"].help.endswith("(required)")
+
+
+@pytest.mark.timeout(30)
+def test_flag_defaults_and_types_are_unchanged():
+    """The generated parsers keep every flag's name, default and type (Megatron-SWIFT names)."""
+    from megaemb.cli import build_parser
+
+    parse = build_parser().parse_args
+    serve = parse(["serve", "--model", "m"])
+    assert (serve.host, serve.port, serve.max_batch_texts, serve.batch_wait_ms, serve.batch_size) == \
+        ("127.0.0.1", 8000, 256, 5.0, 32)
+    assert (serve.max_length, serve.packing, serve.served_model_name, serve.bf16, serve.seed) == (None, None, None, False, 42)
+    mine = parse(["mine", "--model", "m", "--dataset", "a", "b#3", "--output", "o"])
+    assert (mine.dataset, mine.num_negatives, mine.range, mine.margin, mine.cache_dir) == (["a", "b#3"], 7, "10-100", 0.95, None)
+    export = parse(["export", "--model", "m", "--to_mcore", "true", "--output_dir", "o",
+                    "--tensor_model_parallel_size", "2", "--sequence_parallel", "yes"])
+    assert (export.to_mcore, export.to_hf, export.max_shard_size, export.iteration) == (True, False, "5GB", None)
+    assert (export.tensor_model_parallel_size, export.sequence_parallel, export.attention) == (2, True, "auto")
+    ev = parse(["eval", "--model", "m", "--dataset", "d", "--mrl_dims", "16", "64"])
+    assert (ev.mrl_dims, ev.output, ev.overwrite, ev.instruction) == ([16, 64], None, False, None)
+    embed = parse(["embed", "--model", "m", "--input", "i", "--output", "o"])
+    assert (embed.text_field, embed.dim, embed.overwrite) == ("text", None, False)
+
+
+@pytest.mark.timeout(30)
+def test_an_undocumented_flag_is_refused():
+    """A field without its comment cannot become a flag: building the parser fails."""
+    import argparse
+    from dataclasses import dataclass
+
+    from megaemb.cli import add_dataclass_flags
+
+    @dataclass
+    class Flags:
+        documented: int = 1  # a flag with help
+        bare: int = 2
+
+    with pytest.raises(ValueError, match="Flags.bare: no comment documents the flag --bare"):
+        add_dataclass_flags(argparse.ArgumentParser(), (Flags,))

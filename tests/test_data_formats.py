@@ -432,6 +432,20 @@ def test_spec_suffix_parsing(tmp_path):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("count", ["-3", "ten", "1.5", ""])
+def test_bad_sample_count_of_an_existing_file(tmp_path, count):
+    """``a.jsonl#-3`` names the count, not a missing file ``a.jsonl#-3``; the flag check
+    (``preflight.check_datasets``) says so before any model loads."""
+    from megaemb.preflight import check_datasets
+
+    path = write_jsonl(tmp_path / "a.jsonl", rows_of(3))
+    with pytest.raises(DataError, match=f"sample count after '#' must be >= 1, got '{count}'"):
+        check_datasets([f"{path}#{count}"], "--dataset")
+    with pytest.raises(FileNotFoundError, match="no such file"):  # a missing file stays missing
+        check_datasets([str(tmp_path / f"b.jsonl#{count}")], "--dataset")
+
+
+@pytest.mark.timeout(60)
 def test_several_files_concatenate_in_order(tmp_path):
     import datasets
 

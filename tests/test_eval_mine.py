@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from distributed import run_distributed
 from test_train import DATA, _megaemb
 
 DEV = os.path.join(os.path.dirname(DATA), "dev.jsonl")
@@ -82,6 +83,26 @@ def test_mining_skips_positives_and_respects_margin_and_range():
     for bad in ("100-10", "x", "5"):
         with pytest.raises(ValueError, match="--range"):
             parse_range(bad)
+
+
+@pytest.mark.timeout(60)
+def test_sts_nan_has_a_reason(tmp_path):
+    """Constant STS labels are refused with the reason (no silent ``nan nan``); a NaN that
+    remains (every cosine equal) is explained under the table."""
+    from megaemb.benchmark import read_eval_set, table
+    from megaemb.data.formats import DataError
+    from megaemb.evaluate import pair_metrics
+
+    pairs = tmp_path / "sts.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"q{i}", "response": f"d{i}", "label": 1.0}) + "\n"
+                             for i in range(4)))
+    with pytest.raises(DataError, match="every label is 1; Spearman and Pearson"):
+        read_eval_set([str(pairs)])
+    same = np.ones((4, 8))
+    printed = table("pairs", {None: pair_metrics(same, same, [0.0, 1.0, 2.0, 3.0])}, 8)
+    assert "nan" in printed and "the model gives every pair the same cosine" in printed, printed
+    varied = np.random.default_rng(0).normal(size=(4, 8))
+    assert "nan" not in table("pairs", {None: pair_metrics(varied, same, [0.0, 1.0, 2.0, 3.0])}, 8)
 
 
 def _beir(root):
@@ -301,3 +322,49 @@ def test_unwritable_embedding_cache_is_a_note(tmp_path, monkeypatch, capsys):
     notes = capsys.readouterr().out.splitlines()
     assert not hit and got.shape == (2, 4)
     assert len(notes) == 1 and notes[0].startswith(f"note: cannot write the embedding cache {blocker}/cache/"), notes
+
+
+def _beir_val_run(rank, world, model, beir):
+    from megaemb.config import SFTConfig
+    from megaemb.train import Trainer
+
+    cfg = SFTConfig(model=model, dataset=[f"{DATA}#8"], val_dataset=[beir], max_length=32, micro_batch_size=2,
+                    global_batch_size=4, train_iters=1, lr=1e-4)
+    return Trainer(cfg).run()["eval_before"]
+
+
+@pytest.mark.timeout(300)
+def test_sft_val_dataset_takes_a_beir_folder(tiny_models, tmp_path):
+    """``sft --val_dataset`` takes the BEIR folder ``eval`` takes and scores it as ``eval``
+    does (before training: the same model, the same numbers); alone and whole, as in eval."""
+    from megaemb.preflight import check_eval_datasets
+
+    model, beir = tiny_models["dense"], _beir(tmp_path / "beir")
+    before = run_distributed(_beir_val_run, 1, model, beir, timeout=240)[0]
+    r = _megaemb("eval", "--model", model, "--dataset", beir, "--output", str(tmp_path / "m.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = json.loads((tmp_path / "m.json").read_text())
+    for key in ("recall@1", "recall@10", "ndcg@10", "mrr@10"):
+        assert abs(before[key] - ref[key]) < 1e-6, (key, before, ref)
+    for specs in ([f"{beir}#2"], [beir, DATA]):
+        with pytest.raises(ValueError, match="--val_dataset .*a BEIR folder is evaluated alone and whole"):
+            check_eval_datasets(specs, "--val_dataset")
+
+
+@pytest.mark.timeout(120)
+def test_mine_never_overwrites_any_of_its_datasets(tiny_models, tmp_path):
+    """Every --dataset is protected from --output (not only the last one), and a file whose
+    name holds a '#' is protected under its own name."""
+    from megaemb.cli import build_parser, check_args
+
+    rows = "".join(json.dumps({"query": f"q{i}", "response": f"r{i}"}) + "\n" for i in range(4))
+    first, second, odd = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c#d.jsonl"
+    for path in (first, second, odd):
+        path.write_text(rows)
+    for datasets, output in (([first, second], first), ([first, second], second), ([odd], odd),
+                             ([f"{odd}#2"], odd)):
+        args = build_parser().parse_args(["mine", "--model", tiny_models["dense"], "--dataset",
+                                          *map(str, datasets), "--output", str(output), "--overwrite", "true"])
+        with pytest.raises(FileExistsError, match="would destroy the input"):
+            check_args(args)
+    assert first.read_text() == second.read_text() == odd.read_text() == rows

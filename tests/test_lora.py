@@ -37,6 +37,18 @@ def test_target_modules_and_flags():
     assert target_modules(["q_proj", "v_proj", "down_proj"]) == ("linear_qkv", "linear_fc2")
     with pytest.raises(ValueError, match="experts"):
         target_modules(["router"])
+
+
+@pytest.mark.timeout(60)
+def test_fused_hf_targets_are_named():
+    """``--target_modules q_proj`` adapts all of linear_qkv: the note names k_proj and v_proj."""
+    from megaemb.config import fused_targets_note
+
+    note = fused_targets_note(["q_proj", "down_proj"])
+    assert note.startswith("--target_modules q_proj down_proj also adapts k_proj, v_proj:"), note
+    assert "also adapts up_proj:" in fused_targets_note(["gate_proj"])
+    for names in (["q_proj", "k_proj", "v_proj", "o_proj"], ["all-linear"], ["linear_qkv"], []):
+        assert fused_targets_note(names) is None, names
     with pytest.raises(ValueError, match="Transformer Engine"):
         _cfg("m", attention="te").validate()
     with pytest.raises(ValueError, match="lora_rank"):

@@ -164,3 +164,14 @@ def test_compiled_flex_equals_sdpa_and_graphs_stay_bounded(monkeypatch):
     mask = attention.document_block_mask(torch.tensor([0, 200], dtype=torch.int32), 200)
     with pytest.raises(Exception, match="recompile"):
         attention._flex_attention(q, k, v, block_mask=mask, scale=0.1, enable_gqa=True)
+
+
+@pytest.mark.timeout(60)
+def test_micro_batch_log_line_says_what_it_means():
+    """The log line about ``--packing`` is words a newcomer can read, not ``padded [n, s]``."""
+    from megaemb.logs import micro_batch_note
+
+    padded, packed = micro_batch_note(False), micro_batch_note(True, 4096)
+    assert padded.startswith("micro-batches: padded (--packing false): one row per text") and "[" not in padded
+    assert packed.startswith("micro-batches: packed (--packing true): a micro-batch's texts are concatenated")
+    assert packed.endswith("at most 4096 tokens each (--max_tokens_per_micro_batch)"), packed

@@ -210,3 +210,100 @@ def test_port_in_use_is_one_line_before_loading(tiny_models):
     lines = [l for l in r.stderr.splitlines() if l.startswith("megaemb serve: error:")]
     assert r.returncode == 2 and len(lines) == 1 and "cannot listen there" in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+@pytest.fixture
+def http_layer():
+    """The HTTP layer of ``megaemb serve`` in this process, without a model: a worker thread
+    answers every queued job with zero vectors; the tokenizer refuses what the HF one refuses
+    (a string that is not valid Unicode) and fails on the text "crash" (a handler fault)."""
+    import queue
+
+    from megaemb.serve import ServeConfig, Server, make_handler
+
+    def tokenize(texts):
+        if "crash" in texts:
+            raise RuntimeError("tokenizer crashed")
+        return [list(t.encode("utf-8")) + [255] for t in texts]
+
+    def worker():
+        while (job := jobs.get()) is not None:
+            job.result = np.zeros((len(job.seqs), 8), np.float32)
+            job.done.set()
+
+    jobs = queue.Queue()
+    cfg = ServeConfig(name="tiny", width=8, max_length=64, vocab_size=256, end_id=255)
+    server = Server(("127.0.0.1", 0), make_handler(cfg, jobs, tokenize))
+    threads = [threading.Thread(target=server.serve_forever, daemon=True), threading.Thread(target=worker)]
+    for t in threads:
+        t.start()
+    yield server.server_address[1]
+    jobs.put(None)
+    server.shutdown()
+    server.server_close()
+    threads[1].join(timeout=10)
+
+
+def _raw_exchange(port: int, data: bytes) -> tuple[bytes, dict, bytes]:
+    """Send ``data`` on a fresh connection, read until the server closes it: (status line,
+    headers, body)."""
+    reply = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        try:
+            while chunk := s.recv(65536):
+                reply += chunk
+        except ConnectionResetError:  # the server closed with part of an over-long request unread
+            pass
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    return status.encode(), dict(line.split(": ", 1) for line in lines), body
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("request_bytes, status, code", [
+    (b"hello\r\n\r\n", 400, "bad_request"),
+    (b"GET /health HTTP/1.1x\r\n\r\n", 400, "bad_request"),
+    (b"GET /health HTTP/9.9\r\n\r\n", 505, "http_version_not_supported"),
+    (b"BREW /v1/embeddings HTTP/1.1\r\nHost: x\r\n\r\n", 501, "not_implemented"),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414, "request_uri_too_long"),
+    (b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431, "request_header_fields_too_large"),
+    (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n", 431,
+     "request_header_fields_too_large"),
+], ids=["garbage line", "bad version", "HTTP/9.9", "unknown method", "long line", "long header",
+        "too many headers"])
+def test_protocol_errors_are_json(http_layer, request_bytes, status, code):
+    """Errors http.server raises itself get a full HTTP response with OpenAI's JSON error body
+    (not an HTML page, and for a garbage line not a bare page without a status line)."""
+    line, headers, body = _raw_exchange(http_layer, request_bytes)
+    assert line.startswith(b"HTTP/1.") and int(line.split()[1]) == status, line
+    assert headers["Content-Type"] == "application/json" and headers["Connection"] == "close", headers
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+    assert urllib.request.urlopen(f"http://127.0.0.1:{http_layer}/health", timeout=30).status == 200
+
+
+@pytest.mark.timeout(60)
+def test_head_answer_has_no_body(http_layer):
+    """A HEAD answer has headers only, so the next answer on the connection starts right after
+    them (a client reading the two does not take a body for the next status line)."""
+    line, headers, rest = _raw_exchange(http_layer, b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+                                        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert int(line.split()[1]) == 405 and int(headers["Content-Length"]) > 0, (line, headers)
+    assert rest.startswith(b"HTTP/1.1 200 "), rest[:200]
+
+
+@pytest.mark.timeout(60)
+def test_bad_unicode_and_handler_faults_are_json(http_layer):
+    """A string with a lone surrogate (valid JSON the tokenizer cannot take) is a 400, a fault
+    in the handler a 500, both in OpenAI's shape, and the connection goes on serving."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", http_layer, timeout=30)
+    for body, status in ((b'{"input": "a\\ud800b"}', 400), (b'{"input": "crash"}', 500),
+                         (b'{"input": "fine"}', 200)):
+        conn.request("POST", "/v1/embeddings", body=body)
+        reply = conn.getresponse()
+        answer = json.loads(reply.read())
+        assert reply.status == status and ("error" in answer) == (status != 200), (body, reply.status, answer)
+    conn.close()

@@ -137,10 +137,34 @@ def read_infonce(specs: list[str]) -> RetrievalSet:
     return RetrievalSet(list(relevant), list(corpus), list(relevant.values()))
 
 
+def rows_as_set(examples: list, loss_type: str) -> RetrievalSet | PairSet:
+    """Training rows as ``sft``'s in-loop eval scores them: infonce rows -> each row a query
+    whose one relevant document is its response, in the corpus of the rows' distinct
+    responses (sorted); labelled rows -> pairs."""
+    if loss_type != "infonce":
+        return PairSet([e.query for e in examples], [e.response for e in examples],
+                       [float(e.label) for e in examples])
+    corpus = sorted({e.response for e in examples})
+    where = {t: i for i, t in enumerate(corpus)}
+    return RetrievalSet([e.query for e in examples], corpus, [{where[e.response]} for e in examples])
+
+
+def first_queries(data: RetrievalSet, limit: int) -> RetrievalSet:
+    """The first ``limit`` (0: all) queries of a retrieval set, with the whole corpus."""
+    if not limit:
+        return data
+    return RetrievalSet(data.queries[:limit], data.corpus, data.relevant[:limit])
+
+
 def read_pairs(specs: list[str]) -> PairSet:
+    """Labelled pairs; ``DataError`` when every label is the same (Spearman and Pearson of a
+    constant are undefined: there is nothing to correlate with)."""
     examples, _ = load_examples(specs, "sts")
-    return PairSet([e.query for e in examples], [e.response for e in examples],
-                   [float(e.label) for e in examples])
+    labels = [float(e.label) for e in examples]
+    if len(set(labels)) == 1:
+        raise DataError(f"{' '.join(specs)}: every label is {labels[0]:g}; Spearman and Pearson "
+                        "score how cosines follow labels that vary (e.g. STS-B's 0-5)")
+    return PairSet([e.query for e in examples], [e.response for e in examples], labels)
 
 
 def has_float_labels(path: str) -> bool:

@@ -412,12 +412,14 @@ def iter_examples(path: str, loss_type: str, bad_rows: str, require_negatives: b
 # -------------------------------------------------------------------------- sampling
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
-    """``"path#N"`` -> ``(path, N)``; ``"path"`` -> ``(path, None)``."""
+    """``"path#N"`` -> ``(path, N)``; ``"path"`` -> ``(path, None)``. A '#' in a path is kept
+    when what follows is no count; a path that exists with anything but a count >= 1 after
+    its '#' (``a.jsonl#-3``, ``a.jsonl#ten``) is a ``DataError``."""
     path, sep, count = spec.rpartition("#")
-    if not sep or not count.isdigit():
+    if not sep or (not count.isdigit() and (os.path.exists(spec) or not os.path.exists(path))):
         return spec, None
-    if int(count) < 1:
-        raise DataError(f"{spec}: sample count after '#' must be >= 1")
+    if not count.isdigit() or int(count) < 1:
+        raise DataError(f"{spec}: sample count after '#' must be >= 1, got {count!r}")
     return path, int(count)
 
 
