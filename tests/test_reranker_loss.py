@@ -3,10 +3,12 @@ against ms-swift's definitions (swift/loss/reranker.py at modelscope/ms-swift 36
 ``PointwiseRerankerLoss``, ``ListwiseRerankerLoss``), restated below in our own words."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from megaemb.tasks.reranker_data import RerankSampling, parse_row, sample_groups
 from megaemb.tasks.reranker_loss import (ListwiseConfig, listwise_kl_loss, listwise_loss,
                                          pointwise_loss)
 
@@ -105,6 +107,19 @@ def test_pointwise_is_bce_and_the_two_way_cross_entropy_over_no_yes():
     torch.testing.assert_close(grad_of(ours, scores), grad_of(ref, scores), rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="scores and labels must both be"):
         pointwise_loss(scores, labels[:-1])
+
+
+@pytest.mark.timeout(60)
+def test_sampled_groups_laid_out_flat_are_what_ms_swift_reads():
+    row = parse_row({"query": "q", "response": "p", "rejected_response": [f"n{i}" for i in range(9)]},
+                    "t:1", "listwise_reranker")
+    rng = np.random.default_rng(0)
+    groups = [g for _ in range(3) for g in sample_groups(row, RerankSampling(max_negative=4), rng)]
+    sizes = [len(g.documents) for g in groups]
+    labels = torch.tensor([x for g in groups for x in g.labels], dtype=torch.float64)
+    scores = torch.randn(len(labels), dtype=torch.float64)
+    assert sizes == [5, 5, 5]
+    torch.testing.assert_close(listwise_loss(scores, sizes), ms_swift_listwise(scores, labels, 1.0, 2))
 
 
 @pytest.mark.timeout(60)

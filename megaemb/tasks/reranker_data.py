@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from megaemb.data.formats import (BAD_LABEL, EMPTY_FIELD, NO_NEGATIVES, NOT_OBJECT, WRONG_FORMAT,
+from megaemb.data.formats import (BAD_LABEL, NO_NEGATIVES, NOT_OBJECT, WRONG_FORMAT,
                                   WRONG_TYPE, BadRow, RowReport, _field, _json_type, _label, _list,
                                   _message_text, _negatives, _require, _text, is_labelled,
                                   load_parsed)
@@ -122,25 +122,32 @@ def _candidate_text(value: Any, name: str) -> str:
     return _message_text(value, name)
 
 
-def _candidates(row: dict) -> tuple[str, str, list[str], list[str], str | None]:
-    """-> ``(query, query_field, positives, negatives, instruction)`` of a group row."""
+def _query(row: dict) -> tuple[str, str, str | None]:
+    """-> ``(query, the field it came from, the row's instruction or None)``."""
     if "messages" in row:
         messages = _list(_require(row, "messages"), "messages")
-        query = _message_text(messages, "messages")
-        positives = _list(_require(row, "positive_messages"), "positive_messages")
-        if not positives:
-            raise _field("positive_messages", "empty list: a group needs a positive", NO_POSITIVE)
-        positives = [_candidate_text(p, f"positive_messages[{i}]") for i, p in enumerate(positives)]
-        negatives = _group_negatives(row, "negative_messages", _candidate_text)
-        return query, "messages", positives, negatives, _instruction(messages)
-    query = _text(_require(row, "query"), "query")
-    positives = [_text(_require(row, "response"), "response")]
-    return query, "query", positives, _group_negatives(row, "rejected_response", _text), None
+        return _message_text(messages, "messages"), "messages", _instruction(messages)
+    return _text(_require(row, "query"), "query"), "query", None
 
 
-def _group_negatives(row: dict, name: str, text_of) -> list[str]:
+def _positives(row: dict) -> list[str]:
+    """Every positive of the row (at least one)."""
+    if "messages" not in row:
+        return [_text(_require(row, "response"), "response")]
+    items = _list(_require(row, "positive_messages"), "positive_messages")
+    if not items:
+        raise _field("positive_messages", "empty list: a row needs a positive", NO_POSITIVE)
+    return [_candidate_text(p, f"positive_messages[{i}]") for i, p in enumerate(items)]
+
+
+def _negatives_field(row: dict) -> str:
+    return "negative_messages" if "messages" in row else "rejected_response"
+
+
+def _group_negatives(row: dict) -> list[str]:
     """The negatives of a group row: a list field with at least one item."""
-    negatives = _negatives(row, name, False, text_of)
+    name = _negatives_field(row)
+    negatives = _negatives(row, name, False, _candidate_text if "messages" in row else _text)
     if not negatives:
         raise _field(name, "missing or empty: a group needs at least one negative", NO_NEGATIVES)
     return negatives
@@ -160,39 +167,28 @@ def _teacher(row: dict, count: int) -> list[float]:
     return [float(s) for s in scores]
 
 
-def _labelled_pair(row: dict, loss_type: str, source: str) -> RerankRow:
-    """A ``label`` row: its one candidate is a positive (1) or a negative (0)."""
-    if loss_type != "pointwise_reranker":
-        raise _field("label", f"{row['label']!r}: labelled pairs have no group to rank; "
-                     f"{loss_type} needs group rows (positives and negatives)", WRONG_FORMAT)
-    label = _label(row, "contrastive")
-    if "messages" in row:
-        query, query_field = _message_text(_require(row, "messages"), "messages"), "messages"
-        positives = _list(_require(row, "positive_messages"), "positive_messages")
-        if not positives:
-            raise _field("positive_messages", "empty list", EMPTY_FIELD)
-        document = _candidate_text(positives[0], "positive_messages[0]")
-        instruction = _instruction(row["messages"])
-    else:
-        query, query_field = _text(_require(row, "query"), "query"), "query"
-        document, instruction = _text(_require(row, "response"), "response"), None
-    positives, negatives = ([document], []) if label == 1 else ([], [document])
-    return RerankRow(query, positives, negatives, None, instruction, source, query_field)
-
-
 def parse_row(row: Any, source: str, loss_type: str, *, min_group_size: int = 2,
               teacher: bool = False) -> RerankRow:
-    """One parsed file row -> ``RerankRow``, or ``BadRow`` naming the field. Listwise rows must
-    give groups of at least ``min_group_size`` candidates (1 positive + their negatives)."""
+    """One parsed file row -> ``RerankRow``, or ``BadRow`` naming the field. A labelled pair's
+    one candidate (its first positive) is a positive (label 1) or a negative (0); listwise
+    rows must give groups of at least ``min_group_size`` candidates."""
     if not isinstance(row, dict):
         raise BadRow(NOT_OBJECT, f"expected a JSON object, got {_json_type(row)}")
-    if is_labelled(row):
-        return _labelled_pair(row, loss_type, source)
-    query, query_field, positives, negatives, instruction = _candidates(row)
+    labelled = is_labelled(row)
+    if labelled and loss_type != "pointwise_reranker":
+        raise _field("label", f"{row['label']!r}: labelled pairs have no group to rank; "
+                     f"{loss_type} needs group rows (positives and negatives)", WRONG_FORMAT)
+    label = _label(row, "contrastive") if labelled else None
+    query, query_field, instruction = _query(row)
+    positives = _positives(row)
+    if labelled:
+        positives, negatives = (positives[:1], []) if label == 1 else ([], positives[:1])
+        return RerankRow(query, positives, negatives, None, instruction, source, query_field)
+    negatives = _group_negatives(row)
     if loss_type == "listwise_reranker" and 1 + len(negatives) < min_group_size:
-        name = "negative_messages" if query_field == "messages" else "rejected_response"
-        raise _field(name, f"{len(negatives)} negative(s) make groups of {1 + len(negatives)} < "
-                     f"LISTWISE_RERANKER_MIN_GROUP_SIZE={min_group_size}", GROUP_TOO_SMALL)
+        raise _field(_negatives_field(row), f"{len(negatives)} negative(s) make groups of "
+                     f"{1 + len(negatives)} < LISTWISE_RERANKER_MIN_GROUP_SIZE={min_group_size}",
+                     GROUP_TOO_SMALL)
     scores = _teacher(row, len(positives) + len(negatives)) if teacher else None
     return RerankRow(query, positives, negatives, scores, instruction, source, query_field)
 
