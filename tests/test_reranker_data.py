@@ -195,7 +195,7 @@ HOSTILE = [
     ({"query": "q", "response": "", "label": 1}, "pointwise_reranker",
      "field 'response': empty string"),
     ({"query": "q", "response": "d", "label": 2}, "pointwise_reranker",
-     "field 'label': expected 0 or 1 for contrastive, got 2"),
+     "field 'label': expected 0 or 1 for pointwise_reranker, got 2"),
     ({"messages": m("q"), "positive_messages": [m("d")], "label": -1}, "pointwise_reranker",
      "field 'label': expected 0 or 1"),
     ({"query": "q", "response": "d", "label": 0.5}, "pointwise_reranker",

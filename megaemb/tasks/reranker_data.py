@@ -178,7 +178,7 @@ def parse_row(row: Any, source: str, loss_type: str, *, min_group_size: int = 2,
     if labelled and loss_type != "pointwise_reranker":
         raise _field("label", f"{row['label']!r}: labelled pairs have no group to rank; "
                      f"{loss_type} needs group rows (positives and negatives)", WRONG_FORMAT)
-    label = _label(row, "contrastive") if labelled else None
+    label = _label(row, loss_type) if labelled else None
     query, query_field, instruction = _query(row)
     positives = _positives(row)
     if labelled:
