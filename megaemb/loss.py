@@ -91,13 +91,33 @@ def _parse_float(var: str, text: str) -> float:
         raise ValueError(f"{var}={text!r} is not a number") from None
 
 
-def _parse_optional_int(var: str, text: str) -> int | None:
-    if text.strip().lower() in {"", "none"}:
-        return None
+def _parse_int(var: str, text: str) -> int:
     try:
         return int(text)
     except ValueError:
         raise ValueError(f"{var}={text!r} is not an integer") from None
+
+
+def _parse_optional_int(var: str, text: str) -> int | None:
+    if text.strip().lower() in {"", "none"}:
+        return None
+    return _parse_int(var, text)
+
+
+def config_from_env(cls, table: dict, overrides: dict, env=os.environ):
+    """A ``cls`` (a dataclass) from its defaults, then the environment variables of ``table``
+    (field -> ``(VARIABLE, parse)``), then the ``overrides`` that are not None. A malformed
+    variable raises ValueError naming it; an unknown override raises TypeError."""
+    unknown = set(overrides) - set(table)
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    values = {}
+    for field, (var, parse) in table.items():
+        if overrides.get(field) is not None:
+            values[field] = overrides[field]
+        elif var in env:
+            values[field] = parse(var, env[var])
+    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -160,16 +180,7 @@ class InfoNCEConfig:
     def from_env(cls, **overrides) -> InfoNCEConfig:
         """Defaults, then the INFONCE_* environment variables, then the ``overrides`` that are
         not None. A malformed variable raises ValueError naming it."""
-        unknown = set(overrides) - set(_ENV)
-        if unknown:
-            raise TypeError(f"unknown InfoNCEConfig fields: {sorted(unknown)}")
-        values = {}
-        for field, (var, parse) in _ENV.items():
-            if overrides.get(field) is not None:
-                values[field] = overrides[field]
-            elif var in os.environ:
-                values[field] = parse(var, os.environ[var])
-        return cls(**values)
+        return config_from_env(cls, _ENV, overrides)
 
 
 _ENV = {

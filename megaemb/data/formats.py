@@ -384,11 +384,17 @@ def file_rows(path: str) -> Iterator[tuple[int, Any]]:
     return _table_rows(path)
 
 
-def iter_examples(path: str, loss_type: str, bad_rows: str, require_negatives: bool,
-                  report: RowReport) -> Iterator[Example]:
-    """The valid rows of one file, in file order, one at a time (a JSONL file is read line
-    by line: memory does not grow with the file). Bad rows are raised or counted in
-    ``report`` as ``bad_rows`` says; a file with no valid row raises ``DataError`` at its end."""
+def _example_parser(loss_type: str, require_negatives: bool):
+    """The ``parse`` of ``iter_parsed`` for embedding rows: a row -> ``Example``."""
+    return lambda row, source: Example(*_parse_row(row, loss_type, require_negatives), source)
+
+
+def iter_parsed(path: str, parse, bad_rows: str, report: RowReport) -> Iterator:
+    """``parse(row, source)`` of each valid row of one file, in file order, one at a time (a
+    JSONL file is read line by line: memory does not grow with the file). ``parse`` raises
+    ``BadRow`` for a malformed row; bad rows are raised as ``DataError`` (``file:line: ...``)
+    or counted in ``report`` as ``bad_rows`` says; a file with no valid row raises ``DataError``
+    at its end."""
     valid = 0
     for lineno, row in file_rows(path):
         report.rows_read += 1
@@ -396,7 +402,7 @@ def iter_examples(path: str, loss_type: str, bad_rows: str, require_negatives: b
         try:
             if isinstance(row, BadRow):
                 raise row
-            query, response, negatives, label = _parse_row(row, loss_type, require_negatives)
+            parsed = parse(row, source)
         except BadRow as bad:
             error = DataError(f"{source}: {bad.detail}", bad.reason)
             if bad_rows == "error":
@@ -404,9 +410,15 @@ def iter_examples(path: str, loss_type: str, bad_rows: str, require_negatives: b
             report.add_skip(error)
             continue
         valid += 1
-        yield Example(query, response, negatives, label, source)
+        yield parsed
     if not valid:
         raise DataError(f"{path}: no valid rows")
+
+
+def iter_examples(path: str, loss_type: str, bad_rows: str, require_negatives: bool,
+                  report: RowReport) -> Iterator[Example]:
+    """The valid rows of one file as ``Example``s (see ``iter_parsed``)."""
+    return iter_parsed(path, _example_parser(loss_type, require_negatives), bad_rows, report)
 
 
 # -------------------------------------------------------------------------- sampling
@@ -431,6 +443,24 @@ def sample_indices(num_rows: int, count: int, seed: int) -> list[int]:
     return list(range(num_rows)) * repeats + rest.tolist()
 
 
+def load_parsed(specs: list[str], parse, bad_rows: str, seed: int) -> tuple[list, RowReport]:
+    """``iter_parsed`` over every spec, each spec's ``#N`` sampling applied, concatenated in
+    order. A missing file, an unreadable file and a file with no valid rows raise ``DataError``."""
+    if bad_rows not in BAD_ROW_POLICIES:
+        raise ValueError(f"bad_rows must be one of {BAD_ROW_POLICIES}, got {bad_rows!r}")
+    if not specs:
+        raise DataError("no dataset given")
+    report = RowReport()
+    rows: list = []
+    for spec in specs:
+        path, count = parse_spec(spec)
+        parsed = list(iter_parsed(path, parse, bad_rows, report))
+        if count is not None:
+            parsed = [parsed[i] for i in sample_indices(len(parsed), count, seed)]
+        rows.extend(parsed)
+    return rows, report
+
+
 def load_examples(specs: list[str], loss_type: str, *, bad_rows: str = "error",
                   seed: int = 42, require_negatives: bool = False
                   ) -> tuple[list[Example], RowReport]:
@@ -442,16 +472,4 @@ def load_examples(specs: list[str], loss_type: str, *, bad_rows: str = "error",
     """
     if loss_type not in READ_MODES:
         raise ValueError(f"loss_type must be one of {READ_MODES}, got {loss_type!r}")
-    if bad_rows not in BAD_ROW_POLICIES:
-        raise ValueError(f"bad_rows must be one of {BAD_ROW_POLICIES}, got {bad_rows!r}")
-    if not specs:
-        raise DataError("no dataset given")
-    report = RowReport()
-    examples: list[Example] = []
-    for spec in specs:
-        path, count = parse_spec(spec)
-        rows = list(iter_examples(path, loss_type, bad_rows, require_negatives, report))
-        if count is not None:
-            rows = [rows[i] for i in sample_indices(len(rows), count, seed)]
-        examples.extend(rows)
-    return examples, report
+    return load_parsed(specs, _example_parser(loss_type, require_negatives), bad_rows, seed)
