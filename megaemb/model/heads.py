@@ -16,14 +16,19 @@ slice of the sequence: it selects the last tokens it holds and one all-reduce of
 gives every rank all of them (backward: each rank keeps the gradient of its own tokens),
 instead of gathering the whole ``[s, b, h]`` sequence.
 
-Not yet wired into ``sft`` / ``serve`` / ``export`` (issue 19): the model that owns the
-output layer (``output_layer.weight``, megatron's ``GPTModel`` name, see
-``megaemb.convert.mapping``) and passes ``W`` here comes with the task modules.
+The head sits on the last pipeline stage, after the final norm. Not yet wired into ``sft`` /
+``serve`` / ``export`` (issue 19): the model that owns the output layer
+(``output_layer.weight``, megatron's ``GPTModel`` name, see ``megaemb.convert.mapping``) and
+passes ``W`` here comes with the task modules; tied under pipeline parallelism, the last stage
+needs megatron's shared copy of the word embedding (its gradients all-reduced with the first
+stage's), which is part of that wiring.
 """
 from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+
+from megaemb.model.pooling import last_token_pool
 
 QWEN3_YES, QWEN3_NO = 9693, 2152  # "yes" / "no" in the Qwen3 tokenizer (Qwen3-Reranker's model card)
 
@@ -33,11 +38,10 @@ def select_last_tokens(hidden: torch.Tensor, pool_index: torch.Tensor,
     """hidden ``[s, b, h]`` (``[s/tp, b, h]``, this rank's slice, under sequence parallelism),
     pool_index ``[n]`` (flat, s-major over the full ``[s, b]`` grid, as ``TextBatch``'s)
     -> ``[n, h]``, replicated over TP."""
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    index = pool_index.to(hidden.device)
     if not sequence_parallel:
-        return flat[index]
-    local = index - parallel_state.get_tensor_model_parallel_rank() * flat.shape[0]
+        return last_token_pool(hidden, pool_index)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    local = pool_index.to(hidden.device) - parallel_state.get_tensor_model_parallel_rank() * flat.shape[0]
     held = (local >= 0) & (local < flat.shape[0])
     mine = torch.where(held[:, None], flat[local.clamp(0, flat.shape[0] - 1)], 0.0)
     return tensor_parallel.reduce_from_tensor_model_parallel_region(mine)
