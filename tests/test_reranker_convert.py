@@ -62,10 +62,10 @@ def _causal_lm_scores(path, ids, lengths):
 def loaded(causal_lms):
     """megaemb's backbone + (untied) output layer, TP=1, filled from each CausalLM."""
     from megaemb.config import ParallelConfig
+    from megaemb.convert.hf_to_mcore import load_hf_into_model
     from megaemb.model.embedder import build_model
     from megaemb.model.heads import output_layer
     from megaemb.model.qwen3 import transformer_config
-    from megaemb.convert.hf_to_mcore import load_hf_into_model
     from megaemb.parallel import destroy_parallel, init_parallel
 
     init_parallel(ParallelConfig())
@@ -169,7 +169,8 @@ def test_untied_without_lm_head(causal_lms, tmp_path):
     del tensors["lm_head.weight"]
     save_file(tensors, path, metadata={"format": "pt"})
     assert HFCheckpoint(d).shape.vocab_size == tensors["model.embed_tokens.weight"].shape[0]
-    with pytest.raises(ConversionError, match=r"no-head: no lm_head.weight, and tie_word_embeddings is false"):
+    with pytest.raises(ConversionError,
+                       match=r"no-head: no lm_head.weight, and tie_word_embeddings is false"):
         HFCheckpoint(d, output_layer=True)
 
 

@@ -29,7 +29,8 @@ def score_weight(weight: torch.Tensor, yes_id: int = QWEN3_YES, no_id: int = QWE
 
 
 def seq_cls_tensors(tensors: Iterable[tuple[str, torch.Tensor]], shape: Qwen3Shape,
-                    yes_id: int = QWEN3_YES, no_id: int = QWEN3_NO) -> Iterator[tuple[str, torch.Tensor]]:
+                    yes_id: int = QWEN3_YES, no_id: int = QWEN3_NO
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """A ``*ForCausalLM``'s HF tensors (the conversion table's names, ``lm_head.weight`` when
     untied) -> the ``*ForSequenceClassification``'s: the same base tensors, ``lm_head`` dropped,
     ``score.weight`` last."""

@@ -41,7 +41,8 @@ def select_last_tokens(hidden: torch.Tensor, pool_index: torch.Tensor,
     if not sequence_parallel:
         return last_token_pool(hidden, pool_index)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    local = pool_index.to(hidden.device) - parallel_state.get_tensor_model_parallel_rank() * flat.shape[0]
+    start = parallel_state.get_tensor_model_parallel_rank() * flat.shape[0]
+    local = pool_index.to(hidden.device) - start
     held = (local >= 0) & (local < flat.shape[0])
     mine = torch.where(held[:, None], flat[local.clamp(0, flat.shape[0] - 1)], 0.0)
     return tensor_parallel.reduce_from_tensor_model_parallel_region(mine)
