@@ -14,7 +14,7 @@ import torch
 from megatron.core import parallel_state
 from safetensors import safe_open
 
-from megaemb.convert.mapping import find_mapping, hf_names_for, merge, qwen3_mappings
+from megaemb.convert.mapping import find_mapping, hf_key, hf_names_for, merge, qwen3_mappings
 from megaemb.shape import ConversionError, Qwen3Shape, read_hf_config
 
 
@@ -22,11 +22,13 @@ class HFCheckpoint:
     """Read-only view of an HF safetensors checkpoint (single file or sharded with index).
 
     Accepts both spellings of tensor names: Qwen3-Embedding's (``layers.0...``) and
-    ``*ForCausalLM``'s (``model.layers.0...``); ``lm_head.weight`` is ignored.
+    ``*ForCausalLM``'s (``model.layers.0...``); ``lm_head.weight`` is ignored unless
+    ``output_layer`` (a generative reranker: its untied output layer is read from it).
     """
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, output_layer: bool = False):
         self.dir = model_dir
+        self.output_layer = output_layer
         self.config = read_hf_config(model_dir)
         self.shape = Qwen3Shape.from_hf(self.config, os.path.join(model_dir, "config.json"))
         index = os.path.join(model_dir, "model.safetensors.index.json")
@@ -40,13 +42,20 @@ class HFCheckpoint:
             raise ConversionError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
         self.prefix = "model." if any(k.startswith("model.layers.") for k in weight_map) else ""
         self.weight_map = weight_map
-        missing = [n for n in hf_names_for(self.shape) if self.prefix + n not in weight_map]
+        missing = [n for n in hf_names_for(self.shape, output_layer) if self.key(n) not in weight_map]
+        if "lm_head.weight" in missing:
+            raise ConversionError(f"{model_dir}: no lm_head.weight, and tie_word_embeddings is false: "
+                                  "a generative reranker needs the output layer")
         if missing:
             raise ConversionError(f"{model_dir}: {len(missing)} tensor(s) missing, first {missing[0]!r}")
         self._handles: dict[str, object] = {}
 
+    def key(self, name: str) -> str:
+        """The stored name of the table's HF tensor ``name`` (prefixed as this checkpoint is)."""
+        return hf_key(name, self.prefix)
+
     def _open(self, name: str):
-        file = self.weight_map[self.prefix + name]
+        file = self.weight_map[self.key(name)]
         if file not in self._handles:
             path = os.path.join(self.dir, file)
             if not os.path.isfile(path):
@@ -57,7 +66,7 @@ class HFCheckpoint:
 
     def read(self, name: str, dim: int | None = None, part: int = 0, parts: int = 1) -> torch.Tensor:
         """HF tensor ``name``, or its ``part``-th of ``parts`` equal chunks along ``dim``."""
-        sl = self._open(name).get_slice(self.prefix + name)
+        sl = self._open(name).get_slice(self.key(name))
         full = sl.get_shape()
         if dim is None or parts == 1:
             return sl[:]
@@ -69,7 +78,7 @@ class HFCheckpoint:
         return sl[tuple(index)]
 
     def tensor_shape(self, name: str) -> list[int]:
-        return list(self._open(name).get_slice(self.prefix + name).get_shape())
+        return list(self._open(name).get_slice(self.key(name)).get_shape())
 
 
 def _safetensors_keys(path: str) -> list[str]:
@@ -121,7 +130,7 @@ def load_hf_into_model(model, ckpt: HFCheckpoint) -> None:
     shape = ckpt.shape
     if shape != model.shape:
         raise ConversionError(f"{ckpt.dir}: model shape differs from the one built")
-    table = qwen3_mappings(shape)
+    table = qwen3_mappings(shape, ckpt.output_layer)
     for name, param in model.named_parameters():
         rule, local = find_mapping(table, name)
         index = global_index(model, local)
@@ -145,7 +154,7 @@ def _vocab_slice(ckpt: HFCheckpoint, name: str, shape: Qwen3Shape, rank: int, si
         raise ConversionError(f"{ckpt.dir}: {name} has {v} rows, config vocab_size is {shape.vocab_size}")
     per = shape.padded_vocab_size // size
     start, stop = rank * per, (rank + 1) * per
-    sl = ckpt._open(name).get_slice(ckpt.prefix + name)
+    sl = ckpt._open(name).get_slice(ckpt.key(name))
     out = torch.zeros(per, h, dtype=sl[0:1].dtype)
     if start < v:
         out[: min(stop, v) - start] = sl[start:min(stop, v)]

@@ -25,6 +25,12 @@ experts (``TEGroupedMLP``) hold expert ``e`` of a rank as ``experts.linear_fc1.w
 rows use the unfused, per-expert (local-spec) names; ``FUSED_NORM_ALIASES`` and
 ``GROUPED_EXPERT`` map the other spellings onto them, so the one table serves every spec in
 both directions.
+
+A generative reranker (Qwen3-Reranker, a ``Qwen3ForCausalLM``) also needs the output layer:
+``qwen3_mappings(shape, output_layer=True)`` adds megatron's ``output_layer.weight`` <->
+``lm_head.weight`` (vocab-padded like the embedding) when the model's embeddings are untied;
+tied, the head reads the word embedding and there is no extra tensor either side.
+``lm_head.weight`` sits outside the base model: ``hf_key`` never gives it the ``model.`` prefix.
 """
 from __future__ import annotations
 
@@ -83,8 +89,20 @@ def canonical_name(mcore_name: str) -> str:
     return pattern.sub(replacement, mcore_name)
 
 
-def qwen3_mappings(shape: Qwen3Shape) -> list[Mapping]:
-    """The table. HF names are without the ``model.`` prefix (Qwen3-Embedding spelling)."""
+# HF tensors outside the base model (``*ForCausalLM``'s / ``*ForSequenceClassification``'s head;
+# never ``model.``-prefixed)
+HF_TOP_LEVEL = ("lm_head.weight", "score.weight")
+
+
+def hf_key(name: str, prefix: str) -> str:
+    """A table HF name as stored in a checkpoint whose base-model tensors carry ``prefix``
+    (``""`` for Qwen3-Embedding's spelling, ``"model."`` for ``*ForCausalLM``'s)."""
+    return name if name in HF_TOP_LEVEL else prefix + name
+
+
+def qwen3_mappings(shape: Qwen3Shape, output_layer: bool = False) -> list[Mapping]:
+    """The table. HF names are without the ``model.`` prefix (Qwen3-Embedding spelling).
+    ``output_layer``: add the untied output layer's row (a generative reranker's)."""
     L, A = "decoder.layers.{layer}", "layers.{layer}.self_attn"
     rows = [
         Mapping("embedding.word_embeddings.weight", ("embed_tokens.weight",), "vocab", tp_dim=0),
@@ -110,13 +128,15 @@ def qwen3_mappings(shape: Qwen3Shape) -> list[Mapping]:
                     "gate_up", "moe", tp_dim=0),
             Mapping(f"{E}.linear_fc2.weight", (f"{X}.down_proj.weight",), "rename", "moe", tp_dim=1),
         ]
+    if output_layer and not shape.tie_word_embeddings:
+        rows.append(Mapping("output_layer.weight", ("lm_head.weight",), "vocab", tp_dim=0))
     return rows
 
 
-def hf_names_for(shape: Qwen3Shape) -> list[str]:
+def hf_names_for(shape: Qwen3Shape, output_layer: bool = False) -> list[str]:
     """Every HF tensor name a checkpoint of this shape must contain, in file order."""
     names = []
-    for m in qwen3_mappings(shape):
+    for m in qwen3_mappings(shape, output_layer):
         layers = range(shape.num_layers) if "{layer}" in m.mcore else [None]
         for layer in (l for l in layers if m.applies_to(shape, l)):
             experts = range(shape.num_experts) if "{expert}" in m.mcore else [None]

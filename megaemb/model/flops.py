@@ -27,3 +27,12 @@ def train_flops(shape: Qwen3Shape, lengths: list[int]) -> float:
     tokens = sum(lengths)
     attn = 6 * shape.num_layers * shape.num_heads * shape.head_dim * sum(n * n for n in lengths)
     return 6.0 * matmul_params_per_token(shape) * tokens + attn
+
+
+def vocab_logits_bytes(shape: Qwen3Shape, tokens: int, tensor_parallel: int = 1,
+                       bytes_per_value: int = 2) -> int:
+    """Bytes of the ``[tokens, V/tp]`` vocabulary logits per rank that a causal-LM head builds
+    over ``tokens`` tokens (megatron's vocab-parallel output layer; 2 bytes bf16, 4 fp32).
+    megaemb's generative reranker head (``model.heads.YesNoHead``) builds none of them: it
+    multiplies each pair's last hidden state by two rows of the output layer."""
+    return tokens * (shape.padded_vocab_size // tensor_parallel) * bytes_per_value
