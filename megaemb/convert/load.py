@@ -46,15 +46,17 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
         if not os.path.isdir(base):
             raise FileNotFoundError(f"{path}/{checkpoint.LORA_FILE}: its base model {base} is gone "
                                     "(the adapters need it)")
-        loaded = load_model(base, parallel, bf16=bf16, attention=attention,
+        lora = LoRAConfig.from_json(meta["lora"])
+        loaded = load_model(base, parallel, bf16=bf16, attention=lora.attention(attention),
                             recompute_granularity=recompute_granularity, load_weights=load_weights,
                             hidden_dropout=hidden_dropout, attention_dropout=attention_dropout)
-        lora = LoRAConfig.from_json(meta["lora"])
         apply_lora(loaded.model, lora, init=False)
         if load_weights:
             adapters = {k: v for k, v in loaded.model.sharded_state_dict().items() if is_lora_name(k)}
             loaded.model.load_state_dict(checkpoint.load_checkpoint(path, adapters), strict=False)
         return replace(loaded, hf_dir=hf_files_dir(path), is_mcore=True, lora=lora)
+    if lora is not None:
+        attention = lora.attention(attention)
     hf_dir = hf_files_dir(path)
     hf_config = read_hf_config(hf_dir)
     shape = Qwen3Shape.from_hf(hf_config, os.path.join(hf_dir, "config.json"))
