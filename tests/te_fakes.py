@@ -16,9 +16,8 @@ and the TE behaviour that matters to conversion and checkpoints:
   the norm's output as megatron's wrapper passes TE's on: ``((out, ln_out), None)`` (TE v2.11
   ``module/layernorm_linear.py`` L1599-1611; megatron-core 0.16.1
   ``extensions/transformer_engine.py`` ``TELayerNormColumnParallelLinear.forward``), the
-  gradient of ``ln_out`` flowing into the norm (L964-965); with
-  ``return_layernorm_output_gathered`` under SP it returns ``ln_out`` all-gathered, and, as TE
-  (L248-252, L964-965), ignores its gradient.
+  gradient of ``ln_out`` flowing into the norm (L964-965). ``return_layernorm_output_gathered``
+  is not faked: megaemb does not use it (see ``megaemb/model/lora.py``).
 * the fake linears keep megatron's TE-wrapper attributes, not megatron's local ones: the group
   in ``_tp_group``, no ``is_expert``, and TE's ``sequence_parallel = tp_size > 1 and
   config.sequence_parallel`` with TP size 1 for experts under megatron's explicit expert
@@ -44,7 +43,6 @@ import torch.nn.functional as F
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
@@ -118,7 +116,6 @@ class FakeTELayerNormColumnParallelLinear(FakeTEColumnParallelLinear):
         self.layer_norm_weight.sequence_parallel = config.sequence_parallel
         self.eps = config.layernorm_epsilon
         self.return_layernorm_output = False  # megatron builds it so (LoRA turns it on)
-        self.return_layernorm_output_gathered = False
 
     def forward(self, x):
         # norm on this rank's tokens ([s/tp, b, h] under sequence parallel), then gather + matmul
@@ -126,9 +123,6 @@ class FakeTELayerNormColumnParallelLinear(FakeTEColumnParallelLinear):
         out, bias = super().forward(ln_out)
         if not self.return_layernorm_output:
             return out, bias
-        if self.return_layernorm_output_gathered and self.sequence_parallel:
-            # gathered inside TE's autograd function, whose backward ignores its gradient
-            ln_out = gather_from_sequence_parallel_region(ln_out.detach(), group=self._tp_group)
         return (out, bias, ln_out) if self.te_return_bias else ((out, ln_out), None)
 
 

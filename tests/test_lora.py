@@ -30,6 +30,16 @@ def _steps(cfg):
 
 # ------------------------------------------------------------------------------ units
 
+def test_lora_layer_spec():
+    """``auto`` stays auto (TE where it imports) unless experts are adapted: TE's grouped
+    experts (TEGroupedMLP, CUDA) have no per-expert linears."""
+    from megaemb.config import LoRAConfig
+
+    assert LoRAConfig().attention("auto") == "auto"
+    assert LoRAConfig(target_modules=("linear_qkv", "experts")).attention("auto") == "sdpa"
+    assert LoRAConfig(target_modules=("experts",)).attention("te") == "te"
+
+
 def test_target_modules_and_flags():
     from megaemb.config import target_modules
 
@@ -37,8 +47,7 @@ def test_target_modules_and_flags():
     assert target_modules(["q_proj", "v_proj", "down_proj"]) == ("linear_qkv", "linear_fc2")
     with pytest.raises(ValueError, match="experts"):
         target_modules(["router"])
-    with pytest.raises(ValueError, match="Transformer Engine"):
-        _cfg("m", attention="te").validate()
+    _cfg("m", attention="te").validate()  # LoRA wraps TE's linears too (tests/test_lora_te.py)
     with pytest.raises(ValueError, match="lora_rank"):
         _cfg("m", lora_rank=0).validate()
 

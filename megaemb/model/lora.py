@@ -58,7 +58,7 @@ PEFT_TARGETS = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o
 
 
 class LoRAMixin:
-    """Mixed into a ColumnParallelLinear / RowParallelLinear instance by :func:`apply_lora`."""
+    """Mixed into a megatron column- / row-parallel linear (local or TE wrapper) by :func:`apply_lora`."""
 
     lora: LoRAConfig
     lora_row: bool  # row-parallel base
