@@ -7,7 +7,8 @@ adapter TE's normalised input ``ln_out``; feeding it the un-normalised input wou
 LoRA checkpoint saved under the TE spec loads with ``--attention auto`` (TE wherever it
 imports, so every inference command of an NVIDIA container) and gives the SDPA-loaded
 embeddings, padded and packed (THD); its merged and PEFT exports equal those of the
-SDPA-trained checkpoint. A fake ``TEGroupedMLP`` (``weight{i}``) model round-trips HF ->
+SDPA-trained checkpoint (the TE one exported by 2 ranks: the PEFT export used to load on
+rank 0 alone, a collective the other rank never joined). A fake ``TEGroupedMLP`` (``weight{i}``) model round-trips HF ->
 checkpoint -> SDPA spec bit-exact, and LoRA on experts refuses it.
 
 Unproven without TE: TE's real kernels (the fake norm + matmul is fp32 torch).
@@ -19,7 +20,8 @@ import torch
 
 from distributed import run_distributed
 from hf_reference import assert_same_weights
-from test_lora import _cfg, _cli
+from test_lora import _cfg
+from test_train import _megaemb
 
 LAYOUTS = [("tp2", dict(tensor_model_parallel_size=2)),
            ("tp2-sp", dict(tensor_model_parallel_size=2, sequence_parallel=True))]
@@ -169,9 +171,11 @@ def test_lora_exports_of_te_checkpoint_equal_sdpa(lora_te, kind):
     from safetensors.torch import load_file
 
     _, _, out = lora_te
-    for spec in ("te", "sdpa"):  # one process: the PEFT export is written by rank 0 alone
-        _cli("export", "--mcore_model", os.path.join(out, f"tp2-{spec}"), "--to_hf", "true",
-             "--output_dir", os.path.join(out, f"{kind}-{spec}"), "--merge_lora", str(kind == "merged"))
+    for spec, nproc in (("te", 2), ("sdpa", 1)):  # 2 ranks: every rank loads, rank 0 writes
+        r = _megaemb("export", "--mcore_model", os.path.join(out, f"tp2-{spec}"), "--to_hf", "true",
+                     "--output_dir", os.path.join(out, f"{kind}-{spec}"), "--merge_lora", str(kind == "merged"),
+                     nproc=nproc, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
     files = {spec: sorted(f for f in os.listdir(os.path.join(out, f"{kind}-{spec}")) if f.endswith(".safetensors"))
              for spec in ("te", "sdpa")}
     assert files["te"] == files["sdpa"] and files["te"], files
