@@ -1,6 +1,7 @@
 """LoRA on Transformer Engine's layer spec, proven on CPU with ``te_fakes`` (no TE install).
 
-One 2-process gloo group trains LoRA on the fake-TE spec and on the SDPA spec (TP=2, TP=2+SP)
+One 2-process gloo group trains LoRA on the fake-TE spec and on the SDPA spec (TP=2, TP=2+SP,
+and a MoE model with its experts adapted under EP=2)
 and checks that they agree: losses, gradient norms and every adapter's gradient at step 2 (A
 and B both nonzero). The fused-norm linears (``linear_qkv``, dense ``linear_fc1``) feed the
 adapter TE's normalised input ``ln_out``; feeding it the un-normalised input would differ. A
@@ -23,8 +24,10 @@ from hf_reference import assert_same_weights
 from test_lora import _cfg
 from test_train import _megaemb
 
-LAYOUTS = [("tp2", dict(tensor_model_parallel_size=2)),
-           ("tp2-sp", dict(tensor_model_parallel_size=2, sequence_parallel=True))]
+LAYOUTS = [("tp2", "dense", dict(tensor_model_parallel_size=2)),
+           ("tp2-sp", "dense", dict(tensor_model_parallel_size=2, sequence_parallel=True)),
+           # experts adapted too, on TE's expert linears (SequentialMLP without grouped GEMM)
+           ("moe-ep2", "moe", dict(expert_model_parallel_size=2, target_modules=["all-linear", "experts"]))]
 STEPS = 2
 
 
@@ -100,10 +103,10 @@ def _group(rank, world, models, out_root):
     te_fakes.install()
     results = {}
     runs = {}
-    for label, kw in LAYOUTS:
+    for label, model, kw in LAYOUTS:
         for spec in ("te", "sdpa"):
             save = os.path.join(out_root, f"{label}-{spec}") if label == "tp2" else None
-            runs[label, spec] = _train(_cfg(models["dense"], train_iters=STEPS, attention=spec, save=save,
+            runs[label, spec] = _train(_cfg(models[model], train_iters=STEPS, attention=spec, save=save,
                                             save_interval=STEPS, **kw), save is not None)
         te, sdpa = runs[label, "te"], runs[label, "sdpa"]
         results[f"train/{label}"] = {
@@ -142,7 +145,7 @@ def lora_te(tiny_models, tmp_path_factory):
 
 
 @pytest.mark.timeout(700)
-@pytest.mark.parametrize("label", [label for label, _ in LAYOUTS])
+@pytest.mark.parametrize("label", [label for label, _, _ in LAYOUTS])
 def test_lora_on_fake_te_spec_equals_sdpa_spec(lora_te, label):
     from test_train import _close
 
