@@ -334,9 +334,6 @@ class SFTConfig:
             if self.lora_rank < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
                 raise ValueError(f"LoRA needs --lora_rank >= 1, --lora_alpha > 0 and --lora_dropout in "
                                  f"[0, 1), got {self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}")
-            if self.attention == "te":
-                raise ValueError("--train_type lora needs --attention sdpa or auto (Transformer Engine "
-                                 "fuses the norm into linear_qkv / linear_fc1, hiding the adapters' input)")
             target_modules(self.target_modules)
         if self.finetune and not self.load:
             raise ValueError("--finetune true needs --load CHECKPOINT (the weights to start from)")
@@ -389,6 +386,12 @@ class LoRAConfig:
     @classmethod
     def of(cls, cfg: "SFTConfig") -> "LoRAConfig":
         return cls(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, target_modules(cfg.target_modules))
+
+    def attention(self, attention: str) -> str:
+        """The layer spec for ``--attention``: ``auto`` takes the SDPA spec when experts are
+        adapted (with Transformer Engine on CUDA, megatron holds experts in one
+        ``TEGroupedMLP``, which has no per-expert linears to adapt)."""
+        return "sdpa" if attention == "auto" and "experts" in self.target_modules else attention
 
     def to_json(self) -> dict:
         return {**asdict(self), "target_modules": list(self.target_modules)}

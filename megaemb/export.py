@@ -109,7 +109,8 @@ def mcore_to_hf(mcore_dir: str, output_dir: str, bf16: bool = False,
 
 
 def write_adapter(mcore_dir: str, out_dir: str, dtype: torch.dtype, iteration: int | None) -> None:
-    """The PEFT adapter folder (global rank 0) with the tokenizer, for ``PeftModel``."""
+    """The PEFT adapter folder (collective; global rank 0 writes) with the tokenizer, for
+    ``PeftModel``."""
     from megaemb.convert.adapters import write_peft_adapter
     from megaemb.convert.hf_to_mcore import read_hf_config
     from megaemb.convert.st_files import append_end_token
@@ -117,8 +118,8 @@ def write_adapter(mcore_dir: str, out_dir: str, dtype: torch.dtype, iteration: i
 
     hf_dir = os.path.join(mcore_dir, "hf")
     shape = Qwen3Shape.from_hf(read_hf_config(hf_dir), os.path.join(hf_dir, "config.json"))
+    write_peft_adapter(mcore_dir, out_dir, shape, dtype=dtype, iteration=iteration)
     if _rank0():
-        write_peft_adapter(mcore_dir, out_dir, shape, dtype=dtype, iteration=iteration)
         checkpoint.copy_hf_files(hf_dir, out_dir)
         os.remove(os.path.join(out_dir, "config.json"))  # the base's; PEFT reads adapter_config.json
         append_end_token(out_dir)  # as the merged export's: transformers pools the right token

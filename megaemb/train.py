@@ -93,9 +93,7 @@ class Trainer:
         if overlap is None:
             overlap = platform.default_overlap_grad_reduce(self.dp)
         self.lora = LoRAConfig.of(cfg) if cfg.train_type == "lora" else None
-        # LoRA wraps megatron's own linears: auto picks SDPA (TE fuses norms into them)
-        attention = "sdpa" if self.lora and cfg.attention == "auto" else cfg.attention
-        self.loaded = load_model(cfg.model, self.parallel, bf16=cfg.bf16, attention=attention,
+        self.loaded = load_model(cfg.model, self.parallel, bf16=cfg.bf16, attention=cfg.attention,
                                  recompute_granularity=cfg.recompute_granularity or None,
                                  recompute_method=cfg.recompute_method,
                                  recompute_num_layers=cfg.recompute_num_layers,

@@ -30,6 +30,16 @@ def _steps(cfg):
 
 # ------------------------------------------------------------------------------ units
 
+def test_lora_layer_spec():
+    """``auto`` stays auto (TE where it imports) unless experts are adapted: TE's grouped
+    experts (TEGroupedMLP, CUDA) have no per-expert linears."""
+    from megaemb.config import LoRAConfig
+
+    assert LoRAConfig().attention("auto") == "auto"
+    assert LoRAConfig(target_modules=("linear_qkv", "experts")).attention("auto") == "sdpa"
+    assert LoRAConfig(target_modules=("experts",)).attention("te") == "te"
+
+
 def test_target_modules_and_flags():
     from megaemb.config import target_modules
 
@@ -37,6 +47,9 @@ def test_target_modules_and_flags():
     assert target_modules(["q_proj", "v_proj", "down_proj"]) == ("linear_qkv", "linear_fc2")
     with pytest.raises(ValueError, match="experts"):
         target_modules(["router"])
+    _cfg("m", attention="te").validate()  # LoRA wraps TE's linears too (tests/test_lora_te.py)
+    with pytest.raises(ValueError, match="lora_rank"):
+        _cfg("m", lora_rank=0).validate()
 
 
 @pytest.mark.timeout(60)
@@ -49,10 +62,6 @@ def test_fused_hf_targets_are_named():
     assert "also adapts up_proj:" in fused_targets_note(["gate_proj"])
     for names in (["q_proj", "k_proj", "v_proj", "o_proj"], ["all-linear"], ["linear_qkv"], []):
         assert fused_targets_note(names) is None, names
-    with pytest.raises(ValueError, match="Transformer Engine"):
-        _cfg("m", attention="te").validate()
-    with pytest.raises(ValueError, match="lora_rank"):
-        _cfg("m", lora_rank=0).validate()
 
 
 # ------------------------------------------------------------------------------ one rank

@@ -20,8 +20,9 @@ megatron-core 0.16.1's source, not TE's behaviour):
     is on (megaemb never enables FP8);
   * whether TE modules fill in a missing ``_extra_state`` on ``load_state_dict`` (the fake
     does not; megaemb tolerates its absence either way);
-  * ``TEGroupedMLP`` (``moe_grouped_gemm=True``) parameter names (``weight0..N``) and its
-    checkpoint keys: not faked, megaemb builds ``SequentialMLP`` experts;
+  * ``TEGroupedMLP`` (``moe_grouped_gemm=True``, what CUDA + TE builds): faked after megatron's
+    ``TEGroupedLinear`` (``weight{i}``, its sharded keys) and round-tripped in
+    ``tests/test_lora_te.py``; TE's ``GroupedLinear`` kernels themselves are not;
   * numerics of TE's fused kernels (LayerNormLinear, fused attention, bf16/fp8 GEMMs): the fake
     computes RMSNorm + matmul + SDPA in fp32;
   * that real TE fails on the ``meta`` device (the fake refuses it, standing for that);

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from safetensors.torch import save_file
 
@@ -79,14 +80,18 @@ def merged_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
 
 def write_peft_adapter(mcore_dir: str, out_dir: str, shape: Qwen3Shape, *,
                        dtype: torch.dtype = torch.float32, iteration: int | None = None) -> None:
-    """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's names for Qwen3Model)."""
+    """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's names for Qwen3Model).
+    Collective: every rank loads (megatron's checkpoint load is), global rank 0 writes."""
     from megaemb.model.lora import PEFT_TARGETS
 
     meta = checkpoint.read_lora(mcore_dir)
     lora = LoRAConfig.from_json(meta["lora"])
     lora.check_peft_export(mcore_dir)
+    adapters = adapter_hf_tensors(mcore_dir, shape, iteration)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
     tensors = {}
-    for name, (a, b) in adapter_hf_tensors(mcore_dir, shape, iteration).items():
+    for name, (a, b) in adapters.items():
         module = PEFT_PREFIX + name.removesuffix(".weight")
         tensors[f"{module}.lora_A.weight"] = a.to(dtype).clone()  # q/k/v share A: own copies
         tensors[f"{module}.lora_B.weight"] = b.to(dtype).contiguous()

@@ -46,17 +46,19 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
             raise ValueError(f"{path} is a LoRA checkpoint: give it as --load (resume), or export "
                              "it with --merge_lora true and train from that")
         checkpoint.check_lora_base(path, "--model", allow_changed_base)
-        loaded = load_model(meta["base"], parallel, bf16=bf16, attention=attention,
+        lora = LoRAConfig.from_json(meta["lora"])
+        loaded = load_model(meta["base"], parallel, bf16=bf16, attention=lora.attention(attention),
                             recompute_granularity=recompute_granularity,
                             recompute_method=recompute_method,
                             recompute_num_layers=recompute_num_layers, load_weights=load_weights,
                             hidden_dropout=hidden_dropout, attention_dropout=attention_dropout)
-        lora = LoRAConfig.from_json(meta["lora"])
         apply_lora(loaded.model, lora, init=False)
         if load_weights:
             adapters = {k: v for k, v in loaded.model.sharded_state_dict().items() if is_lora_name(k)}
             loaded.model.load_state_dict(checkpoint.load_checkpoint(path, adapters), strict=False)
         return replace(loaded, hf_dir=hf_files_dir(path), is_mcore=True, lora=lora)
+    if lora is not None:
+        attention = lora.attention(attention)
     hf_dir = hf_files_dir(path)
     hf_config = read_hf_config(hf_dir)
     shape = Qwen3Shape.from_hf(hf_config, os.path.join(hf_dir, "config.json"))

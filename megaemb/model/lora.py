@@ -18,6 +18,18 @@ The adapter follows its base layer's tensor-parallel split (tp ranks, SP = seque
         A [r, in/tp]     split on in, like W; h = reduce_from_tensor_model_parallel_region(A x)
         B [out, r]       replicated; B h [s, b, out] (SP: scattered to [s/tp, b, out])
 
+Under Transformer Engine's spec the adapted linears are megatron's TE wrappers. Their fused
+norm (``TELayerNormColumnParallelLinear``: linear_qkv, dense linear_fc1) normalises the input
+inside the module, so the adapter must read the *normalised* input: :func:`apply_lora` sets
+TE's ``return_layernorm_output = True`` and the adapter takes ``ln_out`` (NeMo's,
+Megatron-Bridge's and ms-swift's recipe). ``ln_out`` stays this rank's tokens under SP (the
+adapter gathers it like any column input): TE's ``return_layernorm_output_gathered`` would save
+that gather, but TE's backward drops the gradient of a gathered ``ln_out`` (TE v2.11
+``module/layernorm_linear.py`` L964-965, unchanged on main: ``grad_outputs[1]`` is added only
+when not gathered), which would cut the adapters' input gradient. The TP group and the
+sequence-parallel flag are read through :func:`tp_group` and :func:`sequence_parallel`, which
+hold for megatron's linears and its TE wrappers alike.
+
 Parameter and checkpoint names are the base's plus ``lora_a.weight`` / ``lora_b.weight``
 (``...linear_qkv.lora_b.weight``): the base keeps its names, so conversion and checkpoints of
 the frozen weights are unchanged. ``linear_fc1``'s B is saved with megatron's SwiGLU factory,
@@ -34,33 +46,33 @@ import zlib
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
-from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                                  set_tensor_model_parallel_attributes)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megaemb.config import LoRAConfig
 
+ROW_PARALLEL = ("linear_proj", "linear_fc2")  # the rest are column-parallel
 PEFT_TARGETS = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
                 "linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",)}
 
 
 class LoRAMixin:
-    """Mixed into a ColumnParallelLinear / RowParallelLinear instance by :func:`apply_lora`."""
+    """Mixed into a megatron column- / row-parallel linear (local or TE wrapper) by :func:`apply_lora`."""
 
     lora: LoRAConfig
     lora_row: bool  # row-parallel base
     lora_gated: bool  # the gated MLP's linear_fc1 ([gate; up] rows)
 
     def forward(self, x, *args, **kwargs):
-        out, bias = super().forward(x, *args, **kwargs)
+        out, bias, x = _outputs(super().forward(x, *args, **kwargs), x)
         return out + self.lora_delta(x), bias
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """Experts (expert tensor parallel size 1, see :func:`apply_lora`) see the dispatched
         tokens ``[t, h]``: no sequence parallelism, and the tensor-parallel ops are no-ops."""
-        a, b, group = self.lora_a.weight, self.lora_b.weight, self.tp_group
-        sp = self.config.sequence_parallel and not self.is_expert
+        a, b, group = self.lora_a.weight, self.lora_b.weight, tp_group(self)
+        sp = sequence_parallel(self)
         if self.lora_row:  # x [s, b, in/tp]: each rank's dropout masks its own slice
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 x = self.lora_dropout(x)
@@ -82,13 +94,42 @@ class LoRAMixin:
         state = {"lora_a.weight": self.lora_a.weight, "lora_b.weight": self.lora_b.weight}
         axis = {"lora_a.weight": 1} if self.lora_row else {"lora_b.weight": 0}
         lora = make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets,
-                                                   tp_group=self.tp_group,
+                                                   tp_group=tp_group(self),
                                                    dp_cp_group=(metadata or {}).get("dp_cp_group"))
         if self.lora_gated:
             key = f"{prefix}lora_b.weight"
             lora[key] = apply_swiglu_sharded_factory(lora[key], sharded_offsets,
                                                      (metadata or {}).get("singleton_local_shards", False))
         return {**base, **lora}
+
+
+def _outputs(result: tuple, x: torch.Tensor) -> tuple:
+    """``(output, bias, adapter input)`` of the base linear's forward. megatron's linears and
+    its TE wrappers return ``(out, bias)``; ``TELayerNormColumnParallelLinear`` with
+    ``return_layernorm_output`` returns ``((out, ln_out), None)``, or ``(out, bias, ln_out)``
+    when TE returns the bias (megatron-core 0.16.1 ``extensions/transformer_engine.py``
+    ``TELayerNormColumnParallelLinear.forward``; TE v2.11 ``LayerNormLinear.forward``)."""
+    if len(result) == 3:
+        return result
+    out, bias = result
+    if isinstance(out, tuple):
+        out, x = out
+    return out, bias, x
+
+
+def tp_group(module):
+    """The linear's tensor-parallel group: megatron's TE wrappers keep megatron's group in
+    ``_tp_group`` (TE's own ``tp_group`` is None for experts whose communication megatron does
+    itself, ``TELinear.__init__``); megatron's linears in ``tp_group``."""
+    return module._tp_group if hasattr(module, "_tp_group") else module.tp_group
+
+
+def sequence_parallel(module) -> bool:
+    """Whether the linear's input / output are this rank's slice of the tokens. TE sets
+    ``sequence_parallel`` only with a TP size > 1 (expert linears under megatron's explicit
+    communication have TE TP size 1); megatron's linears set it for experts too, which see
+    dispatched tokens, so their ``is_expert`` excludes them (TE wrappers have no ``is_expert``)."""
+    return bool(module.sequence_parallel) and not getattr(module, "is_expert", False)
 
 
 _CLASSES: dict[type, type] = {}
@@ -128,12 +169,8 @@ def apply_lora(model, cfg: LoRAConfig, *, seed: int = 0, init: bool = True) -> l
         for target in (t for t in cfg.target_modules if t != "experts"):
             owner = "self_attention" if target in ("linear_qkv", "linear_proj") else "mlp"
             module = getattr(getattr(layer, owner), target, None)
-            if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                if target in ("linear_fc1", "linear_fc2"):
-                    continue  # an MoE layer: experts are not adapted
-                raise ValueError(f"--train_type lora: {target} is a {type(module).__name__}; LoRA "
-                                 "wraps megatron's ColumnParallelLinear / RowParallelLinear "
-                                 "(use --attention sdpa)")
+            if module is None:
+                continue  # an MoE layer has no linear_fc1 / linear_fc2: experts are adapted above
             name = f"decoder.layers.{layer.layer_number - 1}.{owner}.{target}"
             _adapt(module, cfg, name, seed, tp_rank, init, gated=gated and target == "linear_fc1")
             done.append(name)
@@ -153,7 +190,7 @@ def _adapt_experts(layer, cfg: LoRAConfig, seed: int, init: bool, gated: bool) -
         raise ValueError(f"--target_modules experts: {type(experts).__name__} keeps its experts in "
                          "grouped weights; LoRA needs SequentialMLP (--attention sdpa)")
     first = experts.local_experts[0].linear_fc1
-    if first.tp_group.size() > 1:
+    if tp_group(first).size() > 1:
         raise ValueError("--target_modules experts needs expert tensor parallel size 1 "
                          "(--tensor_model_parallel_size 1; use --expert_model_parallel_size)")
     offset = experts.ep_group.rank() * experts.num_local_experts if init else 0
@@ -168,9 +205,9 @@ def _adapt_experts(layer, cfg: LoRAConfig, seed: int, init: bool, gated: bool) -
 
 
 def _adapt(module, cfg: LoRAConfig, name: str, seed: int, tp_rank: int, init: bool, gated: bool):
-    row = isinstance(module, RowParallelLinear)
+    row = name.rsplit(".", 1)[-1] in ROW_PARALLEL
     out_local, in_local = module.weight.shape
-    in_full = in_local * module.tp_group.size() if row and init else in_local
+    in_full = in_local * tp_group(module).size() if row and init else in_local
     like = dict(device=module.weight.device, dtype=module.weight.dtype)
     a = torch.nn.Linear(in_local, cfg.rank, bias=False, **like)
     b = torch.nn.Linear(cfg.rank, out_local, bias=False, **like)
@@ -187,6 +224,8 @@ def _adapt(module, cfg: LoRAConfig, name: str, seed: int, tp_rank: int, init: bo
     module.lora, module.lora_row, module.lora_gated = cfg, row, gated
     module.lora_a, module.lora_b = a, b
     module.lora_dropout = torch.nn.Dropout(cfg.dropout) if cfg.dropout else torch.nn.Identity()
+    if hasattr(module, "return_layernorm_output"):  # TE's LayerNormLinear: feed the adapter ln_out
+        module.return_layernorm_output = True
 
 
 @torch.no_grad()

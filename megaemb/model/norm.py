@@ -3,8 +3,13 @@
 megatron-core's fallback (``WrappedTorchNorm``) refuses sequence parallelism. Under sequence
 parallelism each tensor-parallel rank normalises a different slice of tokens, so the weight
 gradients of hidden-state norms differ between TP ranks and must be all-reduced: megatron does
-that for parameters marked ``sequence_parallel = True``. Per-head q/k norms run after the
-all-gather on every token, so their gradients already agree and they are not marked.
+that for parameters marked ``sequence_parallel = True``. Per-head q/k norms see every token
+but only this rank's heads (``linear_qkv`` is split on heads), so each rank holds a partial sum
+of their gradient, with or without sequence parallelism: megatron's ``finalize_model_grads``
+sums the gradients of ``q_layernorm`` / ``k_layernorm`` over TP by name whenever
+``config.qk_layernorm`` (megatron-core 0.16.1 ``distributed/finalize_model_grads.py``
+``_allreduce_non_tensor_model_parallel_grads``), so they are not marked (marked, they would be
+summed once all the same: one branch of that function takes both).
 """
 from __future__ import annotations
 
