@@ -113,12 +113,12 @@ def test_global_negatives_bench_runs_both_sides(tmp_path):
     assert report["max_global_batch"] == {"micro_batch_negatives": 16, "global_negatives": 16}
 
 
-@pytest.mark.slow  # 195 s on 2 shared CPU cores: smoke chain, two benchmarks, negatives
+@pytest.mark.slow  # ~220 s on 2 shared CPU cores: smoke chain, two benchmarks, negatives, flex
 @pytest.mark.timeout(900)
 def test_gpu_check_dry_run_runs_the_whole_plan(tmp_path):
-    """``bench/gpu_check.sh --dry-run``: every check of the GPU plan runs on CPU (the other
-    items' FlexAttention and LoRA-under-TE checks report themselves as not run until they
-    land), the JSON holds their numbers, and the exit code is 0."""
+    """``bench/gpu_check.sh --dry-run``: every check of the GPU plan runs on CPU (the
+    LoRA-under-TE check reports itself as not run until it lands), the JSON holds their
+    numbers, and the exit code is 0."""
     out = tmp_path / "check.json"
     r = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--output", str(out)], cwd=ROOT,
                        env=dict(ENV, PYTHON=sys.executable), capture_output=True, text=True, timeout=880)
@@ -128,11 +128,54 @@ def test_gpu_check_dry_run_runs_the_whole_plan(tmp_path):
     assert report["ok"] and report["dry_run"] and list(checks) == [
         "versions", "spec_parity", "flex", "lora_te", "gpu_smoke", "throughput",
         "throughput_recompute", "global_negatives"]
-    assert all(checks[k]["ok"] for k in checks if k not in ("flex", "lora_te"))
+    assert all(checks[k]["ok"] for k in checks if k != "lora_te")
+    assert checks["flex"]["fp32_max_out_diff"] <= 1e-4 and checks["flex"]["graphs_added"] <= 2
     assert checks["spec_parity"]["fp32_sdpa_packed"] <= 1e-4
     assert checks["spec_parity"]["bf16_sdpa_packed"] >= 0.999
     assert checks["throughput_recompute"]["dense_megaemb_embedding_backward_ms_per_step"] > 0
     assert r.stdout.strip().splitlines()[-1].startswith("gpu_check: ok")
+
+
+def _check_flex(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import check_flex
+
+    return check_flex
+
+
+@pytest.mark.timeout(240)  # ~40 s on 2 shared CPU cores: two inductor-CPU compiles
+def test_check_flex_dry_run_measures_and_passes(monkeypatch):
+    """``bench/check_flex.py`` on CPU: megaemb's compiled FlexAttention (forward: inductor on
+    CPU does not compile its backward) equals SDPA math under the dense document rule, compiles
+    at most one graph per grad mode over a train + eval mix of lengths, and builds the 32k
+    block mask far below a dense mask's bytes."""
+    r = _check_flex(monkeypatch).run(dry_run=True)
+    assert r["ok"] is True and r["device"] == "cpu" and r["backward"] is False
+    assert 0 <= r["fp32_max_out_diff"] <= 1e-4
+    assert r["fp32_max_grad_diff_q"] is None  # forward only on CPU
+    assert 0 <= r["graphs_added"] <= r["graphs_expected_max"] == 2
+    assert r["flex_graphs"] <= r["flex_graphs_bound"]
+    assert 0 < r["mask_build_bytes"] <= r["mask_build_bound_bytes"] == r["dense_mask_bytes"] // 64
+    assert r["mask_T"] == 32768 and all(t % 128 for t in r["lengths"])
+
+
+@pytest.mark.timeout(120)
+def test_check_flex_fails_on_wrong_attention(monkeypatch):
+    """Attention that ignores document boundaries (causal over the whole pack) in place of
+    megaemb's FlexAttention: ``ok`` is false and the difference is reported."""
+    import torch.nn.functional as F
+
+    from megaemb.model import attention
+
+    check_flex = _check_flex(monkeypatch)
+
+    def causal_across_documents(q, k, v, block_mask=None, scale=None, enable_gqa=False):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(attention, "_flex_attention", causal_across_documents)
+    r = check_flex.run(dry_run=True)
+    assert r["ok"] is False and r["fp32_max_out_diff"] > 1e-2
+    assert r["graphs_added"] == 0 and r["mask_build_bytes"] <= r["mask_build_bound_bytes"]
 
 
 @pytest.mark.timeout(240)
