@@ -146,7 +146,7 @@ CHECKS = {
     "versions": versions,
     "spec_parity": spec_parity,
     "flex": lambda args: check_flex.run(dry_run=args.dry_run),
-    "lora_te": lambda args: check_lora_te.run(dry_run=args.dry_run),
+    "lora_te": lambda args: check_lora_te.run(dry_run=args.dry_run, model=args.model),
     "gpu_smoke": gpu_smoke,
     "throughput": lambda args: _throughput(args, recompute=False),
     "throughput_recompute": lambda args: _throughput(args, recompute=True),

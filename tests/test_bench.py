@@ -113,12 +113,11 @@ def test_global_negatives_bench_runs_both_sides(tmp_path):
     assert report["max_global_batch"] == {"micro_batch_negatives": 16, "global_negatives": 16}
 
 
-@pytest.mark.slow  # ~220 s on 2 shared CPU cores: smoke chain, two benchmarks, negatives, flex
+@pytest.mark.slow  # 250-400 s on 2 shared CPU cores: smoke chain, benchmarks, negatives, flex, LoRA-TE
 @pytest.mark.timeout(900)
 def test_gpu_check_dry_run_runs_the_whole_plan(tmp_path):
-    """``bench/gpu_check.sh --dry-run``: every check of the GPU plan runs on CPU (the
-    LoRA-under-TE check reports itself as not run until it lands), the JSON holds their
-    numbers, and the exit code is 0."""
+    """``bench/gpu_check.sh --dry-run``: every check of the GPU plan runs on CPU (LoRA under
+    TE with ``tests/te_fakes.py``), the JSON holds their numbers, and the exit code is 0."""
     out = tmp_path / "check.json"
     r = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--output", str(out)], cwd=ROOT,
                        env=dict(ENV, PYTHON=sys.executable), capture_output=True, text=True, timeout=880)
@@ -128,7 +127,8 @@ def test_gpu_check_dry_run_runs_the_whole_plan(tmp_path):
     assert report["ok"] and report["dry_run"] and list(checks) == [
         "versions", "spec_parity", "flex", "lora_te", "gpu_smoke", "throughput",
         "throughput_recompute", "global_negatives"]
-    assert all(checks[k]["ok"] for k in checks if k != "lora_te")
+    assert all(checks[k]["ok"] for k in checks)
+    assert checks["lora_te"]["fp32_packed_grad_max_rel_diff"] <= 1e-3
     assert checks["flex"]["fp32_max_out_diff"] <= 1e-4 and checks["flex"]["graphs_added"] <= 2
     assert checks["spec_parity"]["fp32_sdpa_packed"] <= 1e-4
     assert checks["spec_parity"]["bf16_sdpa_packed"] >= 0.999
@@ -176,6 +176,54 @@ def test_check_flex_fails_on_wrong_attention(monkeypatch):
     r = check_flex.run(dry_run=True)
     assert r["ok"] is False and r["fp32_max_out_diff"] > 1e-2
     assert r["graphs_added"] == 0 and r["mask_build_bytes"] <= r["mask_build_bound_bytes"]
+
+
+def _check_lora_te(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import check_lora_te
+
+    return check_lora_te
+
+
+@pytest.mark.timeout(300)  # ~45 s: 4 tiny models loaded, fp32 and bf16
+def test_check_lora_te_dry_run_passes_on_te_fakes(monkeypatch):
+    """``bench/check_lora_te.py`` on CPU: LoRA on the fake-TE spec (megatron's real TE layer
+    spec over tests/te_fakes.py) equals LoRA on the SDPA spec, embeddings and every adapter's
+    gradients, padded and packed, with A gradients nonzero."""
+    from megaemb import platform
+
+    if platform.has_transformer_engine():
+        pytest.skip("Transformer Engine is installed: the fakes would shadow it")
+    r = _check_lora_te(monkeypatch).run(dry_run=True)
+    assert r["ok"] is True and r["te"].startswith("fakes"), r
+    assert r["te_qkv_module"] == "LoRAFakeTELayerNormColumnParallelLinear"
+    for layout in ("padded", "packed"):
+        assert r[f"fp32_{layout}_embedding_max_diff"] <= 1e-4 and r[f"fp32_{layout}_grad_max_rel_diff"] <= 1e-3
+        assert r[f"bf16_{layout}_embedding_min_cos"] >= 0.999 and r[f"bf16_{layout}_grad_min_cos"] >= 0.99
+        assert r[f"fp32_{layout}_min_a_grad"] > 0
+    assert r["fp32_adapters"] == r["bf16_adapters"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_check_lora_te_fails_when_adapters_miss_ln_out(monkeypatch):
+    """The bug the check exists for: TE's fused-norm linears' adapters fed the un-normalised
+    input (``ln_out`` dropped) instead of the normalised one: ``ok`` is false."""
+    from megaemb import platform
+    from megaemb.model import lora
+
+    if platform.has_transformer_engine():
+        pytest.skip("Transformer Engine is installed: the fakes would shadow it")
+    check_lora_te = _check_lora_te(monkeypatch)
+    outputs = lora._outputs
+
+    def without_ln_out(result, x):
+        out, bias, _ = outputs(result, x)
+        return out, bias, x
+
+    monkeypatch.setattr(lora, "_outputs", without_ln_out)
+    monkeypatch.setattr(check_lora_te, "DTYPES", ("fp32",))
+    r = check_lora_te.run(dry_run=True)
+    assert r["ok"] is False and r["fp32_padded_embedding_max_diff"] > 1e-3, r
 
 
 @pytest.mark.timeout(240)
