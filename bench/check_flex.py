@@ -71,10 +71,17 @@ def dense_rule(cu: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def _inputs(total: int, dtype: torch.dtype, device: str, seed: int):
+    """q, k, v and the output's gradient as the model holds them, ``[T, b = 1, heads, hn]``
+    (megatron's layout), seeded; :func:`_bhsd` gives SDPAAttention's view of them."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v, grad = (torch.randn(1, h, total, HEAD_DIM, generator=g).to(device=device, dtype=dtype)
-                     for h in (HEADS, KV_HEADS, KV_HEADS, HEADS))
-    return q, k, v, grad
+    return [torch.randn(total, 1, h, HEAD_DIM, generator=g).to(device=device, dtype=dtype)
+            for h in (HEADS, KV_HEADS, KV_HEADS, HEADS)]
+
+
+def _bhsd(t: torch.Tensor) -> torch.Tensor:
+    """``[T, b, heads, hn]`` -> ``[b, heads, T, hn]``: the permuted view SDPAAttention hands
+    FlexAttention (T is not the innermost-but-one stride, as in the model's calls)."""
+    return t.permute(1, 2, 0, 3)
 
 
 def _reference(q, k, v, grad, mask, backward: bool):
@@ -109,15 +116,15 @@ def _step(cu: list[int], dtype: torch.dtype, device: str, train: bool, backward:
     grads = train and backward
     leaves = [t.requires_grad_(grads) for t in (q, k, v)]
     with torch.set_grad_enabled(train):
-        out = attention._flex_attention(*leaves, block_mask=packing.block_mask(total), scale=SCALE,
-                                        enable_gqa=True)
+        out = attention._flex_attention(*map(_bhsd, leaves), block_mask=packing.block_mask(total),
+                                        scale=SCALE, enable_gqa=True)
         if grads:
-            out.backward(grad)
-    ref_out, ref_grads = _reference(q, k, v, grad, dense_rule(cu_t, total), grads)
+            out.backward(_bhsd(grad))
+    ref_out, ref_grads = _reference(*map(_bhsd, (q, k, v, grad)), dense_rule(cu_t, total), grads)
     diffs = {"out": _diff(out.detach(), ref_out)}
     if grads:
         for name, t, ref in zip("qkv", leaves, ref_grads):
-            diffs[f"grad_{name}"] = _diff(t.grad, ref)
+            diffs[f"grad_{name}"] = _diff(_bhsd(t.grad), ref)
     return diffs
 
 
