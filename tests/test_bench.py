@@ -113,7 +113,7 @@ def test_global_negatives_bench_runs_both_sides(tmp_path):
     assert report["max_global_batch"] == {"micro_batch_negatives": 16, "global_negatives": 16}
 
 
-@pytest.mark.slow  # 250-400 s on 2 shared CPU cores: smoke chain, benchmarks, negatives, flex, LoRA-TE
+@pytest.mark.slow  # 370-470 s on 2 busy shared CPU cores: smoke, benchmarks, negatives, flex, LoRA-TE
 @pytest.mark.timeout(900)
 def test_gpu_check_dry_run_runs_the_whole_plan(tmp_path):
     """``bench/gpu_check.sh --dry-run``: every check of the GPU plan runs on CPU (LoRA under
