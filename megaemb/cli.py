@@ -188,6 +188,20 @@ def parse_size(text: str) -> int:
     return size
 
 
+def check_seq_cls_export(args, source: str) -> None:
+    """``--to_seq_cls true``: an HF export of a generative reranker (LoRA: merged)."""
+    from megaemb import checkpoint, tasks
+
+    if not args.to_hf:
+        raise ValueError("--to_seq_cls true needs --to_hf true")
+    task = tasks.get(checkpoint.read_task(source))
+    if not task.causal_lm:
+        raise ValueError(f"--to_seq_cls: {source} is a {task.name} checkpoint, not a "
+                         "generative reranker")
+    if checkpoint.read_lora(source) and not args.merge_lora:
+        raise ValueError("--to_seq_cls of a LoRA checkpoint needs --merge_lora true")
+
+
 def run_export(args) -> None:
     from megaemb import export
     from megaemb.config import ParallelConfig
@@ -205,7 +219,8 @@ def run_export(args) -> None:
         export.mcore_to_hf(args.mcore_model, args.output_dir, bf16=args.bf16,
                            max_shard_bytes=parse_size(args.max_shard_size),
                            iteration=args.iteration, overwrite=args.overwrite,
-                           merge_lora=args.merge_lora, allow_changed_base=args.allow_changed_base)
+                           merge_lora=args.merge_lora, allow_changed_base=args.allow_changed_base,
+                           seq_cls=args.to_seq_cls)
         hf_weights = args.output_dir
         loaded = None
     _rank0_print(f"megaemb export: wrote {args.output_dir}")
@@ -413,6 +428,8 @@ def check_args(args, world: int = 1) -> None:
             from megaemb import checkpoint
 
             checkpoint.check_lora_base(source, flag, args.allow_changed_base)
+        if args.to_seq_cls:
+            check_seq_cls_export(args, source)
         if args.to_hf and not args.merge_lora:
             from megaemb.config import LoRAConfig
 

@@ -108,6 +108,7 @@ class ExportFlags:
     max_shard_size: str = "5GB"  # HF safetensors shard size (--to_hf), e.g. 500MB
     iteration: int | None = None  # checkpoint iteration to export with --to_hf; none = the latest
     overwrite: bool = False  # replace an existing, non-empty --output_dir
+    to_seq_cls: bool = False  # --to_hf of a generative reranker: Qwen3ForSequenceClassification (score.weight = W[yes] - W[no]) instead of Qwen3ForCausalLM
     merge_lora: bool = False  # --to_hf of a LoRA checkpoint: the merged HF model (false: a PEFT adapter folder)
     allow_changed_base: bool = False  # a LoRA checkpoint whose base model now holds other weights than its adapters were trained on: use it knowingly (refused by default)
 

@@ -93,6 +93,7 @@ def _layouts(rank, world, m):
             for loss in ("listwise_reranker", "pointwise_reranker")}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_reranker_learns_and_layouts_equal_one_rank(rerankers):
     refs = run_distributed(_references, 1, rerankers, timeout=300)[0]
