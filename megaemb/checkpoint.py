@@ -197,6 +197,13 @@ def read_task(root: str) -> str:
         return json.load(f).get("task", "embedding")
 
 
+def check_task(root: str, wanted: str, flag: str) -> None:
+    """A checkpoint trained for another task than ``wanted`` is a one-line ValueError."""
+    saved = read_task(root)
+    if saved != wanted:
+        raise ValueError(f"{flag} {root}: a checkpoint of --task_type {saved}, not {wanted}")
+
+
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, hf_source: str,
                     lora: dict | None = None, task: str = "embedding") -> str:
     """Collective: every rank passes its sharded state dict (a LoRA run: its adapters', and

@@ -194,10 +194,9 @@ def check_seq_cls_export(args, source: str) -> None:
 
     if not args.to_hf:
         raise ValueError("--to_seq_cls true needs --to_hf true")
-    task = tasks.get(checkpoint.read_task(source))
-    if not task.causal_lm:
-        raise ValueError(f"--to_seq_cls: {source} is a {task.name} checkpoint, not a "
-                         "generative reranker")
+    if not tasks.get(checkpoint.read_task(source)).causal_lm:
+        raise ValueError(f"--to_seq_cls: --mcore_model {source} is a checkpoint of --task_type "
+                         f"{checkpoint.read_task(source)}, not a generative reranker")
     if checkpoint.read_lora(source) and not args.merge_lora:
         raise ValueError("--to_seq_cls of a LoRA checkpoint needs --merge_lora true")
 
@@ -255,8 +254,10 @@ def run_embed(args) -> None:
 
 
 def _load_for_inference(args):
-    """Parallel groups, the model (HF, MCore or LoRA checkpoint) and its tokenizer, with
-    ``--max_length`` defaulting to the model's limit (a warning above it)."""
+    """Parallel groups, the model (HF, MCore or LoRA checkpoint; an embedder: another task's
+    checkpoint is refused) and its tokenizer, with ``--max_length`` defaulting to the model's
+    limit (a warning above it)."""
+    from megaemb import tasks
     from megaemb.convert.load import load_model
     from megaemb.data.tokenize import EmbeddingTokenizer
     from megaemb.parallel import init_parallel
@@ -264,7 +265,7 @@ def _load_for_inference(args):
     parallel = parallel_config(args)
     init_parallel(parallel, seed=args.seed)
     loaded = load_model(args.model, parallel, bf16=args.bf16, attention=args.attention,
-                        allow_changed_base=args.allow_changed_base)
+                        allow_changed_base=args.allow_changed_base, task=tasks.EMBEDDING)
     if args.max_length is None:
         args.max_length = min(8192, loaded.shape.max_position_embeddings)
     if args.max_length > loaded.shape.max_position_embeddings:
@@ -430,6 +431,13 @@ def check_args(args, world: int = 1) -> None:
             checkpoint.check_lora_base(source, flag, args.allow_changed_base)
         if args.to_seq_cls:
             check_seq_cls_export(args, source)
+        if args.to_hf and args.test_convert_precision:
+            from megaemb import checkpoint, tasks
+
+            if tasks.get(checkpoint.read_task(source)).head:
+                raise ValueError(f"--test_convert_precision compares embeddings; --mcore_model "
+                                 f"{source} is a checkpoint of --task_type "
+                                 f"{checkpoint.read_task(source)}")
         if args.to_hf and not args.merge_lora:
             from megaemb.config import LoRAConfig
 

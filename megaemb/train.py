@@ -293,9 +293,7 @@ class Trainer:
             _create_optimizer_state(self.optimizer)
         # --finetune too: a LoRA run takes adapters, a full run full weights (a full checkpoint
         # under LoRA is a --model)
-        if checkpoint.read_task(root) != self.task.name:
-            raise ValueError(f"--load {root} is a {checkpoint.read_task(root)} checkpoint; this run "
-                             f"trains --task_type {self.task.name}")
+        checkpoint.check_task(root, self.task.name, "--load")
         checkpoint.check_lora_matches(root, self.lora.to_json() if self.lora else None)
         checkpoint.check_lora_base(root, "--load", self.cfg.allow_changed_base, base=self.cfg.model)
         same_layout = all(saved.get(k) == now[k] for k in ("tp", "pp", "ep"))

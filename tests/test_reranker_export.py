@@ -136,5 +136,5 @@ def test_seq_cls_of_an_embedder_is_one_line(tmp_path):
 
     args = build_parser().parse_args(["export", "--mcore_model", str(fake), "--to_hf", "true",
                                       "--to_seq_cls", "true", "--output_dir", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match="is a embedding checkpoint, not a generative reranker"):
+    with pytest.raises(ValueError, match="a checkpoint of --task_type embedding, not a generative reranker"):
         check_seq_cls_export(args, str(fake))

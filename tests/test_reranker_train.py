@@ -120,20 +120,25 @@ def test_reranker_learns_and_layouts_equal_one_rank(rerankers):
 
 
 def _check_checkpoint(path, m):
-    """megaemb.json records the task; an embedder run (--load) and --task_type embedding on
-    the reranker checkpoint are one-line errors."""
+    """megaemb.json records the task; an embedder run (--load, --model) and ``embed`` of the
+    reranker checkpoint are one-line errors."""
     with open(os.path.join(path, "megaemb.json")) as f:
         assert json.load(f)["task"] == "generative_reranker"
     env = {**os.environ, "PYTHONPATH": ROOT}
-    for extra in (["--model", m["untied"], "--load", path, "--loss_type", "infonce"],
-                  ["--model", path, "--loss_type", "infonce"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "megaemb.cli", "sft", "--dataset", m["data"], "--train_iters",
-             "1", "--global_batch_size", "2", "--max_length", "96", *extra],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    sft = ["sft", "--dataset", m["data"], "--train_iters", "1", "--global_batch_size", "2",
+           "--max_length", "96", "--loss_type", "infonce"]
+    texts = os.path.join(m["root"], "texts.txt")
+    with open(texts, "w") as f:
+        f.write("a text\n")
+    for args in ([*sft, "--model", m["untied"], "--load", path], [*sft, "--model", path],
+                 ["embed", "--model", path, "--input", texts, "--output",
+                  os.path.join(m["root"], "e.npy")]):
+        proc = subprocess.run([sys.executable, "-m", "megaemb.cli", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
         lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and lines[-1].startswith("megaemb sft: error: "), proc.stderr
-        assert "generative_reranker checkpoint" in lines[-1], lines[-1]
+        assert proc.returncode == 2 and lines[-1].startswith(f"megaemb {args[0]}: error: "), \
+            proc.stderr
+        assert "a checkpoint of --task_type generative_reranker, not embedding" in lines[-1], lines[-1]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -43,7 +43,9 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
     from megaemb.model.lora import apply_lora, is_lora_name
 
     is_mcore = checkpoint.is_checkpoint(path)
-    task = _task_of(path, task) if is_mcore else task or tasks.EMBEDDING
+    if is_mcore and task is not None:
+        checkpoint.check_task(path, task.name, "--model")
+    task = tasks.get(checkpoint.read_task(path)) if is_mcore else task or tasks.EMBEDDING
     meta = checkpoint.read_lora(path) if is_mcore else None
     if meta:
         if lora is not None:
@@ -85,12 +87,3 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
     if lora is not None:
         apply_lora(model, lora, seed=seed)
     return LoadedModel(model, shape, hf_config, hf_dir, is_mcore, lora, task)
-
-
-def _task_of(path: str, wanted: tasks.Task | None) -> tasks.Task:
-    """A checkpoint's recorded task; ``wanted`` (if given) must be it."""
-    saved = tasks.get(checkpoint.read_task(path))
-    if wanted is not None and wanted != saved:
-        raise ValueError(f"{path} is a {saved.name} checkpoint, not a {wanted.name} one "
-                         f"(--task_type {wanted.name})")
-    return saved

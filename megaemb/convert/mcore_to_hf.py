@@ -150,8 +150,8 @@ def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None
     shape = Qwen3Shape.from_hf(hf_config, os.path.join(hf_dir, "config.json"))
     task = tasks.get(checkpoint.read_task(mcore_dir))
     if seq_cls and not task.causal_lm:
-        raise ValueError(f"--to_seq_cls: {mcore_dir} is a {task.name} checkpoint, not a "
-                         "generative reranker")
+        raise ValueError(f"--to_seq_cls: {mcore_dir} is a checkpoint of --task_type "
+                         f"{task.name}, not a generative reranker")
     write = not dist.is_initialized() or dist.get_rank() == 0
     writer = ShardWriter(out_dir, max_shard_bytes, write)
     if checkpoint.read_lora(mcore_dir):  # adapters merged into their base
