@@ -169,9 +169,9 @@ class Trainer:
             self._log_negatives(meta["k"])
 
     def _build_task_data(self):
-        """A task's own training rows (``Task.train_data``); no in-loop eval yet."""
+        """A task's own training rows and eval rows (``Task.train_data``)."""
         self.train = self.task.make_train_data(self.cfg, self.tokenizer.tokenizer, self._log)
-        self.eval_set = None
+        self.eval_set = self.train.eval_rows or None
         self._build_schedule()
 
     def _build_schedule(self):
@@ -428,10 +428,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
-        """Retrieval or pair metrics of ``eval_set`` (queries with ``--query_instruction``)."""
+        """Retrieval or pair metrics of ``eval_set`` (queries with ``--query_instruction``), or
+        a task's own (``Task.train_data``'s ``evaluate``)."""
         data = self.eval_set
         if data is None:
             return {}
+        if self.task.train_data is not None:  # the task's metrics, the same on every rank
+            metrics = self.train.evaluate(self.module, self.layout)
+            self.module.train()
+            return metrics
         pairs = isinstance(data, PairSet)
         first, second = (data.texts1, data.texts2) if pairs else (data.queries, data.corpus)
         q = embed_texts(self.module, self.tokenizer, [format_query(t, self.cfg.query_instruction or None)

@@ -3,6 +3,7 @@
 megaemb does, and ``--to_seq_cls true``: a ``Qwen3ForSequenceClassification`` whose logit is
 megaemb's score (fp32, 1e-5)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ def trained(tmp_path_factory):
 
 def _train_and_score(rank, world, models, data, root):
     from megaemb.config import SFTConfig
+    from megaemb.evaluate import rerank_metrics
     from megaemb.tasks.reranker_prompt import RerankPromptTokenizer
     from megaemb.train import Trainer
 
@@ -45,7 +47,7 @@ def _train_and_score(rank, world, models, data, root):
         trainer = Trainer(SFTConfig(model=model, dataset=[data], task_type="generative_reranker",
                                     loss_type="listwise_reranker", max_length=128,
                                     global_batch_size=3, micro_batch_size=3, train_iters=1,
-                                    lr=1e-2, save=save))
+                                    lr=1e-2, save=save, val_dataset=[data]))
         trainer.step = 0
         trainer.train_step()
         trainer.step = 1
@@ -55,7 +57,10 @@ def _train_and_score(rank, world, models, data, root):
         seqs = [prompts.encode_group(q, [d], source="test")[0] for q, d in PAIRS]
         with torch.no_grad():
             scores = trainer.module(trainer.layout.batch(seqs))
-        out[name] = {"save": save, "scores": scores.tolist()}
+            groups = [trainer.module(trainer.layout.batch(prompts.encode_group(
+                q, [d, "x y z"], source="test"))).numpy() for q, d in PAIRS]
+        out[name] = {"save": save, "scores": scores.tolist(), "eval": trainer.evaluate(),
+                     "expected_eval": rerank_metrics(groups, [[1, 0]] * len(PAIRS))}
     return out
 
 
@@ -138,3 +143,27 @@ def test_seq_cls_of_an_embedder_is_one_line(tmp_path):
                                       "--to_seq_cls", "true", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="a checkpoint of --task_type embedding, not a generative reranker"):
         check_seq_cls_export(args, str(fake))
+
+
+@pytest.mark.timeout(60)
+def test_in_loop_eval_scores_every_candidate_of_the_val_rows(trained):
+    """``--val_dataset`` group rows: the in-loop metrics are those of the model's scores of
+    every candidate (positive first), in row order."""
+    for name, run in trained.items():
+        assert set(run["eval"]) == {"mrr@10", "ndcg@10", "accuracy"}, run["eval"]
+        for key, value in run["expected_eval"].items():
+            assert abs(run["eval"][key] - value) <= 1e-9, (name, run["eval"], run["expected_eval"])
+
+
+@pytest.mark.timeout(30)
+def test_rerank_metrics_by_hand():
+    from megaemb.evaluate import rerank_metrics
+
+    scores = [[0.1, 2.0, -1.0], [3.0, -2.0], [-0.5]]   # positive ranked 2nd, 1st; a negative pair
+    labels = [[1, 0, 0], [1, 0], [0]]
+    m = rerank_metrics(scores, labels)
+    assert m["mrr@10"] == pytest.approx((1 / 2 + 1) / 2)
+    assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1) / 2)
+    # P(yes) > 0.5 agrees with the label: group 1: 0.1 (yes, right), 2.0 (wrong), -1 (right);
+    # group 2 both right; the pair right
+    assert m["accuracy"] == pytest.approx(5 / 6)

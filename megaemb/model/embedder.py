@@ -60,7 +60,7 @@ class EmbeddingModel(MegatronModule):
         self.decoder = TransformerBlock(config=config, spec=block_spec(config, self.attention),
                                         pre_process=pre_process, post_process=post_process,
                                         vp_stage=vp_stage)
-        self.head = head if post_process else None  # None: pooled embeddings
+        self.head = head  # None: pooled embeddings (a head holds no parameters)
         if output_layer and post_process:
             self._attach_output_layer()
 
@@ -73,6 +73,11 @@ class EmbeddingModel(MegatronModule):
             raise ValueError("a model with tied embeddings scores with the word embedding, which "
                              "pipeline parallelism puts on another stage: use "
                              "--pipeline_model_parallel_size 1 (or an untied model)")
+
+    def output_shape(self, n: int, dim: int | None = None) -> tuple[int, ...]:
+        """What the last stage returns for ``n`` texts: scores ``(n,)`` with a head, else
+        embeddings ``(n, dim or h)``."""
+        return (n,) if self.head is not None else (n, dim or self.shape.hidden_size)
 
     def head_weight(self) -> torch.Tensor:
         """This rank's ``[V/tp, h]`` shard of the output layer ``W`` (tied: the word embedding)."""

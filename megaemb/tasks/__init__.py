@@ -13,8 +13,8 @@ GENERATIVE_RERANKER = Task(
     name="generative_reranker", losses=("pointwise_reranker", "listwise_reranker"),
     head="megaemb.tasks.reranker:yes_no_head", output_layer=True,
     train_data="megaemb.tasks.reranker:RerankTrainData", causal_lm=True,
-    unsupported=("global_negatives", "max_tokens_per_micro_batch", "val_dataset",
-                 "split_dataset_ratio", "mrl_dims", "query_instruction"))
+    unsupported=("global_negatives", "max_tokens_per_micro_batch", "split_dataset_ratio",
+                 "mrl_dims", "query_instruction"))
 TASKS = {t.name: t for t in (EMBEDDING, GENERATIVE_RERANKER)}
 DEFAULT = EMBEDDING.name
 

@@ -17,6 +17,8 @@ loss        ``pointwise_reranker`` (BCE per candidate) or ``listwise_reranker`` 
             loss is ``sum of its terms * micro-batches * DP / global count``, which megatron's
             schedule (``/ micro-batches``) and DDP's average (``/ DP``) turn into the mean over
             the whole global batch, so any DP size and micro-batch split give DP=1's gradient.
+eval        ``--val_dataset`` group rows: within-group MRR@10 / nDCG@10 and accuracy
+            (``evaluate.rerank_metrics``) of every candidate's score.
 """
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ class RerankBatch:
     sizes: list[int]
 
 
+EVAL_BATCH_TEXTS = 32  # prompts per forward micro-batch of the in-loop eval
+
+
 class RerankTrainData:
     """Rows of ``--dataset`` as token ids, per-step micro-batches and the step's loss."""
 
@@ -76,6 +81,31 @@ class RerankTrainData:
         self.rows = [_tokenized(row, prompts) for row in rows]
         log(f"tokenized {len(self.rows)} reranker rows; {prompts.truncated} documents truncated "
             f"to fit --max_length {cfg.max_length}")
+        self.eval_rows = self._eval_rows(cfg, prompts, log) if cfg.val_dataset else []
+
+    def _eval_rows(self, cfg, prompts: RerankPromptTokenizer, log) -> list[RerankRow]:
+        """``--val_dataset`` rows (the first ``--eval_limit``), every candidate tokenised."""
+        rows, report = load_rerank_rows(cfg.val_dataset, cfg.loss_type,
+                                        min_group_size=self.listwise.min_group_size,
+                                        sampling=self.sampling, bad_rows=cfg.bad_rows,
+                                        seed=cfg.seed)
+        log(f"eval data: {report.summary()}")
+        rows = rows[:cfg.eval_limit] if cfg.eval_limit else rows
+        return [_tokenized(row, prompts) for row in rows]
+
+    def evaluate(self, model, layout) -> dict:
+        """Collective over the model's ranks: ``evaluate.rerank_metrics`` of every candidate
+        of every eval row (all of them, no sampling), the same on every rank."""
+        from megaemb.evaluate import rerank_metrics
+        from megaemb.inference import forward_embeddings
+
+        seqs = [ids for row in self.eval_rows for ids in row.positives + row.negatives]
+        scores = forward_embeddings(model, seqs, pad_id=layout.pad_id, packed=layout.packed,
+                                    micro_batch_size=EVAL_BATCH_TEXTS).cpu().numpy()
+        sizes = [len(row.positives) + len(row.negatives) for row in self.eval_rows]
+        labels = [np.r_[np.ones(len(row.positives)), np.zeros(len(row.negatives))]
+                  for row in self.eval_rows]
+        return rerank_metrics(np.split(scores, np.cumsum(sizes)[:-1]), labels)
 
     def __len__(self) -> int:
         return len(self.rows)
