@@ -1,6 +1,7 @@
 """``megaemb sft --task_type generative_reranker`` under real gloo groups: a tiny reranker
 learns, and every parallel layout (DP=2, TP=2, TP=2+SP packed, PP=2, tied TP=2) gives the
-losses and gradient norms of TP=PP=DP=1 (fp32, 1e-5), DP=2 also step 1's gradients; the
+losses and gradient norms of TP=PP=DP=1 (fp32, 1e-5), DP=2 also step 1's gradients, and the
+in-loop eval's metrics after training; the
 checkpoint records its task, so loading it builds the reranker and an embedder run refuses it.
 """
 import json
@@ -39,7 +40,7 @@ def rerankers(tmp_path_factory):
 def _cfg(model, data, **kw):
     from megaemb.config import SFTConfig
 
-    base = dict(model=model, dataset=[data], task_type="generative_reranker",
+    base = dict(model=model, dataset=[data], val_dataset=[data], task_type="generative_reranker",
                 loss_type="listwise_reranker", max_length=96, micro_batch_size=2,
                 global_batch_size=ROWS, train_iters=3, lr=1e-3, clip_grad=1e9, log_interval=1,
                 seed=42)
@@ -47,7 +48,8 @@ def _cfg(model, data, **kw):
 
 
 def _run(cfg) -> dict:
-    """Steps [(step, loss, grad_norm)] and step 1's gradients (name -> tensor, via a file)."""
+    """Steps [(step, loss, grad_norm)], step 1's gradients (name -> tensor, via a file) and
+    the in-loop eval's scores after the last step."""
     from megaemb.train import Trainer
 
     trainer, steps = Trainer(cfg), []
@@ -62,7 +64,7 @@ def _run(cfg) -> dict:
     torch.save(grads, path)
     if cfg.save:
         trainer.save()
-    return {"steps": steps, "grads": path}
+    return {"steps": steps, "grads": path, "eval": trainer.evaluate()}
 
 
 def _references(rank, world, m):
@@ -102,7 +104,8 @@ def test_reranker_learns_and_layouts_equal_one_rank(rerankers):
     for (label, loss), r in got.items():
         name = next(n for lab, n, _ in _LAYOUTS if lab == label)
         ref = refs[name, loss]
-        report[label, loss] = {"loss": _close(r["steps"], ref["steps"])}
+        report[label, loss] = {"loss": _close(r["steps"], ref["steps"]),
+                               "eval": max(abs(r["eval"][k] - v) for k, v in ref["eval"].items())}
         if label.startswith(("dp2", "tied-dp2")):  # whole weights on every rank
             a, b = torch.load(r["grads"]), torch.load(ref["grads"])
             report[label, loss]["grads"] = max(
