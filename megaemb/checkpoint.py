@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megaemb.outputs import atomic_file
 
-FORMAT = {"format": "megaemb-mcore", "version": 1}
+FORMAT = {"format": "megaemb-mcore", "version": 2}  # + "task"; version 1 (no task) is an embedder
 TRACKER = "latest_checkpointed_iteration.txt"
 LORA_FILE = "lora.json"  # a LoRA run's checkpoint: {"base": model dir, "base_fingerprint", "lora": LoRAConfig}
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -191,15 +191,29 @@ def check_lora_matches(root: str, lora: dict | None) -> None:
                          + " (resume with the same adapter flags)")
 
 
+def read_task(root: str) -> str:
+    """The task type (``--task_type``) a checkpoint was trained for."""
+    with open(os.path.join(root, "megaemb.json")) as f:
+        return json.load(f).get("task", "embedding")
+
+
+def check_task(root: str, wanted: str, flag: str) -> None:
+    """A checkpoint trained for another task than ``wanted`` is a one-line ValueError."""
+    saved = read_task(root)
+    if saved != wanted:
+        raise ValueError(f"{flag} {root}: a checkpoint of --task_type {saved}, not {wanted}")
+
+
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, hf_source: str,
-                    lora: dict | None = None) -> str:
+                    lora: dict | None = None, task: str = "embedding") -> str:
     """Collective: every rank passes its sharded state dict (a LoRA run: its adapters', and
-    ``lora`` = the ``lora.json`` record). Returns the iteration directory."""
+    ``lora`` = the ``lora.json`` record); ``task``: the task type ``megaemb.json`` records.
+    Returns the iteration directory."""
     final, tmp = iter_dir(root, iteration), iter_dir(root, iteration) + ".tmp"
     if _rank0():
         os.makedirs(root, exist_ok=True)
         if not os.path.isfile(os.path.join(root, "megaemb.json")):
-            write_atomic(os.path.join(root, "megaemb.json"), json.dumps(FORMAT))
+            write_atomic(os.path.join(root, "megaemb.json"), json.dumps({**FORMAT, "task": task}))
         if lora is not None:
             write_atomic(os.path.join(root, LORA_FILE), json.dumps(lora, indent=2))
         if os.path.abspath(os.path.join(root, "hf")) != os.path.abspath(hf_source):

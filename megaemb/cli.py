@@ -188,6 +188,19 @@ def parse_size(text: str) -> int:
     return size
 
 
+def check_seq_cls_export(args, source: str) -> None:
+    """``--to_seq_cls true``: an HF export of a generative reranker (LoRA: merged)."""
+    from megaemb import checkpoint, tasks
+
+    if not args.to_hf:
+        raise ValueError("--to_seq_cls true needs --to_hf true")
+    if not tasks.get(checkpoint.read_task(source)).causal_lm:
+        raise ValueError(f"--to_seq_cls: --mcore_model {source} is a checkpoint of --task_type "
+                         f"{checkpoint.read_task(source)}, not a generative reranker")
+    if checkpoint.read_lora(source) and not args.merge_lora:
+        raise ValueError("--to_seq_cls of a LoRA checkpoint needs --merge_lora true")
+
+
 def run_export(args) -> None:
     from megaemb import export
     from megaemb.config import ParallelConfig
@@ -205,7 +218,8 @@ def run_export(args) -> None:
         export.mcore_to_hf(args.mcore_model, args.output_dir, bf16=args.bf16,
                            max_shard_bytes=parse_size(args.max_shard_size),
                            iteration=args.iteration, overwrite=args.overwrite,
-                           merge_lora=args.merge_lora, allow_changed_base=args.allow_changed_base)
+                           merge_lora=args.merge_lora, allow_changed_base=args.allow_changed_base,
+                           seq_cls=args.to_seq_cls)
         hf_weights = args.output_dir
         loaded = None
     _rank0_print(f"megaemb export: wrote {args.output_dir}")
@@ -240,8 +254,10 @@ def run_embed(args) -> None:
 
 
 def _load_for_inference(args):
-    """Parallel groups, the model (HF, MCore or LoRA checkpoint) and its tokenizer, with
-    ``--max_length`` defaulting to the model's limit (a warning above it)."""
+    """Parallel groups, the model (HF, MCore or LoRA checkpoint; an embedder: another task's
+    checkpoint is refused) and its tokenizer, with ``--max_length`` defaulting to the model's
+    limit (a warning above it)."""
+    from megaemb import tasks
     from megaemb.convert.load import load_model
     from megaemb.data.tokenize import EmbeddingTokenizer
     from megaemb.parallel import init_parallel
@@ -249,7 +265,7 @@ def _load_for_inference(args):
     parallel = parallel_config(args)
     init_parallel(parallel, seed=args.seed)
     loaded = load_model(args.model, parallel, bf16=args.bf16, attention=args.attention,
-                        allow_changed_base=args.allow_changed_base)
+                        allow_changed_base=args.allow_changed_base, task=tasks.EMBEDDING)
     if args.max_length is None:
         args.max_length = min(8192, loaded.shape.max_position_embeddings)
     if args.max_length > loaded.shape.max_position_embeddings:
@@ -413,6 +429,15 @@ def check_args(args, world: int = 1) -> None:
             from megaemb import checkpoint
 
             checkpoint.check_lora_base(source, flag, args.allow_changed_base)
+        if args.to_seq_cls:
+            check_seq_cls_export(args, source)
+        if args.to_hf and args.test_convert_precision:
+            from megaemb import checkpoint, tasks
+
+            if tasks.get(checkpoint.read_task(source)).head:
+                raise ValueError(f"--test_convert_precision compares embeddings; --mcore_model "
+                                 f"{source} is a checkpoint of --task_type "
+                                 f"{checkpoint.read_task(source)}")
         if args.to_hf and not args.merge_lora:
             from megaemb.config import LoRAConfig
 

@@ -7,6 +7,8 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 
+from megaemb import tasks
+
 
 @dataclass
 class ParallelConfig:
@@ -106,6 +108,7 @@ class ExportFlags:
     max_shard_size: str = "5GB"  # HF safetensors shard size (--to_hf), e.g. 500MB
     iteration: int | None = None  # checkpoint iteration to export with --to_hf; none = the latest
     overwrite: bool = False  # replace an existing, non-empty --output_dir
+    to_seq_cls: bool = False  # --to_hf of a generative reranker: Qwen3ForSequenceClassification (score.weight = W[yes] - W[no]) instead of Qwen3ForCausalLM
     merge_lora: bool = False  # --to_hf of a LoRA checkpoint: the merged HF model (false: a PEFT adapter folder)
     allow_changed_base: bool = False  # a LoRA checkpoint whose base model now holds other weights than its adapters were trained on: use it knowingly (refused by default)
 
@@ -170,10 +173,12 @@ class SFTConfig:
     dataset: list[str] = field(default_factory=list)  # training files or folders; FILE#N samples N rows
     val_dataset: list[str] = field(default_factory=list)  # eval files (retrieval or pair metrics) or a BEIR folder
     split_dataset_ratio: float = 0.0  # hold out this share of --dataset for eval instead
-    loss_type: str = "infonce"  # infonce | cosine_similarity | contrastive | online_contrastive
+    task_type: str = "embedding"  # embedding | generative_reranker (Qwen3-Reranker: yes/no logits at the last token)
+    loss_type: str = "infonce"  # embedding: infonce | cosine_similarity | contrastive | online_contrastive; generative_reranker: pointwise_reranker | listwise_reranker
     bad_rows: str = "error"  # error (stop at file:line) | skip (count in the log)
     max_length: int = 512  # tokens per text, end token included (longer texts are cut)
     query_instruction: str = ""  # task for 'Instruct: {task}\nQuery:{query}'; documents get none
+    instruction: str = ""  # generative_reranker: the prompt's <Instruct> (a row's system message wins); none = Qwen3-Reranker's default
     data_cache_dir: str = ""  # tokenised-data stores, reused across runs; none = $MEGAEMB_CACHE or ~/.cache/megaemb/tokens
     # parallelism
     tensor_model_parallel_size: int = 1  # TP: layers split over this many GPUs
@@ -270,7 +275,8 @@ class SFTConfig:
             raise ValueError("--model is required (HF dir or megaemb checkpoint)")
         if not self.dataset:
             raise ValueError("--dataset is required")
-        choices = {"loss_type": ("infonce", "cosine_similarity", "contrastive", "online_contrastive"),
+        task = tasks.get(self.task_type)
+        choices = {"loss_type": task.losses,
                    "train_type": ("full", "lora"),
                    "bad_rows": ("error", "skip"), "lr_decay_style": ("cosine", "linear", "constant"),
                    "recompute_granularity": ("", "full", "selective"),
@@ -280,6 +286,9 @@ class SFTConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of "
                                  f"{', '.join(repr(a) for a in allowed)}")
+        for name in task.unsupported:
+            if getattr(self, name):
+                raise ValueError(f"--{name} is not supported with --task_type {task.name}")
         if (self.train_iters > 0) == (self.num_train_epochs > 0):
             raise ValueError("give exactly one of --train_iters and --num_train_epochs")
         positive = ("micro_batch_size", "global_batch_size", "max_length", "log_interval",

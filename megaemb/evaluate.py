@@ -1,4 +1,5 @@
-"""Retrieval metrics (recall@k, nDCG@k, MRR@k) and pair metrics (Spearman, Pearson), on CPU.
+"""Retrieval metrics (recall@k, nDCG@k, MRR@k), pair metrics (Spearman, Pearson) and a
+reranker's within-group metrics, on CPU.
 
 Embeddings may be torch tensors (any dtype/device) or numpy arrays; they are converted to
 fp32 on CPU and L2-normalised, so every score is a cosine similarity. Relevance is binary.
@@ -160,3 +161,27 @@ def pair_metrics(query_emb, doc_emb, labels, threshold: float = 0.5) -> dict[str
         "mean_pos": float(cosine[positive].mean()) if positive.any() else float("nan"),
         "mean_neg": float(cosine[~positive].mean()) if (~positive).any() else float("nan"),
     }
+
+
+def rerank_metrics(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                   k: int = 10) -> dict[str, float]:
+    """A reranker's within-group metrics (a sanity check, not retrieval quality): each group's
+    candidates ranked by ``scores`` (``l_yes - l_no``), ``labels`` 1 / 0 (binary relevance).
+    ``mrr@k`` and ``ndcg@k`` as :func:`retrieval_metrics` defines them, over the groups with a
+    positive; ``accuracy``: share of all candidates whose P(yes) = sigmoid(score) > 0.5 agrees
+    with their label."""
+    mrr, ndcg, right, total = [], [], 0, 0
+    for s, y in zip(scores, labels):
+        s, y = np.asarray(s, dtype=np.float64), np.asarray(y) > 0.5
+        right += int(((s > 0) == y).sum())
+        total += len(y)
+        if not y.any():
+            continue
+        hits = y[np.argsort(-s, kind="stable")][:k]
+        first = np.flatnonzero(hits)
+        mrr.append(1.0 / (first[0] + 1) if len(first) else 0.0)
+        discounts = 1.0 / np.log2(np.arange(2, len(hits) + 2))
+        ndcg.append(float((hits * discounts).sum() / discounts[:min(int(y.sum()), k)].sum()))
+    return {f"mrr@{k}": float(np.mean(mrr)) if mrr else 0.0,
+            f"ndcg@{k}": float(np.mean(ndcg)) if ndcg else 0.0,
+            "accuracy": right / max(total, 1)}

@@ -87,7 +87,8 @@ def hf_to_mcore(model_dir: str, output_dir: str, parallel: ParallelConfig, bf16:
 
 def mcore_to_hf(mcore_dir: str, output_dir: str, bf16: bool = False,
                 max_shard_bytes: int = 5 * 2**30, iteration: int | None = None,
-                overwrite: bool = False, merge_lora: bool = False, allow_changed_base: bool = False) -> None:
+                overwrite: bool = False, merge_lora: bool = False, allow_changed_base: bool = False,
+                seq_cls: bool = False) -> None:
     """Collective over ranks grouped with TP=PP=EP=1 (extra ranks are data-parallel copies;
     the checkpoint, saved under any layout, is resharded on load one tensor at a time);
     global rank 0 writes the HF directory. A LoRA checkpoint becomes, with ``merge_lora``,
@@ -105,7 +106,7 @@ def mcore_to_hf(mcore_dir: str, output_dir: str, bf16: bool = False,
             write_adapter(mcore_dir, tmp, dtype, iteration)
         else:
             write_hf_model(mcore_dir, tmp, iteration=iteration, max_shard_bytes=max_shard_bytes,
-                           dtype=dtype)
+                           dtype=dtype, seq_cls=seq_cls)
 
 
 def write_adapter(mcore_dir: str, out_dir: str, dtype: torch.dtype, iteration: int | None) -> None:

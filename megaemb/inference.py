@@ -19,7 +19,8 @@ from megaemb.data.batching import text_batch
 @torch.no_grad()
 def forward_embeddings(model, seqs: list, *, pad_id: int, packed: bool = False,
                        micro_batch_size: int = 8, dim: int | None = None) -> torch.Tensor:
-    """``seqs``: ``n`` token-id lists -> ``[n, dim or h]`` fp32, in input order."""
+    """``seqs``: ``n`` token-id lists -> ``[n, dim or h]`` fp32, in input order (a model with a
+    scoring head: its scores ``[n]``)."""
     model.eval()
     device = next(model.parameters()).device
     batches = [text_batch(seqs[i:i + micro_batch_size], pad_id, packed=packed,
@@ -34,11 +35,10 @@ def forward_embeddings(model, seqs: list, *, pad_id: int, packed: bool = False,
         forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
         num_microbatches=len(batches), seq_length=batches[0].input_ids.shape[1],
         micro_batch_size=batches[0].input_ids.shape[0], forward_only=True, collect_non_loss_data=True)
-    width = dim or model.shape.hidden_size
     if parallel_state.is_pipeline_last_stage():
         result = torch.cat(outputs).float().contiguous()
     else:
-        result = torch.empty(len(seqs), width, device=device)
+        result = torch.empty(model.output_shape(len(seqs), dim), device=device)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(result, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())

@@ -431,6 +431,10 @@ class GroupLoss:
             fn = matryoshka(fn, self.mrl_dims)
         return fn(*args)
 
+    def of_batch(self, emb: torch.Tensor, batch, group: dist.ProcessGroup | None) -> torch.Tensor:
+        """The loss of one ``batching.GroupBatch``'s embeddings (``step.plain_step``'s form)."""
+        return self(emb, batch.m, batch.k, batch.labels, group, batch.keys)
+
     def negatives_per_query(self, groups: int, k: int) -> int:
         """Negatives each query is scored against when the loss sees ``groups`` groups (over
         all data-parallel ranks); 0 for the pair losses."""

@@ -26,6 +26,7 @@ cached   (``--global_negatives``; GradCache, Gao et al. 2021) the loss of the wh
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -86,15 +87,17 @@ def _embed(model, batch: TextBatch) -> torch.Tensor:
     return model(batch.to(platform.device()), normalize=True)
 
 
-def plain_step(model, micro: list[GroupBatch], loss: GroupLoss) -> StepOutput:
-    """Forward and backward of each micro-batch with its own loss (see the module docstring)."""
+def plain_step(model, micro: list, loss: Callable) -> StepOutput:
+    """Forward and backward of each micro-batch with its own loss (see the module docstring).
+    ``micro``: batches with ``texts`` (``GroupBatch``es, or a task's); ``loss(outputs, batch,
+    data-parallel group)``, e.g. ``GroupLoss.of_batch``."""
     group = parallel_state.get_data_parallel_group()
 
     def forward_step(data_iterator, model):
         batch = micro[next(data_iterator)]
 
         def loss_func(emb):
-            value = loss(emb, batch.m, batch.k, batch.labels, group, batch.keys)
+            value = loss(emb, batch, group)
             return value, {"loss": value.detach().clone()}
         return _embed(model, batch.texts), loss_func
 

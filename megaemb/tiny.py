@@ -38,13 +38,18 @@ def tiny_config(*, moe: bool = False, tied: bool = False, vocab_size: int = QWEN
     return Qwen3Config(**common)
 
 
-def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, with_tokenizer: bool = True, **config_kw) -> str:
-    """Save a random ``Qwen3Model`` / ``Qwen3MoeModel`` (no ``model.`` prefix, like Qwen3-Embedding)."""
-    from transformers import AutoTokenizer, Qwen3Model, Qwen3MoeModel
+def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, with_tokenizer: bool = True,
+                         causal_lm: bool = False, **config_kw) -> str:
+    """Save a random ``Qwen3Model`` / ``Qwen3MoeModel`` (no ``model.`` prefix, like Qwen3-Embedding);
+    ``causal_lm``: a ``*ForCausalLM`` (``model.`` prefix; ``lm_head`` when untied), like
+    Qwen3-Reranker."""
+    import transformers
+    from transformers import AutoTokenizer
 
     config = tiny_config(**config_kw)
     torch.manual_seed(seed)
-    cls = Qwen3MoeModel if config.model_type == "qwen3_moe" else Qwen3Model
+    family = "Qwen3Moe" if config.model_type == "qwen3_moe" else "Qwen3"
+    cls = getattr(transformers, family + ("ForCausalLM" if causal_lm else "Model"))
     with torch.no_grad():
         model = cls(config).float()
         for p in model.parameters():  # norms start at 1: perturb so conversions are tested

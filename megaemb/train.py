@@ -28,7 +28,7 @@ from megatron.core.distributed import (DistributedDataParallel, DistributedDataP
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megaemb import checkpoint, launcher, platform, preflight
+from megaemb import checkpoint, launcher, platform, preflight, tasks
 from megaemb.config import LoRAConfig, SFTConfig, fused_targets_note
 from megaemb.convert.load import load_model
 from megaemb.data.eval_sets import PairSet, RetrievalSet, first_queries, is_beir, read_beir, rows_as_set
@@ -70,6 +70,7 @@ class Trainer:
             print("megaemb sft: warning: no --save: the trained weights will not be kept",
                   file=sys.stderr, flush=True)
         self.cfg = cfg
+        self.task = tasks.get(cfg.task_type)
         self.parallel = cfg.parallel()
         init_parallel(self.parallel, seed=cfg.seed,
                       timeout_s=round(cfg.distributed_timeout_minutes * 60))
@@ -98,7 +99,8 @@ class Trainer:
                                  recompute_method=cfg.recompute_method,
                                  recompute_num_layers=cfg.recompute_num_layers,
                                  hidden_dropout=cfg.hidden_dropout,
-                                 attention_dropout=cfg.attention_dropout, lora=self.lora, seed=cfg.seed)
+                                 attention_dropout=cfg.attention_dropout, lora=self.lora, seed=cfg.seed,
+                                 task=self.task)
         self.module = self.loaded.model
         self.module.train()
         # what lora.json records: the base's weights, read before training (resumes compare it)
@@ -128,8 +130,9 @@ class Trainer:
             config.no_sync_func = self.model.no_sync
             config.grad_sync_func = self.model.start_grad_sync
         self._log(f"bf16 {cfg.bf16}, overlap_grad_reduce {overlap}")
-        self.loss_cfg = infonce_config(cfg) if cfg.loss_type == "infonce" else None
-        self.loss = GroupLoss(cfg.loss_type, self.loss_cfg, cfg.margin, tuple(cfg.mrl_dims))
+        if self.task.train_data is None:  # a task's own data brings its loss (_build_task_data)
+            self.loss_cfg = infonce_config(cfg) if cfg.loss_type == "infonce" else None
+            self.loss = GroupLoss(cfg.loss_type, self.loss_cfg, cfg.margin, tuple(cfg.mrl_dims))
 
     def _build_data(self):
         """Training rows come from the token store (built once per node; see
@@ -139,6 +142,8 @@ class Trainer:
         if cfg.max_length > self.loaded.shape.max_position_embeddings:
             self._log(f"warning: --max_length {cfg.max_length} is above the model's "
                       f"max_position_embeddings {self.loaded.shape.max_position_embeddings}")
+        if self.task.train_data is not None:
+            return self._build_task_data()
         spec = StoreSpec(datasets=tuple(cfg.dataset), loss_type=cfg.loss_type, bad_rows=cfg.bad_rows,
                          seed=cfg.seed, split_dataset_ratio=cfg.split_dataset_ratio,
                          hard_negatives=self.loss_cfg.hard_negatives if self.loss_cfg else None,
@@ -157,6 +162,19 @@ class Trainer:
                       f"{meta['topped_up']} rows topped up by resampling)")
         self._log(f"tokenized {len(self.train)} examples; {meta['truncated']} texts truncated "
                   f"to --max_length {cfg.max_length}")
+        self._build_schedule()
+        if cfg.loss_type == "infonce":
+            self._log_negatives(meta["k"])
+
+    def _build_task_data(self):
+        """A task's own training rows and eval rows (``Task.train_data``)."""
+        self.train = self.task.make_train_data(self.cfg, self.tokenizer.tokenizer, self._log)
+        self.eval_set = self.train.eval_rows or None
+        self._build_schedule()
+
+    def _build_schedule(self):
+        """Sampler, step count, batch layout and the prefetch thread, over ``self.train``."""
+        cfg = self.cfg
         cfg.check_examples(len(self.train))
         self.sampler = GlobalBatchSampler(len(self.train), cfg.global_batch_size, cfg.seed)
         self.train_iters = cfg.train_iters or self.sampler.iterations_for_epochs(cfg.num_train_epochs)
@@ -165,8 +183,6 @@ class Trainer:
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="megaemb-next-step")
         self._ahead: tuple[int, Future] | None = None  # (step, its inputs being built)
         self._log(micro_batch_note(self.packed, cfg.max_tokens_per_micro_batch))
-        if cfg.loss_type == "infonce":
-            self._log_negatives(meta["k"])
 
     def _log_negatives(self, k: int) -> None:
         """How many groups (and so negatives) each InfoNCE loss sees."""
@@ -275,6 +291,7 @@ class Trainer:
             _create_optimizer_state(self.optimizer)
         # --finetune too: a LoRA run takes adapters, a full run full weights (a full checkpoint
         # under LoRA is a --model)
+        checkpoint.check_task(root, self.task.name, "--load")
         checkpoint.check_lora_matches(root, self.lora.to_json() if self.lora else None)
         checkpoint.check_lora_base(root, "--load", self.cfg.allow_changed_base, base=self.cfg.model)
         same_layout = all(saved.get(k) == now[k] for k in ("tp", "pp", "ep"))
@@ -307,7 +324,8 @@ class Trainer:
 
     def save(self):
         path = checkpoint.save_checkpoint(self.cfg.save, self.step, self._state(is_loading=False),
-                                          self.loaded.hf_dir, lora=self._lora_record())
+                                          self.loaded.hf_dir, lora=self._lora_record(),
+                                          task=self.task.name)
         self._log(f"saved {path}")
         if self.cfg.save_hf:
             self.export_hf(path + "_hf", iteration=self.step)
@@ -353,6 +371,9 @@ class Trainer:
         it while the accelerator runs the step before): this rank's rows, read from the token
         store, and for the plain step its micro-batches (pinned on CUDA)."""
         indices = shard_for_rank(self.sampler.indices_for_step(step), self.dp_rank, self.dp)
+        if self.task.train_data is not None:
+            return indices, self.train.micro_batches(indices, step, self.cfg.micro_batch_size,
+                                                     self.layout)
         rows = [self.train[i] for i in indices]
         if self.cfg.global_negatives or self.cfg.max_tokens_per_micro_batch:
             return rows, None  # cut in the step (a token budget is agreed by a collective)
@@ -382,7 +403,10 @@ class Trainer:
             if cfg.max_tokens_per_micro_batch:  # a collective: never on the prefetch thread
                 size = plain_micro_batch_size(rows, self.layout, cfg.max_tokens_per_micro_batch)
             micro = self.layout.micro_batches(rows, size)
-        return plain_step(self.model, micro, self.loss)
+        if self.task.train_data is not None:  # the task's loss, weighted by the step's groups
+            return plain_step(self.model, micro, self.train.step_loss(
+                micro, parallel_state.get_data_parallel_group()))
+        return plain_step(self.model, micro, self.loss.of_batch)
 
     def train_step(self) -> dict:
         out = self.forward_backward(*self._inputs_of(self.step))
@@ -402,10 +426,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
-        """Retrieval or pair metrics of ``eval_set`` (queries with ``--query_instruction``)."""
+        """Retrieval or pair metrics of ``eval_set`` (queries with ``--query_instruction``), or
+        a task's own (``Task.train_data``'s ``evaluate``)."""
         data = self.eval_set
         if data is None:
             return {}
+        if self.task.train_data is not None:  # the task's metrics, the same on every rank
+            metrics = self.train.evaluate(self.module, self.layout)
+            self.module.train()
+            return metrics
         pairs = isinstance(data, PairSet)
         first, second = (data.texts1, data.texts2) if pairs else (data.queries, data.corpus)
         q = embed_texts(self.module, self.tokenizer, [format_query(t, self.cfg.query_instruction or None)

@@ -47,21 +47,23 @@ def adapter_hf_tensors(mcore_dir: str, shape: Qwen3Shape, iteration: int | None 
     return out
 
 
-def base_hf_tensors(base: str, shape: Qwen3Shape, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def base_hf_tensors(base: str, shape: Qwen3Shape, dtype: torch.dtype,
+                    output_layer: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The base model's HF tensors, one at a time: an HF directory's, or a megaemb checkpoint's
-    (streamed through the conversion)."""
+    (streamed through the conversion); ``output_layer``: with ``lm_head`` when untied."""
     from megaemb.convert.mcore_to_hf import stream_hf_tensors
 
     if checkpoint.is_checkpoint(base):
-        yield from stream_hf_tensors(base, shape, dtype)
+        yield from stream_hf_tensors(base, shape, dtype, output_layer=output_layer)
         return
-    hf = HFCheckpoint(base)
-    for name in hf_names_for(shape):
+    hf = HFCheckpoint(base, output_layer)
+    for name in hf_names_for(shape, output_layer):
         yield name, hf.read(name).to(dtype)
 
 
 def merged_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
-                      iteration: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                      iteration: int | None = None,
+                      output_layer: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Every HF tensor of the LoRA checkpoint's model: base + (alpha / r) B A, computed in fp32
     from the base's stored weights and cast once to ``dtype``."""
     from megaemb.model.lora import merge_delta
@@ -69,7 +71,7 @@ def merged_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
     meta = checkpoint.read_lora(mcore_dir)
     scale = LoRAConfig.from_json(meta["lora"]).scale
     adapters = adapter_hf_tensors(mcore_dir, shape, iteration)
-    for name, tensor in base_hf_tensors(meta["base"], shape, torch.float32):
+    for name, tensor in base_hf_tensors(meta["base"], shape, torch.float32, output_layer):
         if name in adapters:
             a, b = adapters.pop(name)
             tensor = merge_delta(tensor, a, b, scale)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
-from megaemb import checkpoint
+from megaemb import checkpoint, tasks
 from megaemb.config import LoRAConfig
 from megaemb.convert.hf_to_mcore import HFCheckpoint, load_hf_into_model, read_hf_config
 from megaemb.model.embedder import EmbeddingModel, build_model
@@ -20,6 +20,7 @@ class LoadedModel:
     hf_dir: str  # where config.json and the tokenizer live
     is_mcore: bool
     lora: LoRAConfig | None = None  # adapters on the model (``megaemb.model.lora``)
+    task: tasks.Task = tasks.EMBEDDING  # what the model was built for (its head)
 
 
 def hf_files_dir(path: str) -> str:
@@ -32,14 +33,19 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
                recompute_num_layers: int = 1, load_weights: bool = True,
                hidden_dropout: float = 0.0, attention_dropout: float = 0.0,
                lora: LoRAConfig | None = None, seed: int = 0,
-               allow_changed_base: bool = False) -> LoadedModel:
+               allow_changed_base: bool = False, task: tasks.Task | None = None) -> LoadedModel:
     """Collective over all ranks. ``path``: HF model dir or megaemb checkpoint dir; a LoRA
     checkpoint loads its base model (``lora.json``; refused if its weights changed since
     training, unless ``allow_changed_base``), then its adapters. ``lora``: add fresh
-    adapters (seeded by ``seed``) to the loaded model and freeze the rest."""
+    adapters (seeded by ``seed``) to the loaded model and freeze the rest. ``task``: what to
+    build (its head and output layer); None = a checkpoint's recorded task, or an embedder; a
+    checkpoint recorded for another task is refused."""
     from megaemb.model.lora import apply_lora, is_lora_name
 
     is_mcore = checkpoint.is_checkpoint(path)
+    if is_mcore and task is not None:
+        checkpoint.check_task(path, task.name, "--model")
+    task = tasks.get(checkpoint.read_task(path)) if is_mcore else task or tasks.EMBEDDING
     meta = checkpoint.read_lora(path) if is_mcore else None
     if meta:
         if lora is not None:
@@ -51,7 +57,8 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
                             recompute_granularity=recompute_granularity,
                             recompute_method=recompute_method,
                             recompute_num_layers=recompute_num_layers, load_weights=load_weights,
-                            hidden_dropout=hidden_dropout, attention_dropout=attention_dropout)
+                            hidden_dropout=hidden_dropout, attention_dropout=attention_dropout,
+                            task=task)
         apply_lora(loaded.model, lora, init=False)
         if load_weights:
             adapters = {k: v for k, v in loaded.model.sharded_state_dict().items() if is_lora_name(k)}
@@ -63,13 +70,14 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
     hf_config = read_hf_config(hf_dir)
     shape = Qwen3Shape.from_hf(hf_config, os.path.join(hf_dir, "config.json"))
     check_parallel_layout(shape, parallel, path)
-    hf = HFCheckpoint(path) if load_weights and not is_mcore else None
+    hf = HFCheckpoint(path, task.output_layer) if load_weights and not is_mcore else None
     config = transformer_config(shape, parallel, bf16=bf16, recompute_granularity=recompute_granularity,
                                 recompute_method=recompute_method,
                                 recompute_num_layers=recompute_num_layers,
                                 attention=attention, hidden_dropout=hidden_dropout,
                                 attention_dropout=attention_dropout)
-    model = build_model(config, shape, attention=attention)
+    model = build_model(config, shape, attention=attention, output_layer=task.output_layer,
+                        head=task.make_head(hf_dir, shape, config))
     if load_weights:
         if is_mcore:
             sharded = model.sharded_state_dict()
@@ -80,4 +88,4 @@ def load_model(path: str, parallel, *, bf16: bool = False, attention: str = "aut
             load_hf_into_model(model, hf)
     if lora is not None:
         apply_lora(model, lora, seed=seed)
-    return LoadedModel(model, shape, hf_config, hf_dir, is_mcore, lora)
+    return LoadedModel(model, shape, hf_config, hf_dir, is_mcore, lora, task)

@@ -18,10 +18,11 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from safetensors.torch import save_file
 
-from megaemb import checkpoint
+from megaemb import checkpoint, tasks
 from megaemb.config import ParallelConfig
 from megaemb.convert.hf_to_mcore import read_hf_config
-from megaemb.convert.mapping import find_mapping, qwen3_mappings, split
+from megaemb.convert.mapping import HF_TOP_LEVEL, find_mapping, qwen3_mappings, split
+from megaemb.convert.reranker import seq_cls_config, seq_cls_tensors
 from megaemb.convert.st_files import append_end_token, write_st_files
 from megaemb.model.embedder import EmbeddingModel
 from megaemb.model.qwen3 import transformer_config
@@ -39,23 +40,25 @@ def materialise(sharded):
     return dataclasses.replace(sharded, data=torch.empty(data.shape, dtype=data.dtype, device="cpu"))
 
 
-def meta_model(shape: Qwen3Shape, dtype: torch.dtype = torch.float32, lora=None) -> EmbeddingModel:
+def meta_model(shape: Qwen3Shape, dtype: torch.dtype = torch.float32, lora=None,
+               output_layer: bool = False) -> EmbeddingModel:
     """A weightless TP=PP=EP=1 ``EmbeddingModel`` on the ``meta`` device (with ``lora``'s
-    adapters): its sharded state dict names every checkpoint tensor. Any spec gives the same
+    adapters; ``output_layer``: a task's, see ``tasks.Task``): its sharded state dict names
+    every checkpoint tensor. Any spec gives the same
     keys; Transformer Engine modules cannot be built on the meta device, so it uses SDPA."""
     from megaemb.model.lora import apply_lora
 
     config = transformer_config(shape, ParallelConfig(), bf16=dtype == torch.bfloat16, attention="sdpa")
     config.use_cpu_initialization, config.perform_initialization = True, False
     with torch.device("meta"):
-        model = EmbeddingModel(config, shape, attention="sdpa")
+        model = EmbeddingModel(config, shape, attention="sdpa", output_layer=output_layer)
         if lora is not None:
             apply_lora(model, lora, init=False)
     return model
 
 
 def stream_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
-                      iteration: int | None = None):
+                      iteration: int | None = None, output_layer: bool = False):
     """Yield ``(hf_name, tensor)`` for every HF tensor, one checkpoint tensor at a time.
 
     A checkpoint tensor is what megatron stores under one key: per-layer weights are stacked
@@ -63,7 +66,7 @@ def stream_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
     unit of loading is one weight kind for all layers. (Loading one layer's slice alone is
     not possible in a single process: megatron's torch_dist loader then expects every slice.)
     """
-    model = meta_model(shape, dtype)
+    model = meta_model(shape, dtype, output_layer=output_layer)
     sharded = model.sharded_state_dict()
     groups: dict[str, list[str]] = {}
     for name, _ in model.named_parameters():
@@ -71,7 +74,7 @@ def stream_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
     if iteration is None:
         iteration = checkpoint.latest_iteration(mcore_dir)
     iteration_dir = checkpoint.iter_dir(mcore_dir, iteration)
-    table = qwen3_mappings(shape)
+    table = qwen3_mappings(shape, output_layer)
     for names in groups.values():
         loaded = dist_checkpointing.load({n: materialise(sharded[n]) for n in names}, iteration_dir)
         for name in names:
@@ -135,23 +138,32 @@ class ShardWriter:
 
 def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None,
                    dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 2**30,
-                   max_seq_length: int = 8192) -> None:
+                   max_seq_length: int = 8192, seq_cls: bool = False) -> None:
     """Collective. Everything ``AutoModel`` and ``SentenceTransformer`` need, into ``out_dir``
     (which must exist), from ``iteration`` (default: the latest); written by global rank 0.
-    A LoRA checkpoint is written merged (``convert.adapters``)."""
+    A LoRA checkpoint is written merged (``convert.adapters``). A causal-LM task's checkpoint
+    (the generative reranker) becomes a stock ``*ForCausalLM`` (``model.`` prefix, ``lm_head``
+    when untied, the tokenizer as it was), or with ``seq_cls`` its
+    ``*ForSequenceClassification`` (``convert.reranker``)."""
     hf_dir = os.path.join(mcore_dir, "hf")
     hf_config = read_hf_config(hf_dir)
     shape = Qwen3Shape.from_hf(hf_config, os.path.join(hf_dir, "config.json"))
+    task = tasks.get(checkpoint.read_task(mcore_dir))
+    if seq_cls and not task.causal_lm:
+        raise ValueError(f"--to_seq_cls: {mcore_dir} is a checkpoint of --task_type "
+                         f"{task.name}, not a generative reranker")
     write = not dist.is_initialized() or dist.get_rank() == 0
     writer = ShardWriter(out_dir, max_shard_bytes, write)
     if checkpoint.read_lora(mcore_dir):  # adapters merged into their base
         from megaemb.convert.adapters import merged_hf_tensors
 
-        tensors = merged_hf_tensors(mcore_dir, shape, dtype, iteration)
+        tensors = merged_hf_tensors(mcore_dir, shape, dtype, iteration, task.output_layer)
     else:
-        tensors = stream_hf_tensors(mcore_dir, shape, dtype, iteration)
+        tensors = stream_hf_tensors(mcore_dir, shape, dtype, iteration, task.output_layer)
+    if seq_cls:
+        tensors = seq_cls_tensors(tensors, shape, *score_token_ids(hf_dir))
     for name, tensor in tensors:
-        writer.add(name, tensor)
+        writer.add(causal_lm_name(name) if task.causal_lm else name, tensor)
     writer.close()
     if not write:
         return
@@ -159,7 +171,25 @@ def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None
     config = dict(hf_config)
     config["architectures"] = [ARCHITECTURES[config["model_type"]]]
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    if seq_cls:
+        config = seq_cls_config(config)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    append_end_token(out_dir)
-    write_st_files(out_dir, shape.hidden_size, min(max_seq_length, shape.max_position_embeddings))
+    if not task.causal_lm:  # an embedder: pooled end token, sentence-transformers files
+        append_end_token(out_dir)
+        write_st_files(out_dir, shape.hidden_size, min(max_seq_length, shape.max_position_embeddings))
+
+
+def causal_lm_name(name: str) -> str:
+    """A conversion-table HF name -> a stock ``*ForCausalLM``'s (its base under ``model.``)."""
+    return name if name in HF_TOP_LEVEL else "model." + name
+
+
+def score_token_ids(tokenizer_dir: str) -> tuple[int, int]:
+    """The reranker's (yes, no) token ids in ``tokenizer_dir``'s tokenizer (environment as
+    ``reranker_prompt.score_token_ids``)."""
+    from transformers import AutoTokenizer
+
+    from megaemb.tasks.reranker_prompt import score_token_ids as ids
+
+    return ids(AutoTokenizer.from_pretrained(tokenizer_dir))

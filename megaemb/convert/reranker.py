@@ -6,7 +6,7 @@ label and ``score.weight = W[yes] - W[no]`` (``[1, h]``; ``W`` the ``lm_head``, 
 embedding when tied) gives the same logit from the same weights: the form vLLM's ``/score``
 and servers without yes/no support load. Its score is that logit; P(yes) = sigmoid of it.
 
-Not yet wired into ``export`` (``--to_seq_cls``, issue 19): the writer comes with the task modules.
+``export --to_hf true --to_seq_cls true`` writes it (``mcore_to_hf.write_hf_model``).
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """``EmbeddingModel``: megatron-core embedding + ``TransformerBlock`` + last-token pooling.
 
-No output layer and no vocabulary logits. Under pipeline parallelism each stage holds its
+No vocabulary logits. A task may add a scoring head (``megaemb.tasks``): the generative
+reranker's ``YesNoHead`` reads two rows of the output layer (``output_layer.weight``, or the
+word embedding when tied) on the last stage. Under pipeline parallelism each stage holds its
 slice of layers; the first stage owns the word embedding (``pre_process``), the last owns
 the final norm and pooling (``post_process``).
 
@@ -29,6 +31,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megaemb import platform
 from megaemb.data.batching import TextBatch
+from megaemb.model import heads
 from megaemb.model.attention import DocumentPacking
 from megaemb.model.pooling import finish_embedding, last_token_pool, sequence_parallel_pool
 from megaemb.model.qwen3 import block_spec, resolve_attention
@@ -38,7 +41,8 @@ from megaemb.shape import Qwen3Shape
 class EmbeddingModel(MegatronModule):
     def __init__(self, config, shape: Qwen3Shape, *, pre_process: bool = True,
                  post_process: bool = True, attention: str = "auto",
-                 vp_stage: int | None = None):
+                 vp_stage: int | None = None, head: torch.nn.Module | None = None,
+                 output_layer: bool = False):
         super().__init__(config=config)
         self.shape = shape
         self.pre_process = pre_process
@@ -56,6 +60,29 @@ class EmbeddingModel(MegatronModule):
         self.decoder = TransformerBlock(config=config, spec=block_spec(config, self.attention),
                                         pre_process=pre_process, post_process=post_process,
                                         vp_stage=vp_stage)
+        self.head = head  # None: pooled embeddings (a head holds no parameters)
+        if output_layer and post_process:
+            self._attach_output_layer()
+
+    def _attach_output_layer(self) -> None:
+        """The weight ``W`` the head reads on the last stage: an untied output layer (megatron's
+        ``output_layer.weight``), or tied, the word embedding (this stage must hold it)."""
+        if not self.shape.tie_word_embeddings:
+            self.output_layer = heads.output_layer(self.config, self.shape)
+        elif not self.pre_process:
+            raise ValueError("a model with tied embeddings scores with the word embedding, which "
+                             "pipeline parallelism puts on another stage: use "
+                             "--pipeline_model_parallel_size 1 (or an untied model)")
+
+    def output_shape(self, n: int, dim: int | None = None) -> tuple[int, ...]:
+        """What the last stage returns for ``n`` texts: scores ``(n,)`` with a head, else
+        embeddings ``(n, dim or h)``."""
+        return (n,) if self.head is not None else (n, dim or self.shape.hidden_size)
+
+    def head_weight(self) -> torch.Tensor:
+        """This rank's ``[V/tp, h]`` shard of the output layer ``W`` (tied: the word embedding)."""
+        owner = getattr(self, "output_layer", None) or self.embedding.word_embeddings
+        return owner.weight
 
     # Checkpoints are layer-spec independent (a checkpoint made with the local/SDPA spec on a
     # CPU loads under Transformer Engine and back): the keys are TE's (block_spec maps the
@@ -94,7 +121,8 @@ class EmbeddingModel(MegatronModule):
         return platform.default_packing() and self.attention != "local"
 
     def forward(self, batch: TextBatch, *, dim: int | None = None, normalize: bool = True) -> torch.Tensor:
-        """Returns embeddings ``[n, dim or h]`` (fp32) on the last stage, else hidden ``[s, b, h]``."""
+        """Returns embeddings ``[n, dim or h]`` (fp32) on the last stage (with a head: its scores
+        ``[n]``), else hidden ``[s, b, h]``."""
         input_ids = batch.input_ids
         seq_len = input_ids.shape[1]
         if seq_len % self.sequence_multiple:
@@ -117,6 +145,8 @@ class EmbeddingModel(MegatronModule):
                               packed_seq_params=packing)
         if not self.post_process:
             return hidden
+        if self.head is not None:
+            return self.head(hidden, batch.pool_index, self.head_weight())
         # pooling and the loss are replicated over TP; under SP each rank pools its own rows
         pool = sequence_parallel_pool if self.config.sequence_parallel else last_token_pool
         return finish_embedding(pool(hidden, batch.pool_index), dim=dim, normalize=normalize)
@@ -126,10 +156,12 @@ def _is_extra_state(key: str) -> bool:
     return key.rsplit(".", 1)[-1].startswith("_extra_state")
 
 
-def build_model(config, shape: Qwen3Shape, *, attention: str = "auto") -> EmbeddingModel:
-    """This rank's pipeline stage of the model, on the current device (call after parallel init)."""
+def build_model(config, shape: Qwen3Shape, *, attention: str = "auto",
+                head: torch.nn.Module | None = None, output_layer: bool = False) -> EmbeddingModel:
+    """This rank's pipeline stage of the model, on the current device (call after parallel init);
+    ``head`` and ``output_layer``: a task's scoring head and the weight it reads."""
     model = EmbeddingModel(
         config, shape, attention=attention,
         pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage())
+        post_process=parallel_state.is_pipeline_last_stage(), head=head, output_layer=output_layer)
     return model.to(platform.device())

@@ -16,12 +16,11 @@ slice of the sequence: it selects the last tokens it holds and one all-reduce of
 gives every rank all of them (backward: each rank keeps the gradient of its own tokens),
 instead of gathering the whole ``[s, b, h]`` sequence.
 
-The head sits on the last pipeline stage, after the final norm. Not yet wired into ``sft`` /
-``serve`` / ``export`` (issue 19): the model that owns the output layer
-(``output_layer.weight``, megatron's ``GPTModel`` name, see ``megaemb.convert.mapping``) and
-passes ``W`` here comes with the task modules; tied under pipeline parallelism, the last stage
-needs megatron's shared copy of the word embedding (its gradients all-reduced with the first
-stage's), which is part of that wiring.
+The head sits on the last pipeline stage, after the final norm, on ``EmbeddingModel`` (built
+by ``tasks.reranker.yes_no_head``), which owns the output layer (``output_layer.weight``,
+megatron's ``GPTModel`` name, see ``megaemb.convert.mapping``) and passes ``W`` here. Tied
+under pipeline parallelism, the last stage would need megatron's shared copy of the word
+embedding (its gradients all-reduced with the first stage's): not built, refused.
 """
 from __future__ import annotations
 

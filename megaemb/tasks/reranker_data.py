@@ -1,7 +1,7 @@
 """Reranker training files -> validated rows -> groups of scored candidates (ms-swift's formats).
 
-Not yet wired into ``sft``: this module and ``reranker_prompt`` / ``reranker_loss`` are the data
-and loss side of ``--task_type generative_reranker`` / ``reranker``.
+With ``reranker_prompt`` / ``reranker_loss`` the data and loss side of ``--task_type
+generative_reranker`` (read by ``tasks.reranker.RerankTrainData``; teacher scores not yet).
 
 Row formats (extra fields are ignored; files and ``#N`` specs as in ``data/formats.py``):
 

@@ -1,6 +1,6 @@
 """Reranker losses: pure functions of one score per candidate and the group layout.
 
-Not yet wired into ``sft`` (the reranker task will call them from its loss factory).
+``tasks.reranker.RerankTrainData`` trains with the first two (the KL loss is not wired yet).
 
 Layout: ``scores [n]`` (fp32, e.g. the generative head's ``l_yes - l_no`` or a classification
 head's logit), candidates of a group consecutive, ``sizes`` the group lengths (summing to

@@ -1,0 +1,157 @@
+"""``--task_type generative_reranker``: Qwen3-Reranker trained on megatron-core.
+
+The task's parts (``megaemb.tasks.GENERATIVE_RERANKER``):
+
+head        ``yes_no_head``: ``model.heads.YesNoHead`` scoring ``l_yes - l_no`` at each
+            prompt's last token from two rows of the output layer (no vocabulary logits).
+train data  ``RerankTrainData``: group rows (``reranker_data``) tokenised once into
+            Qwen3-Reranker prompts (``reranker_prompt``; a query too long is a ``file:line``
+            error before training starts); each step draws every row's groups anew with a
+            generator seeded by (``--seed``, step, row), so every parallel layout draws the
+            same ones. ``--micro_batch_size`` rows form a micro-batch, with all their groups:
+            a query's candidates never leave their micro-batch nor their data-parallel rank
+            (packed: one ``[1, T]`` pack holds whole groups).
+loss        ``pointwise_reranker`` (BCE per candidate) or ``listwise_reranker`` (CE per group,
+            ``LISTWISE_RERANKER_*``), from ``reranker_loss``, weighted by the step's global
+            count (candidates, or groups kept) over all data-parallel ranks: a micro-batch's
+            loss is ``sum of its terms * micro-batches * DP / global count``, which megatron's
+            schedule (``/ micro-batches``) and DDP's average (``/ DP``) turn into the mean over
+            the whole global batch, so any DP size and micro-batch split give DP=1's gradient.
+eval        ``--val_dataset`` group rows: within-group MRR@10 / nDCG@10 and accuracy
+            (``evaluate.rerank_metrics``) of every candidate's score.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megaemb import platform
+from megaemb.data.batching import TextBatch
+from megaemb.data.sampler import micro_batches
+from megaemb.tasks.reranker_data import (RerankRow, RerankSampling, load_rerank_rows,
+                                         sample_groups)
+from megaemb.tasks.reranker_loss import ListwiseConfig, listwise_loss, pointwise_loss
+from megaemb.tasks.reranker_prompt import RerankPromptTokenizer, score_token_ids
+
+
+def yes_no_head(tokenizer_dir: str, shape, config):
+    """The generative reranker's head: token ids from ``GENERATIVE_RERANKER_POSITIVE_TOKEN`` /
+    ``_NEGATIVE_TOKEN`` ("yes" / "no") in the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from megaemb.model.heads import YesNoHead
+
+    yes, no = score_token_ids(AutoTokenizer.from_pretrained(tokenizer_dir))
+    return YesNoHead(yes, no, vocab_size=shape.vocab_size,
+                     sequence_parallel=config.sequence_parallel)
+
+
+@dataclass
+class RerankBatch:
+    """One micro-batch: its prompts (``texts``, candidates of a group consecutive), ``labels
+    [n]`` (1 / 0) and the groups' ``sizes``."""
+
+    texts: TextBatch
+    labels: torch.Tensor
+    sizes: list[int]
+
+
+EVAL_BATCH_TEXTS = 32  # prompts per forward micro-batch of the in-loop eval
+
+
+class RerankTrainData:
+    """Rows of ``--dataset`` as token ids, per-step micro-batches and the step's loss."""
+
+    def __init__(self, cfg, tokenizer, log):
+        self.loss_type = cfg.loss_type
+        self.seed = cfg.seed
+        self.listwise = ListwiseConfig.from_env()
+        self.sampling = RerankSampling.from_env()
+        rows, report = load_rerank_rows(cfg.dataset, cfg.loss_type,
+                                        min_group_size=self.listwise.min_group_size,
+                                        sampling=self.sampling, bad_rows=cfg.bad_rows,
+                                        seed=cfg.seed)
+        log(f"train data: {report.summary()}")
+        for msg in report.messages:
+            log(f"  skipped: {msg}")
+        prompts = RerankPromptTokenizer(tokenizer, cfg.max_length, cfg.instruction or None)
+        self.rows = [_tokenized(row, prompts) for row in rows]
+        log(f"tokenized {len(self.rows)} reranker rows; {prompts.truncated} documents truncated "
+            f"to fit --max_length {cfg.max_length}")
+        self.eval_rows = self._eval_rows(cfg, prompts, log) if cfg.val_dataset else []
+
+    def _eval_rows(self, cfg, prompts: RerankPromptTokenizer, log) -> list[RerankRow]:
+        """``--val_dataset`` rows (the first ``--eval_limit``), every candidate tokenised."""
+        rows, report = load_rerank_rows(cfg.val_dataset, cfg.loss_type,
+                                        min_group_size=self.listwise.min_group_size,
+                                        sampling=self.sampling, bad_rows=cfg.bad_rows,
+                                        seed=cfg.seed)
+        log(f"eval data: {report.summary()}")
+        rows = rows[:cfg.eval_limit] if cfg.eval_limit else rows
+        return [_tokenized(row, prompts) for row in rows]
+
+    def evaluate(self, model, layout) -> dict:
+        """Collective over the model's ranks: ``evaluate.rerank_metrics`` of every candidate
+        of every eval row (all of them, no sampling), the same on every rank."""
+        from megaemb.evaluate import rerank_metrics
+        from megaemb.inference import forward_embeddings
+
+        seqs = [ids for row in self.eval_rows for ids in row.positives + row.negatives]
+        scores = forward_embeddings(model, seqs, pad_id=layout.pad_id, packed=layout.packed,
+                                    micro_batch_size=EVAL_BATCH_TEXTS).cpu().numpy()
+        sizes = [len(row.positives) + len(row.negatives) for row in self.eval_rows]
+        labels = [np.r_[np.ones(len(row.positives)), np.zeros(len(row.negatives))]
+                  for row in self.eval_rows]
+        return rerank_metrics(np.split(scores, np.cumsum(sizes)[:-1]), labels)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def micro_batches(self, indices: list[int], step: int, micro_batch_size: int,
+                      layout) -> list[RerankBatch]:
+        """This rank's rows ``indices`` of step ``step`` -> micro-batches of
+        ``micro_batch_size`` rows, each with all the groups its rows draw."""
+        return [self._batch(chunk, step, layout) for chunk in micro_batches(indices, micro_batch_size)]
+
+    def _batch(self, chunk: list[int], step: int, layout) -> RerankBatch:
+        groups = [g for i in chunk for g in sample_groups(
+            self.rows[i], self.sampling, np.random.default_rng([self.seed, step, i]))]
+        return RerankBatch(layout.batch([d for g in groups for d in g.documents]),
+                           torch.tensor([x for g in groups for x in g.labels]),
+                           [len(g.documents) for g in groups])
+
+    def _terms(self, sizes: list[int]) -> int:
+        """How many terms a micro-batch's loss sums: candidates (pointwise) or kept groups."""
+        if self.loss_type == "pointwise_reranker":
+            return sum(sizes)
+        return sum(s >= self.listwise.min_group_size for s in sizes)
+
+    def _sum(self, scores: torch.Tensor, batch: RerankBatch) -> torch.Tensor:
+        """The sum of the micro-batch's loss terms."""
+        terms = self._terms(batch.sizes)
+        if self.loss_type == "pointwise_reranker":
+            return pointwise_loss(scores, batch.labels.to(scores.device)) * terms
+        return listwise_loss(scores, batch.sizes, self.listwise.temperature,
+                             self.listwise.min_group_size) * terms
+
+    def step_loss(self, micro: list[RerankBatch], group: dist.ProcessGroup):
+        """Collective over ``group`` (data parallel): the step's loss function
+        ``(scores, batch, group) -> loss`` (see the module docstring's weighting)."""
+        total = torch.tensor([float(sum(self._terms(b.sizes) for b in micro))],
+                             device=platform.device())
+        dist.all_reduce(total, group=group)
+        scale = len(micro) * dist.get_world_size(group) / max(float(total), 1.0)
+
+        def loss(scores: torch.Tensor, batch: RerankBatch, group) -> torch.Tensor:
+            return self._sum(scores, batch) * scale
+        return loss
+
+
+def _tokenized(row: RerankRow, prompts: RerankPromptTokenizer) -> RerankRow:
+    """``row`` with each candidate replaced by its whole prompt's token ids."""
+    ids = prompts.encode_group(row.query, row.positives + row.negatives, source=row.source,
+                               query_field=row.query_field, instruction=row.instruction)
+    return replace(row, positives=ids[:len(row.positives)], negatives=ids[len(row.positives):])

@@ -1,0 +1,169 @@
+"""``megaemb sft --task_type generative_reranker`` under real gloo groups: a tiny reranker
+learns, and every parallel layout (DP=2, TP=2, TP=2+SP packed, PP=2, tied TP=2) gives the
+losses and gradient norms of TP=PP=DP=1 (fp32, 1e-5), DP=2 also step 1's gradients, and the
+in-loop eval's metrics after training; the
+checkpoint records its task, so loading it builds the reranker and an embedder run refuses it.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from test_train import ROOT, _close
+
+TOL = 1e-5
+ROWS = 8  # distinct queries: every step sees each of them (global batch 8)
+
+
+@pytest.fixture(scope="module")
+def rerankers(tmp_path_factory):
+    """Tiny random Qwen3ForCausalLM checkpoints (untied with lm_head, tied) and group rows of
+    1 to 3 negatives (so a micro-batch's mean is not the global batch's: the DP weighting counts)."""
+    from megaemb.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("rerankers")
+    data = root / "groups.jsonl"
+    rows = [{"query": f"package for task {i}", "response": f"this package does task {i} well",
+             "rejected_response": [f"an unrelated library number {i + j}" for j in range(1 + i % 3)]}
+            for i in range(ROWS)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"untied": make_tiny_checkpoint(str(root / "untied"), seed=4, causal_lm=True),
+            "tied": make_tiny_checkpoint(str(root / "tied"), seed=5, causal_lm=True, tied=True),
+            "data": str(data), "root": str(root)}
+
+
+def _cfg(model, data, **kw):
+    from megaemb.config import SFTConfig
+
+    base = dict(model=model, dataset=[data], val_dataset=[data], task_type="generative_reranker",
+                loss_type="listwise_reranker", max_length=96, micro_batch_size=2,
+                global_batch_size=ROWS, train_iters=3, lr=1e-3, clip_grad=1e9, log_interval=1,
+                seed=42)
+    return SFTConfig(**{**base, **kw})
+
+
+def _run(cfg) -> dict:
+    """Steps [(step, loss, grad_norm)], step 1's gradients (name -> tensor, via a file) and
+    the in-loop eval's scores after the last step."""
+    from megaemb.train import Trainer
+
+    trainer, steps = Trainer(cfg), []
+    for trainer.step in range(cfg.train_iters):
+        stats = trainer.train_step()
+        steps.append((trainer.step + 1, stats["loss"], stats["grad_norm"]))
+        if trainer.step == 0:
+            grads = {n: p.main_grad.detach().clone()
+                     for n, p in trainer.model.module.named_parameters()}
+    fd, path = tempfile.mkstemp(suffix=".pt", dir=os.path.dirname(cfg.dataset[0]))
+    os.close(fd)
+    torch.save(grads, path)
+    if cfg.save:
+        trainer.save()
+    return {"steps": steps, "grads": path, "eval": trainer.evaluate()}
+
+
+def _references(rank, world, m):
+    out = {}
+    for name in ("untied", "tied"):
+        for loss in ("listwise_reranker", "pointwise_reranker"):
+            save = os.path.join(m["root"], f"ref-{name}-{loss}") if name == "untied" else ""
+            out[name, loss] = _run(_cfg(m[name], m["data"], loss_type=loss, micro_batch_size=ROWS,
+                                        save=save))
+    return out
+
+
+_LAYOUTS = [  # label, model, overrides
+    ("dp2", "untied", {}),
+    ("dp2-packed", "untied", dict(packing=True, micro_batch_size=1)),
+    ("tp2", "untied", dict(tensor_model_parallel_size=2)),
+    ("tp2-sp-packed", "untied", dict(tensor_model_parallel_size=2, sequence_parallel=True,
+                                     packing=True)),
+    ("pp2", "untied", dict(pipeline_model_parallel_size=2)),
+    ("tied-tp2", "tied", dict(tensor_model_parallel_size=2)),
+    ("tied-dp2", "tied", {}),
+]
+
+
+def _layouts(rank, world, m):
+    return {(label, loss): _run(_cfg(m[name], m["data"], loss_type=loss, **kw))
+            for label, name, kw in _LAYOUTS
+            for loss in ("listwise_reranker", "pointwise_reranker")}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_reranker_learns_and_layouts_equal_one_rank(rerankers):
+    refs = run_distributed(_references, 1, rerankers, timeout=300)[0]
+    got = run_distributed(_layouts, 2, rerankers, timeout=840)[0]
+    report = {}
+    for (label, loss), r in got.items():
+        name = next(n for lab, n, _ in _LAYOUTS if lab == label)
+        ref = refs[name, loss]
+        report[label, loss] = {"loss": _close(r["steps"], ref["steps"]),
+                               "eval": max(abs(r["eval"][k] - v) for k, v in ref["eval"].items())}
+        if label.startswith(("dp2", "tied-dp2")):  # whole weights on every rank
+            a, b = torch.load(r["grads"]), torch.load(ref["grads"])
+            report[label, loss]["grads"] = max(
+                float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in b)
+    print({k: {n: f"{x:.1e}" for n, x in v.items()} for k, v in report.items()})
+    for key, r in report.items():
+        assert max(r.values()) <= TOL, (key, r)
+    for key, ref in refs.items():  # it learns: the loss of the same 8 queries falls
+        losses = [s[1] for s in ref["steps"]]
+        assert losses[-1] < losses[0] - 0.02, (key, losses)
+    # the output layer is trained (untied): its gradient reaches the yes/no rows only
+    g = torch.load(refs["untied", "listwise_reranker"]["grads"])["output_layer.weight"]
+    assert set(torch.nonzero(g.abs().sum(1)).flatten().tolist()) == {9693, 2152}
+    _check_checkpoint(os.path.join(rerankers["root"], "ref-untied-listwise_reranker"), rerankers)
+
+
+def _check_checkpoint(path, m):
+    """megaemb.json records the task; an embedder run (--load, --model) and ``embed`` of the
+    reranker checkpoint are one-line errors."""
+    with open(os.path.join(path, "megaemb.json")) as f:
+        assert json.load(f)["task"] == "generative_reranker"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    sft = ["sft", "--dataset", m["data"], "--train_iters", "1", "--global_batch_size", "2",
+           "--max_length", "96", "--loss_type", "infonce"]
+    texts = os.path.join(m["root"], "texts.txt")
+    with open(texts, "w") as f:
+        f.write("a text\n")
+    for args in ([*sft, "--model", m["untied"], "--load", path], [*sft, "--model", path],
+                 ["embed", "--model", path, "--input", texts, "--output",
+                  os.path.join(m["root"], "e.npy")]):
+        proc = subprocess.run([sys.executable, "-m", "megaemb.cli", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and lines[-1].startswith(f"megaemb {args[0]}: error: "), \
+            proc.stderr
+        assert "a checkpoint of --task_type generative_reranker, not embedding" in lines[-1], lines[-1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--loss_type", "infonce"], "--loss_type 'infonce': expected one of 'pointwise_reranker'"),
+    (["--loss_type", "listwise_reranker", "--global_negatives", "true"],
+     "--global_negatives is not supported with --task_type generative_reranker"),
+    (["--loss_type", "listwise_reranker", "--task_type", "reranker"], "--task_type 'reranker'"),
+])
+@pytest.mark.timeout(120)
+def test_bad_reranker_flags_are_one_line(flags, message, tmp_path):
+    from megaemb.cli import build_parser, sft_config
+
+    args = build_parser().parse_args(["sft", "--model", str(tmp_path), "--dataset", "x.jsonl",
+                                      "--train_iters", "1", "--task_type",
+                                      "generative_reranker", *flags])
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        sft_config(args).validate()
+
+
+@pytest.mark.timeout(60)
+def test_instruction_is_refused_for_embedders(tmp_path):
+    from megaemb.config import SFTConfig
+
+    with pytest.raises(ValueError, match="--instruction is not supported with --task_type embedding"):
+        SFTConfig(model=str(tmp_path), dataset=["x"], train_iters=1, instruction="judge").validate()
