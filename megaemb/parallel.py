@@ -26,8 +26,6 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 6
 
     if not dist.is_initialized():
         launcher.check_rank_env()  # several ranks: their rendezvous is named, not made up here
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # one process: its own rendezvous
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         if platform.has_cuda():
@@ -54,26 +52,57 @@ def _join(timeout_s: int) -> None:
     ``RDZV_TIMEOUT`` seconds (said first, ``launcher.join_note``), else ``TimeoutError`` in one
     line; its collectives then time out after ``timeout_s``. What ``init_process_group`` does
     with ``env://``, with the two timeouts apart."""
+    env = os.environ
+    if int(env["WORLD_SIZE"]) == 1:
+        store, rank, world = _local_store(timeout_s), 0, 1
+    else:
+        store, rank, world = _rendezvous()
+    store.set_timeout(datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend=platform.backend(), store=dist.PrefixStore("default_pg", store),
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _local_store(timeout_s: int):
+    """A world of one has no peer that reads ``MASTER_ADDR``/``MASTER_PORT``: its store
+    listens on 127.0.0.1 on a port the kernel picks (port 0: no race with another job). One
+    left in the environment (an unreachable or unresolvable host, a busy port) would make
+    torch's store wait forever or fail; the variables are set to the store's, for any child."""
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=timeout_s))
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(store.port)
+    return store
+
+
+def _rendezvous():
+    """Several ranks: ``(store, rank, world)`` by torch's ``env://`` rendezvous, within
+    ``RDZV_TIMEOUT`` (said first); a busy port, a timeout or a port that is not a rendezvous
+    store raise one line (``ValueError`` / ``TimeoutError``)."""
     note = launcher.join_note()
     if note:
         print(note, file=sys.stderr, flush=True)
     env, wait = os.environ, launcher.rdzv_timeout()
+    where = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']} (MASTER_ADDR, MASTER_PORT)"
     deadline = time.monotonic() + wait
     try:
         if int(env["RANK"]) != 0:  # rank 0's store first: torch's client logs a C++ trace per try
             launcher.wait_for_port(env["MASTER_ADDR"], int(env["MASTER_PORT"]), wait)
         left = datetime.timedelta(seconds=max(1.0, deadline - time.monotonic()))
-        store, rank, world = next(dist.rendezvous("env://", timeout=left))
+        return next(dist.rendezvous("env://", timeout=left))
     except (RuntimeError, TimeoutError) as e:
+        text = str(e)
+        if "EADDRINUSE" in text:
+            raise ValueError(f"MASTER_PORT={env['MASTER_PORT']} is already in use on this node, where "
+                             f"rank 0 of {env['WORLD_SIZE']} hosts the rendezvous: set MASTER_PORT (on "
+                             "every rank) to a free port") from None
+        if "Ping failed" in text or "invalid value returned from server" in text:
+            raise ValueError(f"rank {env['RANK']}: {where} answered, but not as a megaemb rendezvous "
+                             "(another service on that port?): MASTER_ADDR and MASTER_PORT must reach "
+                             "rank 0's megaemb on node 0") from None
         if not launcher.is_timeout(e):
             raise
         raise TimeoutError(f"rank {env['RANK']} of {env['WORLD_SIZE']} (RANK, WORLD_SIZE): not all "
                            f"ranks joined {env['MASTER_ADDR']}:{env['MASTER_PORT']} (MASTER_ADDR, "
                            f"MASTER_PORT) within {wait} s (RDZV_TIMEOUT); start every rank, or unset "
                            "WORLD_SIZE and RANK to run alone") from None
-    store.set_timeout(datetime.timedelta(seconds=timeout_s))
-    dist.init_process_group(backend=platform.backend(), store=dist.PrefixStore("default_pg", store),
-                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def rng_states() -> dict:
@@ -134,10 +163,3 @@ def destroy_parallel() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -19,7 +19,9 @@ the end token appended unless they end with it. Bad requests get OpenAI's error 
 ``{"error": {"message", "type", "param", "code"}}``, with 400 (malformed JSON, missing,
 empty, over-long, mistyped or non-Unicode input, a bad ``dimensions`` / ``encoding_format``, a
 batch over ``max_batch_size`` inputs), 404 (unknown model or route), 405 (a method a route does
-not take), 411 (no Content-Length) or 413 (a body over 64 MiB), and the server keeps serving.
+not take), 411 (no Content-Length), 413 (a body over 64 MiB) or 408 (a body shorter than its
+Content-Length after ``read_timeout_s`` without data; the connection closes), and the server
+keeps serving. Every read has that timeout: an idle or stalled connection is closed.
 HTTP protocol errors (400 for a garbage request line, 414, 431, 501, 505: ``send_error``) and
 a fault of the handler itself (500) get the same shape: every answer is JSON."""
 from __future__ import annotations
@@ -76,6 +78,7 @@ class ServeConfig:
     max_batch_size: int = MAX_BATCH_SIZE
     max_batch_texts: int = 256
     batch_wait_ms: float = 5.0
+    read_timeout_s: float = 60.0  # a client silent this long mid-request (or idle) is cut off
 
 
 def parse_request(body: bytes, cfg: ServeConfig, tokenize) -> Job:
@@ -166,6 +169,7 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", tokenize):
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = cfg.read_timeout_s  # every read of the connection: a stalled client is dropped
 
         def log_message(self, *args):  # no line per request
             pass
@@ -231,7 +235,16 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", tokenize):
                     status, f"Content-Length must be an integer in [0, {MAX_BODY_BYTES}]",
                     code="invalid_body").body())
                 return
-            body = self.rfile.read(length) if length else b""
+            try:
+                body = self.rfile.read(length) if length else b""
+            except TimeoutError:  # socket.timeout: the body stopped short of its Content-Length
+                body = None
+            if body is None or len(body) < length:
+                self.close_connection = True
+                self._send(408, RequestError(408, f"the body stopped short of Content-Length={length} "
+                                             f"bytes (no data for {cfg.read_timeout_s:g} s)",
+                                             code="request_timeout").body())
+                return
             if route in ("/v1/models", "/health"):
                 self._wrong_method()
                 return

@@ -535,3 +535,77 @@ def test_sigkill_of_single_process_run_leaves_nothing(tiny_models, tmp_path):
         _kill(job)
         if proc.poll() is None:
             proc.kill()
+
+
+# ------------------------------------------------------------------ joining: bounded, one line
+
+_JOIN = ("import sys, torch.distributed as dist\n"
+         "from megaemb import parallel\n"
+         "try:\n"
+         "    parallel._join(30)\n"
+         "except (ValueError, TimeoutError) as e:\n"
+         "    print(f'{type(e).__name__}: {e}'); sys.exit(2)\n"
+         "print('world', dist.get_world_size())\n")
+
+
+def _join_alone(**env) -> subprocess.CompletedProcess:
+    """``parallel._join`` in a fresh process with ``env`` (what ``init_parallel`` leaves)."""
+    full = clean_env(PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])), **env)
+    return subprocess.run([sys.executable, "-c", _JOIN], env=full, capture_output=True, text=True,
+                          timeout=90, cwd=ROOT)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("addr", ["nosuchhost.invalid", "10.255.255.1", "127.0.0.1"])
+def test_a_world_of_one_joins_locally(addr):
+    """A single process ignores a MASTER_ADDR / MASTER_PORT left in its environment (no peer
+    reads them): an unresolvable or unreachable host, or a busy port, waited forever or failed
+    with a traceback; it now joins a store of its own on 127.0.0.1."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = _join_alone(WORLD_SIZE="1", RANK="0", MASTER_ADDR=addr, MASTER_PORT=str(busy.getsockname()[1]))
+    assert r.returncode == 0 and "world 1" in r.stdout, (r.stdout, r.stderr[-2000:])
+
+
+@pytest.mark.timeout(120)
+def test_rank_0_on_a_busy_master_port_is_one_line():
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        r = _join_alone(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                        RDZV_TIMEOUT="20")
+    assert r.returncode == 2 and r.stdout.startswith(f"ValueError: MASTER_PORT={port} is already in use"), \
+        (r.stdout, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_a_master_port_that_is_not_a_rendezvous_says_what_to_check():
+    """Rank 1 pointed at a port where another service answers: one line naming MASTER_ADDR and
+    MASTER_PORT (was torch's "Ping failed, invalid value returned from server")."""
+    import threading
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+
+        def answer_garbage():
+            while True:
+                try:
+                    conn, _ = other.accept()
+                except OSError:
+                    return
+                with conn:
+                    try:
+                        conn.recv(64)
+                        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                    except OSError:
+                        pass
+
+        threading.Thread(target=answer_garbage, daemon=True).start()
+        r = _join_alone(WORLD_SIZE="2", RANK="1", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(other.getsockname()[1]), RDZV_TIMEOUT="20")
+    assert r.returncode == 2 and "not as a megaemb rendezvous" in r.stdout and \
+        "MASTER_ADDR and MASTER_PORT" in r.stdout, (r.stdout, r.stderr[-2000:])

@@ -213,7 +213,7 @@ def test_port_in_use_is_one_line_before_loading(tiny_models):
 
 
 @pytest.fixture
-def http_layer():
+def http_layer(request):
     """The HTTP layer of ``megaemb serve`` in this process, without a model: a worker thread
     answers every queued job with zero vectors; the tokenizer refuses what the HF one refuses
     (a string that is not valid Unicode) and fails on the text "crash" (a handler fault)."""
@@ -232,7 +232,8 @@ def http_layer():
             job.done.set()
 
     jobs = queue.Queue()
-    cfg = ServeConfig(name="tiny", width=8, max_length=64, vocab_size=256, end_id=255)
+    cfg = ServeConfig(name="tiny", width=8, max_length=64, vocab_size=256, end_id=255,
+                      read_timeout_s=getattr(request, "param", 60.0))
     server = Server(("127.0.0.1", 0), make_handler(cfg, jobs, tokenize))
     threads = [threading.Thread(target=server.serve_forever, daemon=True), threading.Thread(target=worker)]
     for t in threads:
@@ -280,6 +281,22 @@ def test_protocol_errors_are_json(http_layer, request_bytes, status, code):
     assert headers["Content-Type"] == "application/json" and headers["Connection"] == "close", headers
     error = json.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+    assert urllib.request.urlopen(f"http://127.0.0.1:{http_layer}/health", timeout=30).status == 200
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("http_layer", [1.0], indirect=True)
+def test_stalled_body_times_out(http_layer):
+    """A client that sends 9 of 100 announced body bytes and then goes silent gets a 408 in
+    OpenAI's shape and the connection closes after ``read_timeout_s`` (it was held forever);
+    an idle connection that never sends a request line is closed too."""
+    start = time.monotonic()
+    line, headers, body = _raw_exchange(http_layer, b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n"
+                                        b"Content-Length: 100\r\n\r\n{\"input\":")
+    assert int(line.split()[1]) == 408 and headers["Connection"] == "close", (line, headers)
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert _raw_exchange(http_layer, b"")[0] == b""  # idle: closed without an answer
+    assert time.monotonic() - start < 20
     assert urllib.request.urlopen(f"http://127.0.0.1:{http_layer}/health", timeout=30).status == 200
 
 
