@@ -185,8 +185,9 @@ def _tree_files(directory: str) -> list[str]:
 
 def write_manifest(directory: str) -> None:
     """Record every file of a finished export ``directory`` (relative paths) as megaemb's."""
+    files = _tree_files(directory)  # before atomic_file makes its temp file there
     with atomic_file(os.path.join(directory, MANIFEST)) as f:
-        json.dump({"written_by": "megaemb export", "files": _tree_files(directory)}, f, indent=2)
+        json.dump({"written_by": "megaemb export", "files": files}, f, indent=2)
 
 
 def foreign_entries(directory: str) -> list[str]:
