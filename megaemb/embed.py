@@ -48,13 +48,13 @@ def _lines(path: str) -> list[str]:
 def _field_texts(path: str, name: str) -> list[str]:
     """Field ``name`` of every row of a dataset file or folder, in order."""
     texts = []
-    for lineno, row in file_rows(path):
+    for where, row in file_rows(path):
         try:
             if isinstance(row, BadRow):
                 raise row
             texts.append(row_text(row, name))
         except BadRow as bad:
-            raise DataError(f"{path}:{lineno}: {bad.detail}", bad.reason) from None
+            raise DataError(f"{path}{where}: {bad.detail}", bad.reason) from None
     return texts
 
 

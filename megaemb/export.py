@@ -2,7 +2,7 @@
 
 Both directions write into ``<output_dir>.tmp`` and rename at the end (the temp dir is removed
 on failure), so a failed or killed export never leaves ``output_dir`` looking complete. The
-finished directory lists its entries in ``megaemb-export.json`` (``outputs.MANIFEST``):
+finished directory lists every file (relative paths) in ``megaemb-export.json`` (``outputs.MANIFEST``):
 ``--overwrite`` replaces only such a directory, never files megaemb did not write.
 """
 from __future__ import annotations

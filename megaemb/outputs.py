@@ -170,20 +170,34 @@ def owned(path: str, inside: bool, what: str, command: str):
 
 
 # -------------------------------------------------------------------------------- manifest
+def _tree_files(directory: str) -> list[str]:
+    """Every file (and link) under ``directory`` as a relative '/'-separated path, sorted;
+    the manifest itself left out."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]  # not followed by walk
+        for name in files + links:
+            rel = os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/")
+            if rel != MANIFEST:
+                found.append(rel)
+    return sorted(found)
+
+
 def write_manifest(directory: str) -> None:
-    """Record the entries of a finished export ``directory`` as megaemb's."""
-    entries = sorted(n for n in os.listdir(directory) if n != MANIFEST)
+    """Record every file of a finished export ``directory`` (relative paths) as megaemb's."""
+    files = _tree_files(directory)  # before atomic_file makes its temp file there
     with atomic_file(os.path.join(directory, MANIFEST)) as f:
-        json.dump({"written_by": "megaemb export", "entries": entries}, f, indent=2)
+        json.dump({"written_by": "megaemb export", "files": files}, f, indent=2)
 
 
 def foreign_entries(directory: str) -> list[str]:
-    """Entries of ``directory`` that no megaemb export wrote (not in its manifest)."""
-    ours = {MANIFEST}
+    """Files anywhere under ``directory`` that no megaemb export wrote (not in its manifest;
+    a manifest of an older megaemb, top-level names only, vouches for no nested file)."""
+    ours: set = set()
     with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
         with open(os.path.join(directory, MANIFEST)) as f:
-            ours.update(json.load(f).get("entries", []))
-    return sorted(set(os.listdir(directory)) - ours)
+            ours.update(json.load(f).get("files", []))
+    return [name for name in _tree_files(directory) if name not in ours]
 
 
 def check_replaceable(directory: str, flag: str) -> None:

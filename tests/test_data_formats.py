@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 
 import pytest
@@ -160,10 +161,10 @@ def test_csv(tmp_path):
     path.write_text('query,response,label\nq0,"r0, with comma",1\nq1,,0\nq2,r2,0\n')
     with pytest.raises(DataError) as e:
         load_examples([str(path)], "contrastive")
-    assert str(e.value) == f"{path}:2: field 'response': missing (null)"
+    assert str(e.value) == f"{path} row 2: field 'response': missing (null)"
     examples, report = load_examples([str(path)], "contrastive", bad_rows="skip")
     assert [(e.response, e.label, e.source) for e in examples] == [
-        ("r0, with comma", 1.0, f"{path}:1"), ("r2", 0.0, f"{path}:3")]
+        ("r0, with comma", 1.0, f"{path} row 1"), ("r2", 0.0, f"{path} row 3")]
     assert report.summary() == "3 rows read, 1 skipped (1 missing field)"
 
 
@@ -177,17 +178,17 @@ def test_parquet(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(path)
     with pytest.raises(DataError) as e:
         load_examples([path], "infonce")
-    assert str(e.value) == f"{path}:3: field 'rejected_response[1]': empty string"
+    assert str(e.value) == f"{path} row 3: field 'rejected_response[1]': empty string"
     examples, report = load_examples([path], "infonce", bad_rows="skip")
     assert [e.negatives for e in examples] == [["n0", "n1"], ["n0", "n1"]]
     assert report.skipped == Counter({"empty field": 1})
     rows = rows_of(9000)  # streamed in record batches of 4,096: row numbers run on across them
     rows[8000]["response"] = " "
     datasets.Dataset.from_list(rows).to_parquet(path)
-    with pytest.raises(DataError, match=f"^{path}:8001: field 'response': empty string"):
+    with pytest.raises(DataError, match=f"^{path} row 8001: field 'response': empty string"):
         load_examples([path], "infonce")
     examples, _ = load_examples([path], "infonce", bad_rows="skip")
-    assert len(examples) == 8999 and examples[-1].source == f"{path}:9000"
+    assert len(examples) == 8999 and examples[-1].source == f"{path} row 9000"
 
 
 @pytest.mark.timeout(60)
@@ -202,9 +203,9 @@ def test_mixed_formats_stop_at_the_odd_row_in_columnar_files(tmp_path):
     assert len(load_examples([path], "infonce")[0]) == 3
     rows[2]["label"] = 0.0
     datasets.Dataset.from_list(rows).to_parquet(path)
-    with pytest.raises(DataError, match=f"^{path}:3: field 'label': 0.0 in an infonce row"):
+    with pytest.raises(DataError, match=f"^{path} row 3: field 'label': 0.0 in an infonce row"):
         load_examples([path], "infonce")
-    with pytest.raises(DataError, match=f"^{path}:1: field 'label': missing \\(null\\)"):
+    with pytest.raises(DataError, match=f"^{path} row 1: field 'label': missing \\(null\\)"):
         load_examples([path], "contrastive")
 
 
@@ -216,7 +217,7 @@ def test_datasets_folder(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     examples, _ = load_examples([str(tmp_path / "ds")], "cosine_similarity")
     assert [(e.query, e.label, e.source) for e in examples] == [
-        (f"q{i}", 0.5, f"{tmp_path / 'ds'}:{i + 1}") for i in range(3)]
+        (f"q{i}", 0.5, f"{tmp_path / 'ds'} row {i + 1}") for i in range(3)]
 
 
 @pytest.mark.timeout(60)
@@ -455,7 +456,7 @@ def test_several_files_concatenate_in_order(tmp_path):
     examples, report = load_examples([f"{first}#2", second, first], "infonce")
     assert len(examples) == 2 + 3 + 4
     assert all(e.source.startswith(f"{first}:") for e in examples[:2])
-    assert [e.source for e in examples[2:5]] == [f"{second}:{i}" for i in (1, 2, 3)]
+    assert [e.source for e in examples[2:5]] == [f"{second} row {i}" for i in (1, 2, 3)]
     assert [e.query for e in examples[5:]] == ["q0", "q1", "q2", "q3"]
     assert report.rows_read == 4 + 3 + 4
 
@@ -473,3 +474,17 @@ def test_real_debian_desc_rows(tmp_path):
     assert all(len(e.negatives) == 3 for e in examples)
     assert all(e.query.strip() and e.response.strip() and e.label is None for e in examples)
     assert examples[199].source == f"{path}:200"
+
+
+@pytest.mark.timeout(60)
+def test_csv_cells_are_text_and_rows_are_not_called_lines(tmp_path):
+    """A CSV cell reading ``NA`` / ``null`` / ``nan`` is that text (pandas would make it null);
+    a bad row below a quoted multi-line cell is named ``row N``, not ``:N`` (not its line)."""
+    from megaemb.data.formats import RowReport, iter_examples
+
+    path = tmp_path / "emb.csv"
+    path.write_text('query,response\n"multi\nline",NA\nnull,nan\nq,\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))} row 3: field 'response'"):
+        list(iter_examples(str(path), "infonce", "error", False, RowReport()))
+    rows = list(iter_examples(str(path), "infonce", "skip", False, RowReport()))
+    assert [(e.query, e.response) for e in rows] == [("multi\nline", "NA"), ("null", "nan")], rows

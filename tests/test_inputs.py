@@ -396,9 +396,11 @@ def test_embed_reads_the_dataset_formats_by_text_field(tmp_path):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name, content, message", [
-    ("a.csv", "id,text\n1,hello\n2,\n", "a.csv:2: field 'text': missing (null)"),
-    ("a.csv", "id,body\n1,hello\n", "a.csv:1: field 'text': missing"),
+    ("a.csv", "id,text\n1,hello\n2,\n", "a.csv row 2: field 'text': missing (null)"),
+    ("a.csv", "id,body\n1,hello\n", "a.csv row 1: field 'text': missing"),
+    ("a.csv", 'id,text\n1,"two\nlines"\n2,NA\n3,\n', "a.csv row 3: field 'text': missing (null)"),
     ("a.json", '[{"text": "a"},\n {"text": 5}]', "a.json:2: field 'text': expected string, got number"),
+    ("a.json", '[{"text": "a"}, {"text": "b"}, {"text": 5}]', "a.json[2]: field 'text': expected string, got number"),
     ("a.jsonl", '{"text": "a"}\n["b"]\n', "a.jsonl:2: expected a JSON object, got list"),
     ("a.tsv", "hello\n", "a.tsv: unsupported file type"),
 ])

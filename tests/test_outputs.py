@@ -147,12 +147,34 @@ def test_export_overwrite_keeps_files_megaemb_did_not_write(tiny_models, tmp_pat
     r = megaemb(*export)  # its own export: replaced
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((out / outputs.MANIFEST).read_text())
-    assert manifest["entries"] == sorted(n for n in os.listdir(out) if n != outputs.MANIFEST)
+    assert manifest["files"] == sorted(
+        os.path.relpath(os.path.join(root, n), out) for root, _, names in os.walk(out) for n in names
+        if n != outputs.MANIFEST)
     plain = tmp_path / "mine"  # a user's folder: never megaemb's to replace
     plain.mkdir()
     (plain / "data.csv").write_text("1")
     with pytest.raises(FileExistsError, match="holds data.csv, not written by megaemb export"):
         preflight.check_export_dirs(dense, str(plain), "--model", overwrite=True)
+
+
+@pytest.mark.timeout(30)
+def test_overwrite_refuses_a_user_file_inside_an_exports_subfolder(tmp_path):
+    """The manifest lists every file, nested ones too: a user's file put into a subfolder the
+    export wrote (``1_Pooling/mine.txt``) is refused by name, not deleted with the folder."""
+    out = tmp_path / "hf1"
+    (out / "1_Pooling").mkdir(parents=True)
+    (out / "1_Pooling" / "config.json").write_text("{}")
+    (out / "model.safetensors").write_text("w")
+    outputs.write_manifest(str(out))
+    outputs.check_replaceable(str(out), "--output_dir")  # all its own: replaceable
+    (out / "1_Pooling" / "mine.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="holds 1_Pooling/mine.txt, not written by megaemb export"):
+        outputs.check_replaceable(str(out), "--output_dir")
+    for i in range(6):
+        (out / "1_Pooling" / f"more{i}.txt").write_text("x")
+    with pytest.raises(FileExistsError, match=r"holds 1_Pooling/mine.txt, 1_Pooling/more0.txt, .* and 2 more, not"):
+        outputs.check_replaceable(str(out), "--output_dir")
+    assert (out / "1_Pooling" / "mine.txt").read_text() == "precious"
 
 
 def test_export_staging_folder_of_a_user_is_not_deleted(tmp_path):

@@ -177,7 +177,7 @@ def _damage(store: str, how: str) -> str:
         size = os.path.getsize(os.path.join(store, "tokens.bin"))
         with open(os.path.join(store, "tokens.bin"), "wb") as f:
             f.write(os.urandom(size))
-        return "tokens.bin"
+        return "tokens.bin does not match its build's CRC-32 (same size"
     if how == "flipped_id":  # one id changed into another valid one: silently other text
         with open(os.path.join(store, "tokens.bin"), "r+b") as f:
             f.seek(4)
@@ -186,13 +186,25 @@ def _damage(store: str, how: str) -> str:
     if how == "deleted_texts":
         os.remove(os.path.join(store, "texts.npy"))
         return "texts.npy"
+    if how == "edited_meta":  # still parses: a count changed by hand
+        with open(os.path.join(store, "meta.json")) as f:
+            meta = json.load(f)
+        meta["examples"] //= 2
+        with open(os.path.join(store, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        return "meta.json does not match its own checksum"
+    if how == "truncated_tokens":
+        with open(os.path.join(store, "tokens.bin"), "r+b") as f:
+            f.truncate(os.path.getsize(os.path.join(store, "tokens.bin")) - 4)
+        return "tokens.bin does not match its build's size"
     with open(os.path.join(store, "meta.json"), "w") as f:  # broken_meta
         f.write('{"format": 3, "exam')
     return "meta.json"
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("how", ["random_tokens", "flipped_id", "deleted_texts", "broken_meta"])
+@pytest.mark.parametrize("how", ["random_tokens", "flipped_id", "deleted_texts", "broken_meta", "edited_meta",
+                                 "truncated_tokens"])
 def test_damaged_store_is_rebuilt_with_a_note(tmp_path, how):
     """Reuse checks every file against the CRC-32 its build recorded: a damaged store is
     rebuilt (one note naming it and the file), never read as it is."""

@@ -34,7 +34,9 @@ is a row without one among labelled pairs (a label-0 pair must never become a po
 
 Every malformed row raises ``DataError`` naming file, line and field, e.g.
 ``train.jsonl:17: field 'response': empty string``. Lines are 1-based file lines for
-JSON / JSONL and 1-based data-row numbers (header excluded) for csv, parquet and folders.
+JSONL and for a JSON array's element alone on its lines, else ``train.json[5]`` (0-based); csv, parquet and folders
+say ``train.csv row 5`` (1-based data rows, header excluded). CSV cells are text: only an
+empty cell is missing (``NA`` or ``null`` are strings).
 With ``bad_rows="skip"`` malformed rows are skipped and counted in ``RowReport`` instead;
 a JSON array that cannot be parsed is always fatal (its rows cannot be delimited).
 """
@@ -86,7 +88,7 @@ class BadRow(Exception):
 
 @dataclass
 class Example:
-    """One training pair. ``label`` is None for infonce; ``source`` is ``"file:line"``."""
+    """One training pair. ``label`` is None for infonce; ``source`` is ``"file:line"``, ``"file[i]"`` or ``"file row N"`` (``file_rows``)."""
 
     query: str
     response: str
@@ -273,8 +275,10 @@ def json_lines(path: str) -> Iterator[tuple[int, Any]]:
                 yield lineno, BadRow(INVALID_JSON, f"invalid JSON: {e.msg} (column {e.colno})")
 
 
-def _json_array(path: str, text: str) -> Iterator[tuple[int, Any]]:
-    """``(line number, element)`` for each element of a top-level JSON array."""
+def _json_array(path: str, text: str) -> Iterator[tuple[str, Any]]:
+    """``(where, element)`` for each element of a top-level JSON array: ``where`` is ``:LINE``
+    for an element sharing its lines with no other, else ``[INDEX]`` (0-based; a line would not
+    name the 6th element of a one-line array)."""
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
 
@@ -287,7 +291,8 @@ def _json_array(path: str, text: str) -> Iterator[tuple[int, Any]]:
         line = text.count("\n", 0, i) + 1
         return DataError(f"{path}:{line}: invalid JSON array: {what}", INVALID_JSON)
 
-    pos = skip_space(pos)
+    pos, index, prev_end_line = skip_space(pos), 0, -1
+    line = text.count("\n", 0, pos) + 1  # of pos; advanced incrementally
     if pos < len(text) and text[pos] == "]":
         return
     while True:
@@ -295,7 +300,14 @@ def _json_array(path: str, text: str) -> Iterator[tuple[int, Any]]:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise fail(e.pos, e.msg) from None
-        yield text.count("\n", 0, pos) + 1, value
+        start_line, end_line = line, line + text.count("\n", pos, end)
+        after = skip_space(end)
+        after = skip_space(after + 1) if after < len(text) and text[after] == "," else after
+        next_line = end_line + text.count("\n", end, after)
+        alone = start_line != prev_end_line and (next_line != end_line or after >= len(text)
+                                                  or text[after] == "]")
+        yield (f":{start_line}" if alone else f"[{index}]"), value
+        index, prev_end_line, line = index + 1, end_line, end_line
         pos = skip_space(end)
         if pos >= len(text):
             raise fail(pos, "missing ']'")
@@ -303,6 +315,7 @@ def _json_array(path: str, text: str) -> Iterator[tuple[int, Any]]:
             break
         if text[pos] != ",":
             raise fail(pos, "expected ',' or ']'")
+        line += text.count("\n", end, skip_space(pos + 1))
         pos = skip_space(pos + 1)
     if skip_space(pos + 1) != len(text):
         raise fail(pos + 1, "extra data after ']'")
@@ -351,7 +364,9 @@ def _table_rows(path: str) -> Iterator[tuple[int, Any]]:
         if os.path.isdir(path):
             table = datasets.load_from_disk(path)
         else:
-            table = datasets.Dataset.from_csv(path, keep_in_memory=True)
+            # cells stay text: "NA", "null", "nan" are strings; only an empty cell is missing
+            table = datasets.Dataset.from_csv(path, keep_in_memory=True, keep_default_na=False,
+                                              na_values=[""])
     except Exception as e:  # datasets raises many types for unreadable files
         raise DataError(f"{path}: cannot read: {e}") from e
     if isinstance(table, datasets.DatasetDict):
@@ -369,19 +384,25 @@ def supported(path: str) -> bool:
     return path.endswith(SUFFIXES) or os.path.isdir(path)
 
 
-def file_rows(path: str) -> Iterator[tuple[int, Any]]:
-    """``(line or row number, parsed row or BadRow)`` of any supported file or folder."""
+def file_rows(path: str) -> Iterator[tuple[str, Any]]:
+    """``(where, parsed row or BadRow)`` of any supported file or folder; ``f"{path}{where}"``
+    names the row: ``:LINE`` (the file line) for JSON lines, ``[INDEX]`` (0-based) for an
+    element of a JSON array, `` row N`` (1-based, header excluded) for csv, parquet and
+    folders (a quoted multi-line csv cell makes a row's number differ from its line)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     if not supported(path):
         raise DataError(f"{path}: unsupported file type; expected {FILE_TYPES}")
     if path.endswith(".jsonl"):
-        return json_lines(path)
-    if path.endswith(".json"):
-        return _json_file(path)
-    if path.endswith(".parquet"):
-        return _parquet_rows(path)
-    return _table_rows(path)
+        rows, form = json_lines(path), ":{}"
+    elif path.endswith(".json"):
+        rows = _json_file(path)
+        form = ":{}" if rows.__name__ == "json_lines" else "{}"  # _json_array says where
+    elif path.endswith(".parquet"):
+        rows, form = _parquet_rows(path), " row {}"
+    else:
+        rows, form = _table_rows(path), " row {}"
+    return ((form.format(n), row) for n, row in rows)
 
 
 def _example_parser(loss_type: str, require_negatives: bool):
@@ -396,9 +417,9 @@ def iter_parsed(path: str, parse, bad_rows: str, report: RowReport) -> Iterator:
     or counted in ``report`` as ``bad_rows`` says; a file with no valid row raises ``DataError``
     at its end."""
     valid = 0
-    for lineno, row in file_rows(path):
+    for where, row in file_rows(path):
         report.rows_read += 1
-        source = f"{path}:{lineno}"
+        source = f"{path}{where}"
         try:
             if isinstance(row, BadRow):
                 raise row

@@ -57,7 +57,7 @@ from megaemb.data.formats import DataError, Example, RowReport, iter_examples, p
 from megaemb.data.negatives import negative_picks
 from megaemb.data.tokenize import EmbeddingTokenizer, TokenizedExample, format_query
 
-FORMAT = 4  # raise when the files or the tokenisation change: old stores then stop matching
+FORMAT = 5  # raise when the files or the tokenisation change: old stores then stop matching
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model")
 # the other ranks wait this long for their node's build (hours for 10M long rows); a rank that
@@ -244,8 +244,15 @@ def _write_store(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str]
     del ids
     meta.update(tokens=os.path.getsize(os.path.join(out, "tokens.bin")) // 4, truncated=truncated,
                 files={name: _checksum(os.path.join(out, name)) for name in sorted(os.listdir(out))})
+    meta["meta_crc"] = _meta_crc(meta)  # meta.json's own checksum: an edited count is damage too
     with open(os.path.join(out, "meta.json"), "w") as f:  # last: its presence marks a whole store
         json.dump(meta, f)
+
+
+def _meta_crc(meta: dict) -> int:
+    """CRC-32 of ``meta`` without its ``meta_crc`` entry (keys sorted)."""
+    body = {k: v for k, v in meta.items() if k != "meta_crc"}
+    return zlib.crc32(json.dumps(body, sort_keys=True).encode())
 
 
 # ------------------------------------------------------------------------------ verify
@@ -266,20 +273,25 @@ def damage(path: str) -> str | None:
     bytes in ``tokens.bin`` would be token ids past the vocabulary, or silently other text)."""
     try:
         with open(os.path.join(path, "meta.json")) as f:
-            files = json.load(f)["files"]
+            meta = json.load(f)
+        files = meta["files"]
         if not isinstance(files, dict):
             raise TypeError("files is not a mapping")
     except FileNotFoundError:
         return "meta.json is missing"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"meta.json is unreadable ({type(e).__name__}: {e})"
+    if meta.get("meta_crc") != _meta_crc(meta):
+        return "meta.json does not match its own checksum (edited or damaged)"
     for name, expected in sorted(files.items()):
         full = os.path.join(path, name)
         if not os.path.isfile(full):
             return f"{name} is missing"
         size, crc = _checksum(full)
         if [size, crc] != expected:
-            return f"{name} does not match its build's checksum ({size} bytes, expected {expected[0]})"
+            if size != expected[0]:
+                return f"{name} does not match its build's size ({size} bytes, expected {expected[0]})"
+            return f"{name} does not match its build's CRC-32 (same size, {size} bytes; other contents)"
     return None
 
 
