@@ -289,6 +289,9 @@ class SFTConfig:
         for name in task.unsupported:
             if getattr(self, name):
                 raise ValueError(f"--{name} is not supported with --task_type {task.name}")
+        for name in ("train_iters", "num_train_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0 (0: unset), got {getattr(self, name)}")
         if (self.train_iters > 0) == (self.num_train_epochs > 0):
             raise ValueError("give exactly one of --train_iters and --num_train_epochs")
         positive = ("micro_batch_size", "global_batch_size", "max_length", "log_interval",

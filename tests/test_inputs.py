@@ -348,6 +348,15 @@ def test_save_total_limit_keeps_the_newest(tmp_path):
         SFTConfig(model="m", dataset=["d"], train_iters=1, save_total_limit=-1).validate()
 
 
+@pytest.mark.parametrize("flag", ["train_iters", "num_train_epochs"])
+def test_negative_length_of_training_is_named(flag):
+    """``--train_iters -1`` says the value is negative, not that neither length was given."""
+    from megaemb.config import SFTConfig
+
+    with pytest.raises(ValueError, match=f"--{flag} must be >= 0 .* got -1"):
+        SFTConfig(model="m", dataset=["d"], **{flag: -1}).validate()
+
+
 def test_run_stopped_before_its_first_save_restarts(tmp_path):
     """A ``--save`` holding only what a run writes before its first checkpoint (its marker,
     TensorBoard events, curves) is the same command's to start again; anything else stays
