@@ -21,6 +21,8 @@ from megaemb import checkpoint
 from megaemb.config import LoRAConfig
 from megaemb.convert.hf_to_mcore import HFCheckpoint
 from megaemb.convert.mapping import find_mapping, hf_names_for, qwen3_mappings, split
+from megaemb.convert.mcore_read import materialise, meta_model, stream_hf_tensors
+from megaemb.model.lora import PEFT_TARGETS, is_lora_name, merge_delta
 from megaemb.shape import Qwen3Shape
 
 PEFT_PREFIX = "base_model.model."  # PeftModel around Qwen3Model (no ``model.`` prefix)
@@ -30,9 +32,6 @@ def adapter_hf_tensors(mcore_dir: str, shape: Qwen3Shape, iteration: int | None 
                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """HF weight name (``layers.0.self_attn.q_proj.weight``) -> its adapter ``(A [r, in],
     B [out, r])``, fp32, whole."""
-    from megaemb.convert.mcore_to_hf import materialise, meta_model
-    from megaemb.model.lora import is_lora_name
-
     model = meta_model(shape, lora=LoRAConfig.from_json(checkpoint.read_lora(mcore_dir)["lora"]))
     sharded = {k: materialise(v) for k, v in model.sharded_state_dict().items() if is_lora_name(k)}
     iteration = checkpoint.latest_iteration(mcore_dir) if iteration is None else iteration
@@ -51,8 +50,6 @@ def base_hf_tensors(base: str, shape: Qwen3Shape, dtype: torch.dtype,
                     output_layer: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The base model's HF tensors, one at a time: an HF directory's, or a megaemb checkpoint's
     (streamed through the conversion); ``output_layer``: with ``lm_head`` when untied."""
-    from megaemb.convert.mcore_to_hf import stream_hf_tensors
-
     if checkpoint.is_checkpoint(base):
         yield from stream_hf_tensors(base, shape, dtype, output_layer=output_layer)
         return
@@ -66,8 +63,6 @@ def merged_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
                       output_layer: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Every HF tensor of the LoRA checkpoint's model: base + (alpha / r) B A, computed in fp32
     from the base's stored weights and cast once to ``dtype``."""
-    from megaemb.model.lora import merge_delta
-
     meta = checkpoint.read_lora(mcore_dir)
     scale = LoRAConfig.from_json(meta["lora"]).scale
     adapters = adapter_hf_tensors(mcore_dir, shape, iteration)
@@ -84,8 +79,6 @@ def write_peft_adapter(mcore_dir: str, out_dir: str, shape: Qwen3Shape, *,
                        dtype: torch.dtype = torch.float32, iteration: int | None = None) -> None:
     """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's names for Qwen3Model).
     Collective: every rank loads (megatron's checkpoint load is), global rank 0 writes."""
-    from megaemb.model.lora import PEFT_TARGETS
-
     meta = checkpoint.read_lora(mcore_dir)
     lora = LoRAConfig.from_json(meta["lora"])
     lora.check_peft_export(mcore_dir)
