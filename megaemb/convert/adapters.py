@@ -1,5 +1,7 @@
 """A LoRA checkpoint's adapters in HF terms: merged into the base's HF tensors, or written as
-a PEFT adapter folder that ``peft.PeftModel.from_pretrained(Qwen3Model, DIR)`` loads.
+a PEFT adapter folder that ``peft.PeftModel.from_pretrained(Qwen3Model, DIR)`` loads (a
+generative reranker's: ``Qwen3ForCausalLM``, whose output layer, frozen in training, is the
+base's).
 
 Adapters are read at TP=PP=1 (resharded on load, any training layout) and mapped onto HF
 projections with the conversion table: ``linear_qkv``'s ``B [qkv rows, r]`` splits like its
@@ -17,15 +19,15 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from safetensors.torch import save_file
 
-from megaemb import checkpoint
+from megaemb import checkpoint, tasks
 from megaemb.config import LoRAConfig
 from megaemb.convert.hf_to_mcore import HFCheckpoint
-from megaemb.convert.mapping import find_mapping, hf_names_for, qwen3_mappings, split
+from megaemb.convert.mapping import find_mapping, hf_key, hf_names_for, qwen3_mappings, split
 from megaemb.convert.mcore_read import materialise, meta_model, stream_hf_tensors
 from megaemb.model.lora import PEFT_TARGETS, is_lora_name, merge_delta
 from megaemb.shape import Qwen3Shape
 
-PEFT_PREFIX = "base_model.model."  # PeftModel around Qwen3Model (no ``model.`` prefix)
+PEFT_PREFIX = "base_model.model."  # PeftModel around the HF model (Qwen3Model: no ``model.``)
 
 
 def adapter_hf_tensors(mcore_dir: str, shape: Qwen3Shape, iteration: int | None = None
@@ -77,9 +79,11 @@ def merged_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
 
 def write_peft_adapter(mcore_dir: str, out_dir: str, shape: Qwen3Shape, *,
                        dtype: torch.dtype = torch.float32, iteration: int | None = None) -> None:
-    """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's names for Qwen3Model).
-    Collective: every rank loads (megatron's checkpoint load is), global rank 0 writes."""
+    """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's names for Qwen3Model,
+    or for a causal-LM task's ``Qwen3ForCausalLM``). Collective: every rank loads (megatron's
+    checkpoint load is), global rank 0 writes."""
     meta = checkpoint.read_lora(mcore_dir)
+    task = tasks.get(checkpoint.read_task(mcore_dir))
     lora = LoRAConfig.from_json(meta["lora"])
     lora.check_peft_export(mcore_dir)
     adapters = adapter_hf_tensors(mcore_dir, shape, iteration)
@@ -87,12 +91,13 @@ def write_peft_adapter(mcore_dir: str, out_dir: str, shape: Qwen3Shape, *,
         return
     tensors = {}
     for name, (a, b) in adapters.items():
-        module = PEFT_PREFIX + name.removesuffix(".weight")
+        module = PEFT_PREFIX + hf_key(name, task.hf_prefix).removesuffix(".weight")
         tensors[f"{module}.lora_A.weight"] = a.to(dtype).clone()  # q/k/v share A: own copies
         tensors[f"{module}.lora_B.weight"] = b.to(dtype).contiguous()
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": meta["base"],
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if task.causal_lm else None,
+        "base_model_name_or_path": meta["base"],
         "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
         "target_modules": sorted({t for m in lora.target_modules for t in PEFT_TARGETS[m]}),
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,

@@ -19,10 +19,9 @@ from safetensors.torch import save_file
 from megaemb import checkpoint, tasks
 from megaemb.convert.adapters import merged_hf_tensors
 from megaemb.convert.hf_to_mcore import read_hf_config
-from megaemb.convert.mapping import HF_TOP_LEVEL
+from megaemb.convert.mapping import hf_key
 from megaemb.convert.mcore_read import stream_hf_tensors
-from megaemb.convert.reranker import seq_cls_config, seq_cls_tensors
-from megaemb.convert.st_files import append_end_token, write_st_files
+from megaemb.convert.reranker import score_token_ids, seq_cls_config, seq_cls_tensors
 from megaemb.shape import Qwen3Shape
 
 # what the official Qwen3-Embedding checkpoints declare (their weights have no ``model.``
@@ -88,7 +87,8 @@ class ShardWriter:
 def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None,
                    dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 2**30,
                    max_seq_length: int = 8192, seq_cls: bool = False) -> None:
-    """Collective. Everything ``AutoModel`` and ``SentenceTransformer`` need, into ``out_dir``
+    """Collective. Everything ``AutoModel`` and sentence-transformers need (the task's
+    ``hf_files``), into ``out_dir``
     (which must exist), from ``iteration`` (default: the latest); written by global rank 0.
     A LoRA checkpoint is written merged (``convert.adapters``). A causal-LM task's checkpoint
     (the generative reranker) becomes a stock ``*ForCausalLM`` (``model.`` prefix, ``lm_head``
@@ -110,7 +110,7 @@ def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None
     if seq_cls:
         tensors = seq_cls_tensors(tensors, shape, *score_token_ids(hf_dir))
     for name, tensor in tensors:
-        writer.add(causal_lm_name(name) if task.causal_lm else name, tensor)
+        writer.add(hf_key(name, task.hf_prefix), tensor)
     writer.close()
     if not write:
         return
@@ -120,23 +120,6 @@ def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     if seq_cls:
         config = seq_cls_config(config)
+    task.write_hf_files(out_dir, config, min(max_seq_length, shape.max_position_embeddings), seq_cls)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    if not task.causal_lm:  # an embedder: pooled end token, sentence-transformers files
-        append_end_token(out_dir)
-        write_st_files(out_dir, shape.hidden_size, min(max_seq_length, shape.max_position_embeddings))
-
-
-def causal_lm_name(name: str) -> str:
-    """A conversion-table HF name -> a stock ``*ForCausalLM``'s (its base under ``model.``)."""
-    return name if name in HF_TOP_LEVEL else "model." + name
-
-
-def score_token_ids(tokenizer_dir: str) -> tuple[int, int]:
-    """The reranker's (yes, no) token ids in ``tokenizer_dir``'s tokenizer (environment as
-    ``reranker_prompt.score_token_ids``)."""
-    from transformers import AutoTokenizer
-
-    from megaemb.tasks.reranker_prompt import score_token_ids as ids
-
-    return ids(AutoTokenizer.from_pretrained(tokenizer_dir))
