@@ -139,15 +139,20 @@ def test_exports_score_as_megaemb(trained, tmp_path):
 
 def _check_cross_encoder(path, run):
     """sentence-transformers' ``CrossEncoder`` loads the export and scores ``(query, document)``
-    pairs as megaemb: the same token ids (left padded), ``predict`` = P(yes) (the saved sigmoid),
-    the logit ``l_yes - l_no`` with ``nn.Identity``, and ``prompt=`` as the instruction."""
+    pairs as megaemb: the same token ids (left padded for the causal LM's last position; the
+    seq-cls head finds each row's last token), ``predict`` = P(yes) (the saved sigmoid), the
+    logit ``l_yes - l_no`` with ``nn.Identity``, and ``prompt=`` as the instruction."""
     from sentence_transformers import CrossEncoder
+    from sentence_transformers.cross_encoder.modules import LogitScore
 
     ours = torch.tensor(run["scores"])
     model = CrossEncoder(path, device="cpu")
     features = model[0].preprocess(PAIRS)
     mask = features["attention_mask"].bool()
-    assert mask[:, -1].all() and not mask.all(), mask  # left padding, lengths differ
+    assert not mask.all(), mask  # lengths differ: padded
+    causal = isinstance(model[-1], LogitScore)
+    assert causal == os.path.isfile(os.path.join(path, "1_LogitScore", "config.json")), path
+    assert mask[:, -1].all() or not causal, mask
     assert [ids[m].tolist() for ids, m in zip(features["input_ids"], mask)] == run["seqs"], path
     probs = torch.from_numpy(model.predict(PAIRS))
     assert float((probs - torch.sigmoid(ours)).abs().max()) <= TOL, (path, probs, ours)
@@ -158,6 +163,9 @@ def _check_cross_encoder(path, run):
     expected = torch.tensor(run["instructed_scores"])
     assert float((instructed - expected).abs().max()) <= TOL, (path, instructed, expected)
     assert float((expected - ours).abs().max()) > 1e-4  # the instruction reached the model
+    print(f"CrossEncoder {os.path.basename(path)}: P(yes) {float((probs - torch.sigmoid(ours)).abs().max()):.1e}, "
+          f"logit {float((logits - ours).abs().max()):.1e}, "
+          f"instructed {float((instructed - expected).abs().max()):.1e}")
     ranked = model.rank(PAIRS[0][0], [PAIRS[1][1], PAIRS[0][1]])
     assert [r["corpus_id"] for r in ranked] == ([1, 0] if ours[0] > ours[1] else [0, 1])
 
