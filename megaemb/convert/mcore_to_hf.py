@@ -1,9 +1,9 @@
 """megaemb MCore checkpoint -> HF safetensors + config + tokenizer + sentence-transformers files.
 
-Streamed (``convert.mcore_read``): the model is built on the ``meta`` device (no weights); each
-checkpoint tensor is read on its own (``dist_checkpointing.load`` of a partial sharded state dict,
-resharded to TP=PP=EP=1), split into HF tensors by the conversion table and appended to the current output
-shard, which is written as soon as it is full. Peak memory: the largest checkpoint tensor (one
+Streamed (``convert.mcore_read``): the model is built on the ``meta`` device (no weights);
+each checkpoint tensor is read on its own (``dist_checkpointing.load`` of a partial sharded
+state dict, resharded to TP=PP=EP=1), split into HF tensors by the conversion table and
+appended to the current output shard, which is written as soon as it is full. Peak memory: the largest checkpoint tensor (one
 weight kind stacked over layers) + one output shard. Every rank reads (the load is collective); only
 global rank 0 writes.
 """

@@ -10,7 +10,8 @@ Qwen3-Reranker prompt, which ``chat_template.jinja`` renders from a ``(query, do
 (``tasks.reranker_prompt.chat_template``; ``prompt=`` of ``predict`` / ``rank`` is the
 instruction), then, for the ``*ForCausalLM`` export, ``LogitScore(yes, no)`` (``l_yes - l_no``
 at the last position, left padding, ``logits_to_keep=1``), or for ``--to_seq_cls`` the
-one-logit head itself. Both scores are megaemb's ``l_yes - l_no``; the saved activation is
+one-logit head itself. The template is the export's tokenizer chat template (it replaces the
+base's ChatML one, which a reranker does not use). Both scores are megaemb's ``l_yes - l_no``; the saved activation is
 sigmoid, so ``predict`` returns P(yes), the model card's score (``activation_fn=nn.Identity()``
 gives the logit).
 """
