@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megaemb import checkpoint, outputs
+from megaemb import checkpoint, outputs, tasks
 from megaemb.config import ParallelConfig
 from megaemb.convert.load import load_model
 from megaemb.convert.mcore_to_hf import write_hf_model
@@ -114,7 +114,6 @@ def write_adapter(mcore_dir: str, out_dir: str, dtype: torch.dtype, iteration: i
     ``PeftModel``."""
     from megaemb.convert.adapters import write_peft_adapter
     from megaemb.convert.hf_to_mcore import read_hf_config
-    from megaemb.convert.st_files import append_end_token
     from megaemb.shape import Qwen3Shape
 
     hf_dir = os.path.join(mcore_dir, "hf")
@@ -123,4 +122,5 @@ def write_adapter(mcore_dir: str, out_dir: str, dtype: torch.dtype, iteration: i
     if _rank0():
         checkpoint.copy_hf_files(hf_dir, out_dir)
         os.remove(os.path.join(out_dir, "config.json"))  # the base's; PEFT reads adapter_config.json
-        append_end_token(out_dir)  # as the merged export's: transformers pools the right token
+        # the task's tokenizer files, as the merged export's (an embedder's pooled end token)
+        tasks.get(checkpoint.read_task(mcore_dir)).write_hf_files(out_dir, None, 0)

@@ -144,3 +144,44 @@ def test_moe_config_variants():
     assert shape.head_dim == 4 and shape.padded_vocab_size == 128
     with pytest.raises(ValueError, match="missing field 'hidden_size'"):
         Qwen3Shape.from_hf({k: v for k, v in base.items() if k != "hidden_size"})
+
+
+def _convert_imports() -> dict[str, set[str]]:
+    """``megaemb.convert`` module -> the ``megaemb.convert`` modules it imports, at any depth of
+    its code (function-level imports included: they only postpone a circle to run time)."""
+    import ast
+    import pathlib
+
+    import megaemb.convert
+
+    graph = {}
+    for path in pathlib.Path(megaemb.convert.__path__[0]).glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        graph[path.stem] = {n.split(".")[2] for n in names
+                            if n.startswith("megaemb.convert.") and n.count(".") == 2}
+    return graph
+
+
+@pytest.mark.timeout(30)
+def test_convert_modules_import_no_circle():
+    """``convert.adapters`` and ``convert.mcore_to_hf`` once imported each other; both now read
+    checkpoints through ``convert.mcore_read``. No ``megaemb.convert`` module reaches itself."""
+    graph = _convert_imports()
+    assert "mcore_read" in graph["adapters"] and "mcore_read" in graph["mcore_to_hf"], graph
+    assert "mcore_to_hf" not in graph["adapters"], graph["adapters"]
+
+    def reach(start):
+        seen, todo = set(), list(graph[start])
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(graph.get(name, ()))
+        return seen
+    circles = [name for name in graph if name in reach(name)]
+    assert not circles, {name: graph[name] for name in circles}

@@ -1,7 +1,7 @@
 """``export --to_hf`` of a generative reranker checkpoint: a stock ``Qwen3ForCausalLM`` (with
 ``lm_head`` when untied) that the official Qwen3-Reranker transformers snippet scores as
 megaemb does, and ``--to_seq_cls true``: a ``Qwen3ForSequenceClassification`` whose logit is
-megaemb's score (fp32, 1e-5)."""
+megaemb's score (fp32, 1e-5); sentence-transformers' ``CrossEncoder`` loads both and agrees."""
 import json
 import math
 import os
@@ -18,6 +18,7 @@ TOL = 1e-5
 PAIRS = [("package for task 1", "this package does task 1 well"),
          ("package for task 1", "an unrelated library"),
          ("a text editor", "GNU Emacs is an extensible, customizable text editor, and more")]
+INSTRUCTION = "Given a Debian package need, find the package that meets it"
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +56,15 @@ def _train_and_score(rank, world, models, data, root):
         trainer.module.eval()
         prompts = RerankPromptTokenizer(trainer.tokenizer.tokenizer, 128)
         seqs = [prompts.encode_group(q, [d], source="test")[0] for q, d in PAIRS]
+        instructed = [prompts.encode_group(q, [d], source="test", instruction=INSTRUCTION)[0]
+                      for q, d in PAIRS]
         with torch.no_grad():
             scores = trainer.module(trainer.layout.batch(seqs))
+            instructed_scores = trainer.module(trainer.layout.batch(instructed))
             groups = [trainer.module(trainer.layout.batch(prompts.encode_group(
                 q, [d, "x y z"], source="test"))).numpy() for q, d in PAIRS]
-        out[name] = {"save": save, "scores": scores.tolist(), "eval": trainer.evaluate(),
+        out[name] = {"save": save, "scores": scores.tolist(), "seqs": seqs,
+                     "instructed_scores": instructed_scores.tolist(), "eval": trainer.evaluate(),
                      "expected_eval": rerank_metrics(groups, [[1, 0]] * len(PAIRS))}
     return out
 
@@ -126,8 +131,43 @@ def test_exports_score_as_megaemb(trained, tmp_path):
         with torch.no_grad():
             logits = model(**inputs).logits[:, 0]
         assert float((logits - ours).abs().max()) <= TOL, (name, logits, ours)
+        for path in (causal, seq_cls):
+            _check_cross_encoder(path, run)
     # the scores are not trivially equal (a trained, discriminating model)
     assert float(torch.tensor(trained["untied"]["scores"]).std()) > 1e-3
+
+
+def _check_cross_encoder(path, run):
+    """sentence-transformers' ``CrossEncoder`` loads the export and scores ``(query, document)``
+    pairs as megaemb: the same token ids (left padded for the causal LM's last position; the
+    seq-cls head finds each row's last token), ``predict`` = P(yes) (the saved sigmoid), the
+    logit ``l_yes - l_no`` with ``nn.Identity``, and ``prompt=`` as the instruction."""
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.cross_encoder.modules import LogitScore
+
+    ours = torch.tensor(run["scores"])
+    model = CrossEncoder(path, device="cpu")
+    features = model[0].preprocess(PAIRS)
+    mask = features["attention_mask"].bool()
+    assert not mask.all(), mask  # lengths differ: padded
+    causal = isinstance(model[-1], LogitScore)
+    assert causal == os.path.isfile(os.path.join(path, "1_LogitScore", "config.json")), path
+    assert mask[:, -1].all() or not causal, mask
+    assert [ids[m].tolist() for ids, m in zip(features["input_ids"], mask)] == run["seqs"], path
+    probs = torch.from_numpy(model.predict(PAIRS))
+    assert float((probs - torch.sigmoid(ours)).abs().max()) <= TOL, (path, probs, ours)
+    logits = torch.from_numpy(model.predict(PAIRS, activation_fn=torch.nn.Identity()))
+    assert float((logits - ours).abs().max()) <= TOL, (path, logits, ours)
+    instructed = torch.from_numpy(model.predict(PAIRS, prompt=INSTRUCTION,
+                                                activation_fn=torch.nn.Identity()))
+    expected = torch.tensor(run["instructed_scores"])
+    assert float((instructed - expected).abs().max()) <= TOL, (path, instructed, expected)
+    assert float((expected - ours).abs().max()) > 1e-4  # the instruction reached the model
+    print(f"CrossEncoder {os.path.basename(path)}: P(yes) {float((probs - torch.sigmoid(ours)).abs().max()):.1e}, "
+          f"logit {float((logits - ours).abs().max()):.1e}, "
+          f"instructed {float((instructed - expected).abs().max()):.1e}")
+    ranked = model.rank(PAIRS[0][0], [PAIRS[1][1], PAIRS[0][1]])
+    assert [r["corpus_id"] for r in ranked] == ([1, 0] if ours[0] > ours[1] else [0, 1])
 
 
 @pytest.mark.timeout(300)

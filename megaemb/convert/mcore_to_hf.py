@@ -1,85 +1,33 @@
 """megaemb MCore checkpoint -> HF safetensors + config + tokenizer + sentence-transformers files.
 
-Streamed: the model is built on the ``meta`` device (no weights); each checkpoint tensor is
-read on its own (``dist_checkpointing.load`` of a partial sharded state dict, resharded to
-TP=PP=EP=1), split into HF tensors by the conversion table and appended to the current output
-shard, which is written as soon as it is full. Peak memory: the largest checkpoint tensor (one
+Streamed (``convert.mcore_read``): the model is built on the ``meta`` device (no weights);
+each checkpoint tensor is read on its own (``dist_checkpointing.load`` of a partial sharded
+state dict, resharded to TP=PP=EP=1), split into HF tensors by the conversion table and
+appended to the current output shard, which is written as soon as it is full. Peak memory: the largest checkpoint tensor (one
 weight kind stacked over layers) + one output shard. Every rank reads (the load is collective); only
 global rank 0 writes.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 from safetensors.torch import save_file
 
 from megaemb import checkpoint, tasks
-from megaemb.config import ParallelConfig
+from megaemb.convert.adapters import merged_hf_tensors
 from megaemb.convert.hf_to_mcore import read_hf_config
-from megaemb.convert.mapping import HF_TOP_LEVEL, find_mapping, qwen3_mappings, split
-from megaemb.convert.reranker import seq_cls_config, seq_cls_tensors
-from megaemb.convert.st_files import append_end_token, write_st_files
-from megaemb.model.embedder import EmbeddingModel
-from megaemb.model.qwen3 import transformer_config
+from megaemb.convert.mapping import hf_key
+from megaemb.convert.mcore_read import stream_hf_tensors
+from megaemb.convert.reranker import score_token_ids, seq_cls_config, seq_cls_tensors
 from megaemb.shape import Qwen3Shape
 
 # what the official Qwen3-Embedding checkpoints declare (their weights have no ``model.``
 # prefix and no lm_head, as ours): vLLM serves them with ``--runner pooling``, and
 # transformers' AutoModel / sentence-transformers load the base model by ``model_type``
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-
-
-def materialise(sharded):
-    """A copy of a (meta) ShardedTensor / factory whose data is an empty CPU tensor to load into."""
-    data = sharded.data
-    return dataclasses.replace(sharded, data=torch.empty(data.shape, dtype=data.dtype, device="cpu"))
-
-
-def meta_model(shape: Qwen3Shape, dtype: torch.dtype = torch.float32, lora=None,
-               output_layer: bool = False) -> EmbeddingModel:
-    """A weightless TP=PP=EP=1 ``EmbeddingModel`` on the ``meta`` device (with ``lora``'s
-    adapters; ``output_layer``: a task's, see ``tasks.Task``): its sharded state dict names
-    every checkpoint tensor. Any spec gives the same
-    keys; Transformer Engine modules cannot be built on the meta device, so it uses SDPA."""
-    from megaemb.model.lora import apply_lora
-
-    config = transformer_config(shape, ParallelConfig(), bf16=dtype == torch.bfloat16, attention="sdpa")
-    config.use_cpu_initialization, config.perform_initialization = True, False
-    with torch.device("meta"):
-        model = EmbeddingModel(config, shape, attention="sdpa", output_layer=output_layer)
-        if lora is not None:
-            apply_lora(model, lora, init=False)
-    return model
-
-
-def stream_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
-                      iteration: int | None = None, output_layer: bool = False):
-    """Yield ``(hf_name, tensor)`` for every HF tensor, one checkpoint tensor at a time.
-
-    A checkpoint tensor is what megatron stores under one key: per-layer weights are stacked
-    over layers (``decoder.layers.mlp.linear_fc1.weight`` is ``[layers, 2f, h]``), so the
-    unit of loading is one weight kind for all layers. (Loading one layer's slice alone is
-    not possible in a single process: megatron's torch_dist loader then expects every slice.)
-    """
-    model = meta_model(shape, dtype, output_layer=output_layer)
-    sharded = model.sharded_state_dict()
-    groups: dict[str, list[str]] = {}
-    for name, _ in model.named_parameters():
-        groups.setdefault(sharded[name].key, []).append(name)
-    if iteration is None:
-        iteration = checkpoint.latest_iteration(mcore_dir)
-    iteration_dir = checkpoint.iter_dir(mcore_dir, iteration)
-    table = qwen3_mappings(shape, output_layer)
-    for names in groups.values():
-        loaded = dist_checkpointing.load({n: materialise(sharded[n]) for n in names}, iteration_dir)
-        for name in names:
-            rule, index = find_mapping(table, name)
-            yield from zip(rule.hf_names(**index), split(rule.kind, loaded.pop(name), shape))
 
 
 def _umask() -> int:
@@ -139,7 +87,8 @@ class ShardWriter:
 def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None,
                    dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 2**30,
                    max_seq_length: int = 8192, seq_cls: bool = False) -> None:
-    """Collective. Everything ``AutoModel`` and ``SentenceTransformer`` need, into ``out_dir``
+    """Collective. Everything ``AutoModel`` and sentence-transformers need (the task's
+    ``hf_files``), into ``out_dir``
     (which must exist), from ``iteration`` (default: the latest); written by global rank 0.
     A LoRA checkpoint is written merged (``convert.adapters``). A causal-LM task's checkpoint
     (the generative reranker) becomes a stock ``*ForCausalLM`` (``model.`` prefix, ``lm_head``
@@ -155,15 +104,13 @@ def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None
     write = not dist.is_initialized() or dist.get_rank() == 0
     writer = ShardWriter(out_dir, max_shard_bytes, write)
     if checkpoint.read_lora(mcore_dir):  # adapters merged into their base
-        from megaemb.convert.adapters import merged_hf_tensors
-
         tensors = merged_hf_tensors(mcore_dir, shape, dtype, iteration, task.output_layer)
     else:
         tensors = stream_hf_tensors(mcore_dir, shape, dtype, iteration, task.output_layer)
     if seq_cls:
         tensors = seq_cls_tensors(tensors, shape, *score_token_ids(hf_dir))
     for name, tensor in tensors:
-        writer.add(causal_lm_name(name) if task.causal_lm else name, tensor)
+        writer.add(hf_key(name, task.hf_prefix), tensor)
     writer.close()
     if not write:
         return
@@ -173,23 +120,6 @@ def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     if seq_cls:
         config = seq_cls_config(config)
+    task.write_hf_files(out_dir, config, min(max_seq_length, shape.max_position_embeddings), seq_cls)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    if not task.causal_lm:  # an embedder: pooled end token, sentence-transformers files
-        append_end_token(out_dir)
-        write_st_files(out_dir, shape.hidden_size, min(max_seq_length, shape.max_position_embeddings))
-
-
-def causal_lm_name(name: str) -> str:
-    """A conversion-table HF name -> a stock ``*ForCausalLM``'s (its base under ``model.``)."""
-    return name if name in HF_TOP_LEVEL else "model." + name
-
-
-def score_token_ids(tokenizer_dir: str) -> tuple[int, int]:
-    """The reranker's (yes, no) token ids in ``tokenizer_dir``'s tokenizer (environment as
-    ``reranker_prompt.score_token_ids``)."""
-    from transformers import AutoTokenizer
-
-    from megaemb.tasks.reranker_prompt import score_token_ids as ids
-
-    return ids(AutoTokenizer.from_pretrained(tokenizer_dir))

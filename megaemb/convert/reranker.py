@@ -47,6 +47,16 @@ def seq_cls_tensors(tensors: Iterable[tuple[str, torch.Tensor]], shape: Qwen3Sha
     yield "score.weight", score
 
 
+def score_token_ids(tokenizer_dir: str) -> tuple[int, int]:
+    """The reranker's (yes, no) token ids in ``tokenizer_dir``'s tokenizer (environment as
+    ``reranker_prompt.score_token_ids``)."""
+    from transformers import AutoTokenizer
+
+    from megaemb.tasks.reranker_prompt import score_token_ids as ids
+
+    return ids(AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
 def seq_cls_config(config: dict) -> dict:
     """A ``*ForCausalLM``'s ``config.json`` -> its one-label ``*ForSequenceClassification``'s
     (it scores each row's last token that is not ``pad_token_id``, which Qwen3 configs may

@@ -29,6 +29,11 @@ class Task:
                     built as ``Class(cfg, tokenizer, log)``: rows, per-step micro-batches whose
                     groups stay whole, and each step's loss
     causal_lm       its HF export is a ``*ForCausalLM`` (with ``lm_head`` when untied)
+    hf_files        ``"module:function"`` of ``(out_dir, config, max_seq_length, seq_cls)``:
+                    the files beside an HF export that its users' loaders need (tokenizer
+                    changes, sentence-transformers modules), run by global rank 0 once the
+                    tokenizer is copied and before ``config`` (the HF config dict, which it may
+                    extend) is written; ``config`` None: a PEFT adapter folder
     unsupported     ``sft`` flags it refuses when set (one line each), for what is not built yet
     """
 
@@ -38,11 +43,21 @@ class Task:
     output_layer: bool = False
     train_data: str | None = None
     causal_lm: bool = False
+    hf_files: str = "megaemb.convert.st_files:embedder_files"
     unsupported: tuple[str, ...] = ()
 
     def make_head(self, tokenizer_dir: str, shape, config):
         """The scoring head, or None (pooled embeddings)."""
         return _resolve(self.head)(tokenizer_dir, shape, config) if self.head else None
+
+    @property
+    def hf_prefix(self) -> str:
+        """Its HF export's base-model prefix (``mapping.hf_key``): ``model.`` in a ``*ForCausalLM``."""
+        return "model." if self.causal_lm else ""
+
+    def write_hf_files(self, out_dir: str, config: dict | None, max_seq_length: int,
+                       seq_cls: bool = False) -> None:
+        _resolve(self.hf_files)(out_dir, config, max_seq_length, seq_cls)
 
     def make_train_data(self, cfg, tokenizer, log):
         return _resolve(self.train_data)(cfg, tokenizer, log)

@@ -21,6 +21,7 @@ query (with the template and instruction) that leaves no room for one document t
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 
@@ -46,6 +47,21 @@ def head_text(query: str, instruction: str | None) -> str:
 def prompt_text(query: str, document: str, instruction: str | None = None) -> str:
     """The whole prompt as one string, as the model card formats it."""
     return PREFIX + head_text(query, instruction) + " " + document + SUFFIX
+
+
+def chat_template() -> str:
+    """A Jinja chat template that renders a ``query`` / ``document`` message pair (and an
+    optional ``system`` message: the instruction, else the default) to ``prompt_text``: what
+    sentence-transformers' ``CrossEncoder`` renders a ``(query, document)`` pair with (and
+    ``predict(..., prompt=INSTRUCTION)`` as a system message). Literals are JSON strings,
+    valid Jinja string literals, so the template's text is exactly these constants."""
+    def role(name: str) -> str:
+        return f'messages | selectattr("role", "eq", "{name}") | map(attribute="content") | first'
+    return (f"{{%- set query = {role('query')} -%}}\n"
+            f"{{%- set document = {role('document')} -%}}\n"
+            f"{{%- set instruction = {role('system')} | default({json.dumps(DEFAULT_INSTRUCTION)}, true) -%}}\n"
+            f"{{{{- {json.dumps(PREFIX + '<Instruct>: ')} + instruction + {json.dumps(chr(10) + '<Query>: ')}"
+            f" + query + {json.dumps(chr(10) + '<Document>: ')} + document + {json.dumps(SUFFIX)} -}}}}")
 
 
 def score_token_ids(tokenizer, env: Mapping[str, str] = os.environ) -> tuple[int, int]:
