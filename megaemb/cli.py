@@ -189,12 +189,14 @@ def parse_size(text: str) -> int:
 
 
 def check_seq_cls_export(args, source: str) -> None:
-    """``--to_seq_cls true``: an HF export of a generative reranker (LoRA: merged)."""
+    """``--to_seq_cls true``: an HF export of a generative reranker (LoRA: merged), or of a
+    ``reranker`` (seq-cls already: nothing changes)."""
     from megaemb import checkpoint, tasks
 
     if not args.to_hf:
         raise ValueError("--to_seq_cls true needs --to_hf true")
-    if not tasks.get(checkpoint.read_task(source)).causal_lm:
+    task = tasks.get(checkpoint.read_task(source))
+    if not (task.causal_lm or task.seq_cls):
         raise ValueError(f"--to_seq_cls: --mcore_model {source} is a checkpoint of --task_type "
                          f"{checkpoint.read_task(source)}, not a generative reranker")
     if checkpoint.read_lora(source) and not args.merge_lora:

@@ -22,7 +22,7 @@ from megaemb import checkpoint, tasks
 from megaemb.config import ParallelConfig
 from megaemb.convert.hf_to_mcore import read_hf_config
 from megaemb.convert.mapping import HF_TOP_LEVEL, find_mapping, qwen3_mappings, split
-from megaemb.convert.reranker import seq_cls_config, seq_cls_tensors
+from megaemb.convert.reranker import score_token_ids, seq_cls_config, seq_cls_tensors
 from megaemb.convert.st_files import append_end_token, write_st_files
 from megaemb.model.embedder import EmbeddingModel
 from megaemb.model.qwen3 import transformer_config
@@ -41,7 +41,7 @@ def materialise(sharded):
 
 
 def meta_model(shape: Qwen3Shape, dtype: torch.dtype = torch.float32, lora=None,
-               output_layer: bool = False) -> EmbeddingModel:
+               output_layer: str | None = None) -> EmbeddingModel:
     """A weightless TP=PP=EP=1 ``EmbeddingModel`` on the ``meta`` device (with ``lora``'s
     adapters; ``output_layer``: a task's, see ``tasks.Task``): its sharded state dict names
     every checkpoint tensor. Any spec gives the same
@@ -58,7 +58,7 @@ def meta_model(shape: Qwen3Shape, dtype: torch.dtype = torch.float32, lora=None,
 
 
 def stream_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
-                      iteration: int | None = None, output_layer: bool = False):
+                      iteration: int | None = None, output_layer: str | None = None):
     """Yield ``(hf_name, tensor)`` for every HF tensor, one checkpoint tensor at a time.
 
     A checkpoint tensor is what megatron stores under one key: per-layer weights are stacked
@@ -144,14 +144,16 @@ def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None
     A LoRA checkpoint is written merged (``convert.adapters``). A causal-LM task's checkpoint
     (the generative reranker) becomes a stock ``*ForCausalLM`` (``model.`` prefix, ``lm_head``
     when untied, the tokenizer as it was), or with ``seq_cls`` its
-    ``*ForSequenceClassification`` (``convert.reranker``)."""
+    ``*ForSequenceClassification`` (``convert.reranker``); a seq-cls task's checkpoint (the
+    ``reranker``) always its ``*ForSequenceClassification`` (``score.weight`` as trained)."""
     hf_dir = os.path.join(mcore_dir, "hf")
     hf_config = read_hf_config(hf_dir)
     shape = Qwen3Shape.from_hf(hf_config, os.path.join(hf_dir, "config.json"))
     task = tasks.get(checkpoint.read_task(mcore_dir))
-    if seq_cls and not task.causal_lm:
+    if seq_cls and not (task.causal_lm or task.seq_cls):
         raise ValueError(f"--to_seq_cls: {mcore_dir} is a checkpoint of --task_type "
                          f"{task.name}, not a generative reranker")
+    hf_model = task.causal_lm or task.seq_cls  # a stock transformers model: its base under model.
     write = not dist.is_initialized() or dist.get_rank() == 0
     writer = ShardWriter(out_dir, max_shard_bytes, write)
     if checkpoint.read_lora(mcore_dir):  # adapters merged into their base
@@ -160,10 +162,10 @@ def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None
         tensors = merged_hf_tensors(mcore_dir, shape, dtype, iteration, task.output_layer)
     else:
         tensors = stream_hf_tensors(mcore_dir, shape, dtype, iteration, task.output_layer)
-    if seq_cls:
+    if seq_cls and task.causal_lm:
         tensors = seq_cls_tensors(tensors, shape, *score_token_ids(hf_dir))
     for name, tensor in tensors:
-        writer.add(causal_lm_name(name) if task.causal_lm else name, tensor)
+        writer.add(causal_lm_name(name) if hf_model else name, tensor)
     writer.close()
     if not write:
         return
@@ -171,25 +173,16 @@ def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None
     config = dict(hf_config)
     config["architectures"] = [ARCHITECTURES[config["model_type"]]]
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
-    if seq_cls:
+    if seq_cls or task.seq_cls:
         config = seq_cls_config(config)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    if not task.causal_lm:  # an embedder: pooled end token, sentence-transformers files
+    if not hf_model:  # an embedder: pooled end token, sentence-transformers files
         append_end_token(out_dir)
         write_st_files(out_dir, shape.hidden_size, min(max_seq_length, shape.max_position_embeddings))
 
 
 def causal_lm_name(name: str) -> str:
-    """A conversion-table HF name -> a stock ``*ForCausalLM``'s (its base under ``model.``)."""
+    """A conversion-table HF name -> a stock ``*ForCausalLM``'s or ``*ForSequenceClassification``'s
+    (its base under ``model.``)."""
     return name if name in HF_TOP_LEVEL else "model." + name
-
-
-def score_token_ids(tokenizer_dir: str) -> tuple[int, int]:
-    """The reranker's (yes, no) token ids in ``tokenizer_dir``'s tokenizer (environment as
-    ``reranker_prompt.score_token_ids``)."""
-    from transformers import AutoTokenizer
-
-    from megaemb.tasks.reranker_prompt import score_token_ids as ids
-
-    return ids(AutoTokenizer.from_pretrained(tokenizer_dir))
