@@ -249,3 +249,17 @@ def test_bad_seq_cls_inputs_are_one_line(models, tmp_path):
     for wanted in ("generative_reranker", "embedding"):
         with pytest.raises(ValueError, match=f"a checkpoint of --task_type reranker, not {wanted}$"):
             checkpoint.check_task(str(fake), wanted, "--model")
+
+
+@pytest.mark.timeout(120)
+def test_convert_precision_of_a_seq_cls_dir_is_one_line(models, tmp_path):
+    """``export --to_mcore --test_convert_precision`` compares embeddings: a seq-cls directory
+    (a ``reranker``) is refused before any rank starts."""
+    from megaemb.cli import build_parser, check_args
+
+    args = build_parser().parse_args(["export", "--to_mcore", "true", "--model", models["seq_cls"],
+                                      "--output_dir", str(tmp_path / "o"),
+                                      "--test_convert_precision", "true"])
+    with pytest.raises(ValueError, match=r"--test_convert_precision compares embeddings; --model "
+                                         r".*seq_cls is a checkpoint of --task_type reranker$"):
+        check_args(args)
