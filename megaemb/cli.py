@@ -189,12 +189,14 @@ def parse_size(text: str) -> int:
 
 
 def check_seq_cls_export(args, source: str) -> None:
-    """``--to_seq_cls true``: an HF export of a generative reranker (LoRA: merged)."""
+    """``--to_seq_cls true``: an HF export of a generative reranker (LoRA: merged), or of a
+    ``reranker`` (seq-cls already: nothing changes)."""
     from megaemb import checkpoint, tasks
 
     if not args.to_hf:
         raise ValueError("--to_seq_cls true needs --to_hf true")
-    if not tasks.get(checkpoint.read_task(source)).causal_lm:
+    task = tasks.get(checkpoint.read_task(source))
+    if not (task.causal_lm or task.seq_cls):
         raise ValueError(f"--to_seq_cls: --mcore_model {source} is a checkpoint of --task_type "
                          f"{checkpoint.read_task(source)}, not a generative reranker")
     if checkpoint.read_lora(source) and not args.merge_lora:
@@ -431,13 +433,15 @@ def check_args(args, world: int = 1) -> None:
             checkpoint.check_lora_base(source, flag, args.allow_changed_base)
         if args.to_seq_cls:
             check_seq_cls_export(args, source)
-        if args.to_hf and args.test_convert_precision:
+        if args.test_convert_precision:
             from megaemb import checkpoint, tasks
+            from megaemb.shape import read_hf_config
 
-            if tasks.get(checkpoint.read_task(source)).head:
-                raise ValueError(f"--test_convert_precision compares embeddings; --mcore_model "
-                                 f"{source} is a checkpoint of --task_type "
-                                 f"{checkpoint.read_task(source)}")
+            task = (tasks.get(checkpoint.read_task(source)) if args.to_hf
+                    else tasks.of_hf_config(read_hf_config(source)))
+            if task.head:
+                raise ValueError(f"--test_convert_precision compares embeddings; {flag} {source} "
+                                 f"is a checkpoint of --task_type {task.name}")
         if args.to_hf and not args.merge_lora:
             from megaemb.config import LoRAConfig
 

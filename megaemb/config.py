@@ -108,7 +108,7 @@ class ExportFlags:
     max_shard_size: str = "5GB"  # HF safetensors shard size (--to_hf), e.g. 500MB
     iteration: int | None = None  # checkpoint iteration to export with --to_hf; none = the latest
     overwrite: bool = False  # replace an existing, non-empty --output_dir
-    to_seq_cls: bool = False  # --to_hf of a generative reranker: Qwen3ForSequenceClassification (score.weight = W[yes] - W[no]) instead of Qwen3ForCausalLM
+    to_seq_cls: bool = False  # --to_hf of a generative reranker: Qwen3ForSequenceClassification (score.weight = W[yes] - W[no]) instead of Qwen3ForCausalLM (a --task_type reranker checkpoint is always that)
     merge_lora: bool = False  # --to_hf of a LoRA checkpoint: the merged HF model (false: a PEFT adapter folder)
     allow_changed_base: bool = False  # a LoRA checkpoint whose base model now holds other weights than its adapters were trained on: use it knowingly (refused by default)
 
@@ -173,7 +173,7 @@ class SFTConfig:
     dataset: list[str] = field(default_factory=list)  # training files or folders; FILE#N samples N rows
     val_dataset: list[str] = field(default_factory=list)  # eval files (retrieval or pair metrics) or a BEIR folder
     split_dataset_ratio: float = 0.0  # hold out this share of --dataset for eval instead
-    task_type: str = "embedding"  # embedding | generative_reranker (Qwen3-Reranker: yes/no logits at the last token)
+    task_type: str = "embedding"  # embedding | generative_reranker (Qwen3-Reranker: yes/no logits at the last token) | reranker (Qwen3ForSequenceClassification: one logit)
     loss_type: str = "infonce"  # embedding: infonce | cosine_similarity | contrastive | online_contrastive; generative_reranker: pointwise_reranker | listwise_reranker
     bad_rows: str = "error"  # error (stop at file:line) | skip (count in the log)
     max_length: int = 512  # tokens per text, end token included (longer texts are cut)

@@ -78,10 +78,17 @@ def _staged(output_dir: str, overwrite: bool = False):
 
 def hf_to_mcore(model_dir: str, output_dir: str, parallel: ParallelConfig, bf16: bool = False,
                 attention: str = "auto", overwrite: bool = False):
-    """Collective. Each rank reads its slices of the HF weights and saves its shard."""
+    """Collective. Each rank reads its slices of the HF weights and saves its shard, recorded
+    as the task the HF config declares (``tasks.of_hf_config``: a
+    ``*ForSequenceClassification`` is a ``reranker``, else an embedder)."""
+    from megaemb import tasks
+    from megaemb.convert.hf_to_mcore import read_hf_config
+
+    task = tasks.of_hf_config(read_hf_config(model_dir))
     with _staged(output_dir, overwrite) as tmp:
-        loaded = load_model(model_dir, parallel, bf16=bf16, attention=attention)
-        checkpoint.save_checkpoint(tmp, 0, loaded.model.sharded_state_dict(), loaded.hf_dir)
+        loaded = load_model(model_dir, parallel, bf16=bf16, attention=attention, task=task)
+        checkpoint.save_checkpoint(tmp, 0, loaded.model.sharded_state_dict(), loaded.hf_dir,
+                                   task=task.name)
     return loaded
 
 

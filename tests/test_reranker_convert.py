@@ -71,7 +71,7 @@ def loaded(causal_lms):
     init_parallel(ParallelConfig())
     models = {}
     for kind, path in causal_lms.items():
-        ckpt = HFCheckpoint(path, output_layer=True)
+        ckpt = HFCheckpoint(path, output_layer="lm_head")
         config = transformer_config(ckpt.shape, ParallelConfig(), attention="sdpa")
         model = build_model(config, ckpt.shape, attention="sdpa")
         if not ckpt.shape.tie_word_embeddings:
@@ -91,7 +91,7 @@ def test_causal_lm_round_trip_bit_exact(causal_lms, loaded, kind):
     from megaemb.convert.mapping import find_mapping, qwen3_mappings, split
 
     model, ckpt = loaded[kind]
-    table = qwen3_mappings(ckpt.shape, output_layer=True)
+    table = qwen3_mappings(ckpt.shape, output_layer="lm_head")
     back = {}
     for name, param in model.named_parameters():
         rule, index = find_mapping(table, name)
@@ -138,8 +138,8 @@ def test_seq_cls_form_scores_as_causal_lm(causal_lms, tmp_path, kind):
 
     from megaemb.convert.reranker import seq_cls_config, seq_cls_tensors
 
-    ckpt = HFCheckpoint(causal_lms[kind], output_layer=True)
-    tensors = ((n, ckpt.read(n)) for n in hf_names_for(ckpt.shape, output_layer=True))
+    ckpt = HFCheckpoint(causal_lms[kind], output_layer="lm_head")
+    tensors = ((n, ckpt.read(n)) for n in hf_names_for(ckpt.shape, output_layer="lm_head"))
     out = {hf_key(n, "model."): t.contiguous() for n, t in seq_cls_tensors(tensors, ckpt.shape)}
     assert out["score.weight"].shape == (1, ckpt.shape.hidden_size)
     assert "lm_head.weight" not in out
@@ -171,7 +171,7 @@ def test_untied_without_lm_head(causal_lms, tmp_path):
     assert HFCheckpoint(d).shape.vocab_size == tensors["model.embed_tokens.weight"].shape[0]
     with pytest.raises(ConversionError,
                        match=r"no-head: no lm_head.weight, and tie_word_embeddings is false"):
-        HFCheckpoint(d, output_layer=True)
+        HFCheckpoint(d, output_layer="lm_head")
 
 
 @pytest.mark.timeout(30)

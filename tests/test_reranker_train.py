@@ -1,8 +1,9 @@
-"""``megaemb sft --task_type generative_reranker`` under real gloo groups: a tiny reranker
-learns, and every parallel layout (DP=2, TP=2, TP=2+SP packed, PP=2, tied TP=2) gives the
-losses and gradient norms of TP=PP=DP=1 (fp32, 1e-5), DP=2 also step 1's gradients, and the
-in-loop eval's metrics after training; the
-checkpoint records its task, so loading it builds the reranker and an embedder run refuses it.
+"""``megaemb sft --task_type generative_reranker`` and ``--task_type reranker`` (the seq-cls
+head) under real gloo groups: a tiny reranker learns, and every parallel layout (DP=2, TP=2,
+TP=2+SP packed, PP=2, tied TP=2; seq-cls: DP=2 padded and packed, TP=2+SP packed, PP=2) gives
+the losses and gradient norms of TP=PP=DP=1 (fp32, 1e-5), DP=2 also step 1's gradients, and
+the in-loop eval's metrics after training; the checkpoint records its task, so loading it
+builds the reranker and an embedder run refuses it.
 """
 import json
 import os
@@ -67,16 +68,20 @@ def _run(cfg) -> dict:
     return {"steps": steps, "grads": path, "eval": trainer.evaluate()}
 
 
+_REFS = [("untied", "generative_reranker"), ("tied", "generative_reranker"), ("untied", "reranker")]
+
+
 def _references(rank, world, m):
     out = {}
-    for name in ("untied", "tied"):
+    for name, task in _REFS:
         for loss in ("listwise_reranker", "pointwise_reranker"):
-            save = os.path.join(m["root"], f"ref-{name}-{loss}") if name == "untied" else ""
-            out[name, loss] = _run(_cfg(m[name], m["data"], loss_type=loss, micro_batch_size=ROWS,
-                                        save=save))
+            save = os.path.join(m["root"], f"ref-{task}-{loss}") if name == "untied" else ""
+            out[name, task, loss] = _run(_cfg(m[name], m["data"], loss_type=loss, task_type=task,
+                                              micro_batch_size=ROWS, save=save))
     return out
 
 
+_SEQ_CLS = dict(task_type="reranker")  # from the causal LM: its classifier starts as W[yes]-W[no]
 _LAYOUTS = [  # label, model, overrides
     ("dp2", "untied", {}),
     ("dp2-packed", "untied", dict(packing=True, micro_batch_size=1)),
@@ -86,6 +91,11 @@ _LAYOUTS = [  # label, model, overrides
     ("pp2", "untied", dict(pipeline_model_parallel_size=2)),
     ("tied-tp2", "tied", dict(tensor_model_parallel_size=2)),
     ("tied-dp2", "tied", {}),
+    ("seqcls-dp2", "untied", _SEQ_CLS),
+    ("seqcls-dp2-packed", "untied", dict(**_SEQ_CLS, packing=True, micro_batch_size=1)),
+    ("seqcls-tp2-sp-packed", "untied", dict(**_SEQ_CLS, tensor_model_parallel_size=2,
+                                            sequence_parallel=True, packing=True)),
+    ("seqcls-pp2", "untied", dict(**_SEQ_CLS, pipeline_model_parallel_size=2)),
 ]
 
 
@@ -96,17 +106,17 @@ def _layouts(rank, world, m):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_reranker_learns_and_layouts_equal_one_rank(rerankers):
-    refs = run_distributed(_references, 1, rerankers, timeout=300)[0]
-    got = run_distributed(_layouts, 2, rerankers, timeout=840)[0]
+    refs = run_distributed(_references, 1, rerankers, timeout=400)[0]
+    got = run_distributed(_layouts, 2, rerankers, timeout=1200)[0]
     report = {}
     for (label, loss), r in got.items():
-        name = next(n for lab, n, _ in _LAYOUTS if lab == label)
-        ref = refs[name, loss]
+        name, kw = next((n, kw) for lab, n, kw in _LAYOUTS if lab == label)
+        ref = refs[name, kw.get("task_type", "generative_reranker"), loss]
         report[label, loss] = {"loss": _close(r["steps"], ref["steps"]),
                                "eval": max(abs(r["eval"][k] - v) for k, v in ref["eval"].items())}
-        if label.startswith(("dp2", "tied-dp2")):  # whole weights on every rank
+        if "dp2" in label:  # whole weights on every rank
             a, b = torch.load(r["grads"]), torch.load(ref["grads"])
             report[label, loss]["grads"] = max(
                 float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in b)
@@ -117,16 +127,21 @@ def test_reranker_learns_and_layouts_equal_one_rank(rerankers):
         losses = [s[1] for s in ref["steps"]]
         assert losses[-1] < losses[0] - 0.02, (key, losses)
     # the output layer is trained (untied): its gradient reaches the yes/no rows only
-    g = torch.load(refs["untied", "listwise_reranker"]["grads"])["output_layer.weight"]
-    assert set(torch.nonzero(g.abs().sum(1)).flatten().tolist()) == {9693, 2152}
-    _check_checkpoint(os.path.join(rerankers["root"], "ref-untied-listwise_reranker"), rerankers)
+    g = torch.load(refs["untied", "generative_reranker", "listwise_reranker"]["grads"])
+    assert set(torch.nonzero(g["output_layer.weight"].abs().sum(1)).flatten().tolist()) == {9693, 2152}
+    # the seq-cls classifier [1, h] is trained
+    g = torch.load(refs["untied", "reranker", "listwise_reranker"]["grads"])["output_layer.weight"]
+    assert g.shape == (1, 64) and float(g.abs().max()) > 0
+    for task in ("generative_reranker", "reranker"):
+        _check_checkpoint(os.path.join(rerankers["root"], f"ref-{task}-listwise_reranker"),
+                          rerankers, task)
 
 
-def _check_checkpoint(path, m):
+def _check_checkpoint(path, m, task):
     """megaemb.json records the task; an embedder run (--load, --model) and ``embed`` of the
     reranker checkpoint are one-line errors."""
     with open(os.path.join(path, "megaemb.json")) as f:
-        assert json.load(f)["task"] == "generative_reranker"
+        assert json.load(f)["task"] == task
     env = {**os.environ, "PYTHONPATH": ROOT}
     sft = ["sft", "--dataset", m["data"], "--train_iters", "1", "--global_batch_size", "2",
            "--max_length", "96", "--loss_type", "infonce"]
@@ -141,14 +156,17 @@ def _check_checkpoint(path, m):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and lines[-1].startswith(f"megaemb {args[0]}: error: "), \
             proc.stderr
-        assert "a checkpoint of --task_type generative_reranker, not embedding" in lines[-1], lines[-1]
+        assert f"a checkpoint of --task_type {task}, not embedding" in lines[-1], lines[-1]
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--loss_type", "infonce"], "--loss_type 'infonce': expected one of 'pointwise_reranker'"),
     (["--loss_type", "listwise_reranker", "--global_negatives", "true"],
      "--global_negatives is not supported with --task_type generative_reranker"),
-    (["--loss_type", "listwise_reranker", "--task_type", "reranker"], "--task_type 'reranker'"),
+    (["--loss_type", "listwise_reranker", "--task_type", "cross_encoder"],
+     "--task_type 'cross_encoder': expected one of 'embedding', 'generative_reranker', 'reranker'"),
+    (["--loss_type", "infonce", "--task_type", "reranker"],
+     "--loss_type 'infonce': expected one of 'pointwise_reranker'"),
 ])
 @pytest.mark.timeout(120)
 def test_bad_reranker_flags_are_one_line(flags, message, tmp_path):

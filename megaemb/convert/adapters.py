@@ -49,9 +49,10 @@ def adapter_hf_tensors(mcore_dir: str, shape: Qwen3Shape, iteration: int | None 
 
 
 def base_hf_tensors(base: str, shape: Qwen3Shape, dtype: torch.dtype,
-                    output_layer: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                    output_layer: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The base model's HF tensors, one at a time: an HF directory's, or a megaemb checkpoint's
-    (streamed through the conversion); ``output_layer``: with ``lm_head`` when untied."""
+    (streamed through the conversion); ``output_layer``: with the head's tensor
+    (``tasks.Task.output_layer``)."""
     if checkpoint.is_checkpoint(base):
         yield from stream_hf_tensors(base, shape, dtype, output_layer=output_layer)
         return
@@ -62,7 +63,7 @@ def base_hf_tensors(base: str, shape: Qwen3Shape, dtype: torch.dtype,
 
 def merged_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
                       iteration: int | None = None,
-                      output_layer: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                      output_layer: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Every HF tensor of the LoRA checkpoint's model: base + (alpha / r) B A, computed in fp32
     from the base's stored weights and cast once to ``dtype``."""
     meta = checkpoint.read_lora(mcore_dir)

@@ -22,11 +22,14 @@ class HFCheckpoint:
     """Read-only view of an HF safetensors checkpoint (single file or sharded with index).
 
     Accepts both spellings of tensor names: Qwen3-Embedding's (``layers.0...``) and
-    ``*ForCausalLM``'s (``model.layers.0...``); ``lm_head.weight`` is ignored unless
-    ``output_layer`` (a generative reranker: its untied output layer is read from it).
+    ``*ForCausalLM``'s / ``*ForSequenceClassification``'s (``model.layers.0...``); the head's
+    tensor is read only for ``output_layer`` (``tasks.Task.output_layer``): ``"lm_head"``
+    (a generative reranker: its untied ``lm_head.weight``) or ``"score"`` (a
+    sequence-classification reranker: ``score.weight``, or when absent
+    ``convert.reranker.initial_score_weight``).
     """
 
-    def __init__(self, model_dir: str, output_layer: bool = False):
+    def __init__(self, model_dir: str, output_layer: str | None = None):
         self.dir = model_dir
         self.output_layer = output_layer
         self.config = read_hf_config(model_dir)
@@ -42,7 +45,9 @@ class HFCheckpoint:
             raise ConversionError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
         self.prefix = "model." if any(k.startswith("model.layers.") for k in weight_map) else ""
         self.weight_map = weight_map
-        missing = [n for n in hf_names_for(self.shape, output_layer) if self.key(n) not in weight_map]
+        missing = [n for n in hf_names_for(self.shape, output_layer) if not self.has(n)]
+        self.initial_score = "score.weight" in missing  # derived (initial_score_weight)
+        missing = [n for n in missing if n != "score.weight"]
         if "lm_head.weight" in missing:
             raise ConversionError(f"{model_dir}: no lm_head.weight, and tie_word_embeddings is false: "
                                   "a generative reranker needs the output layer")
@@ -53,6 +58,10 @@ class HFCheckpoint:
     def key(self, name: str) -> str:
         """The stored name of the table's HF tensor ``name`` (prefixed as this checkpoint is)."""
         return hf_key(name, self.prefix)
+
+    def has(self, name: str) -> bool:
+        """Whether the checkpoint stores the table's HF tensor ``name``."""
+        return self.key(name) in self.weight_map
 
     def _open(self, name: str):
         file = self.weight_map[self.key(name)]
@@ -66,6 +75,10 @@ class HFCheckpoint:
 
     def read(self, name: str, dim: int | None = None, part: int = 0, parts: int = 1) -> torch.Tensor:
         """HF tensor ``name``, or its ``part``-th of ``parts`` equal chunks along ``dim``."""
+        if name == "score.weight" and self.initial_score:
+            from megaemb.convert.reranker import initial_score_weight
+
+            return initial_score_weight(self)
         sl = self._open(name).get_slice(self.key(name))
         full = sl.get_shape()
         if dim is None or parts == 1:
@@ -76,6 +89,15 @@ class HFCheckpoint:
         index = [slice(None)] * len(full)
         index[dim] = slice(part * n, (part + 1) * n)
         return sl[tuple(index)]
+
+    def rows(self, name: str, indices: list[int]) -> torch.Tensor:
+        """Rows ``indices`` of the 2-D HF tensor ``name`` (only those are read)."""
+        sl = self._open(name).get_slice(self.key(name))
+        return torch.cat([sl[i:i + 1] for i in indices])
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of HF tensor ``name``."""
+        return self._open(name).get_slice(self.key(name))[0:1].dtype
 
     def tensor_shape(self, name: str) -> list[int]:
         return list(self._open(name).get_slice(self.key(name)).get_shape())

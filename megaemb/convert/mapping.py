@@ -27,10 +27,13 @@ rows use the unfused, per-expert (local-spec) names; ``FUSED_NORM_ALIASES`` and
 both directions.
 
 A generative reranker (Qwen3-Reranker, a ``Qwen3ForCausalLM``) also needs the output layer:
-``qwen3_mappings(shape, output_layer=True)`` adds megatron's ``output_layer.weight`` <->
+``qwen3_mappings(shape, output_layer="lm_head")`` adds megatron's ``output_layer.weight`` <->
 ``lm_head.weight`` (vocab-padded like the embedding) when the model's embeddings are untied;
-tied, the head reads the word embedding and there is no extra tensor either side.
-``lm_head.weight`` sits outside the base model: ``hf_key`` never gives it the ``model.`` prefix.
+tied, the head reads the word embedding and there is no extra tensor either side. A
+sequence-classification reranker (``Qwen3ForSequenceClassification``), ``output_layer="score"``:
+``output_layer.weight`` <-> ``score.weight`` ``[1, h]``, replicated over TP.
+``lm_head.weight`` and ``score.weight`` sit outside the base model: ``hf_key`` never gives them
+the ``model.`` prefix.
 """
 from __future__ import annotations
 
@@ -100,9 +103,11 @@ def hf_key(name: str, prefix: str) -> str:
     return name if name in HF_TOP_LEVEL else prefix + name
 
 
-def qwen3_mappings(shape: Qwen3Shape, output_layer: bool = False) -> list[Mapping]:
+def qwen3_mappings(shape: Qwen3Shape, output_layer: str | None = None) -> list[Mapping]:
     """The table. HF names are without the ``model.`` prefix (Qwen3-Embedding spelling).
-    ``output_layer``: add the untied output layer's row (a generative reranker's)."""
+    ``output_layer`` (``tasks.Task.output_layer``): add the row of a head's weight:
+    ``"lm_head"`` the untied output layer (a generative reranker's), ``"score"`` the one-row
+    classifier (a sequence-classification reranker's)."""
     L, A = "decoder.layers.{layer}", "layers.{layer}.self_attn"
     rows = [
         Mapping("embedding.word_embeddings.weight", ("embed_tokens.weight",), "vocab", tp_dim=0),
@@ -128,12 +133,16 @@ def qwen3_mappings(shape: Qwen3Shape, output_layer: bool = False) -> list[Mappin
                     "gate_up", "moe", tp_dim=0),
             Mapping(f"{E}.linear_fc2.weight", (f"{X}.down_proj.weight",), "rename", "moe", tp_dim=1),
         ]
-    if output_layer and not shape.tie_word_embeddings:
+    if output_layer == "score":
+        rows.append(Mapping("output_layer.weight", ("score.weight",)))
+    elif output_layer == "lm_head" and not shape.tie_word_embeddings:
         rows.append(Mapping("output_layer.weight", ("lm_head.weight",), "vocab", tp_dim=0))
+    elif output_layer not in (None, "lm_head"):
+        raise ValueError(f"unknown output layer {output_layer!r}")
     return rows
 
 
-def hf_names_for(shape: Qwen3Shape, output_layer: bool = False) -> list[str]:
+def hf_names_for(shape: Qwen3Shape, output_layer: str | None = None) -> list[str]:
     """Every HF tensor name a checkpoint of this shape must contain, in file order."""
     names = []
     for m in qwen3_mappings(shape, output_layer):

@@ -28,7 +28,7 @@ def materialise(sharded):
 
 
 def meta_model(shape: Qwen3Shape, dtype: torch.dtype = torch.float32, lora=None,
-               output_layer: bool = False) -> EmbeddingModel:
+               output_layer: str | None = None) -> EmbeddingModel:
     """A weightless TP=PP=EP=1 ``EmbeddingModel`` on the ``meta`` device (with ``lora``'s
     adapters; ``output_layer``: a task's, see ``tasks.Task``): its sharded state dict names
     every checkpoint tensor. Any spec gives the same
@@ -43,7 +43,7 @@ def meta_model(shape: Qwen3Shape, dtype: torch.dtype = torch.float32, lora=None,
 
 
 def stream_hf_tensors(mcore_dir: str, shape: Qwen3Shape, dtype: torch.dtype,
-                      iteration: int | None = None, output_layer: bool = False):
+                      iteration: int | None = None, output_layer: str | None = None):
     """Yield ``(hf_name, tensor)`` for every HF tensor, one checkpoint tensor at a time.
 
     A checkpoint tensor is what megatron stores under one key: per-layer weights are stacked

@@ -93,12 +93,13 @@ def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None
     A LoRA checkpoint is written merged (``convert.adapters``). A causal-LM task's checkpoint
     (the generative reranker) becomes a stock ``*ForCausalLM`` (``model.`` prefix, ``lm_head``
     when untied, the tokenizer as it was), or with ``seq_cls`` its
-    ``*ForSequenceClassification`` (``convert.reranker``)."""
+    ``*ForSequenceClassification`` (``convert.reranker``); a seq-cls task's checkpoint (the
+    ``reranker``) always its ``*ForSequenceClassification`` (``score.weight`` as trained)."""
     hf_dir = os.path.join(mcore_dir, "hf")
     hf_config = read_hf_config(hf_dir)
     shape = Qwen3Shape.from_hf(hf_config, os.path.join(hf_dir, "config.json"))
     task = tasks.get(checkpoint.read_task(mcore_dir))
-    if seq_cls and not task.causal_lm:
+    if seq_cls and not (task.causal_lm or task.seq_cls):
         raise ValueError(f"--to_seq_cls: {mcore_dir} is a checkpoint of --task_type "
                          f"{task.name}, not a generative reranker")
     write = not dist.is_initialized() or dist.get_rank() == 0
@@ -107,7 +108,7 @@ def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None
         tensors = merged_hf_tensors(mcore_dir, shape, dtype, iteration, task.output_layer)
     else:
         tensors = stream_hf_tensors(mcore_dir, shape, dtype, iteration, task.output_layer)
-    if seq_cls:
+    if seq_cls and task.causal_lm:
         tensors = seq_cls_tensors(tensors, shape, *score_token_ids(hf_dir))
     for name, tensor in tensors:
         writer.add(hf_key(name, task.hf_prefix), tensor)
@@ -118,8 +119,9 @@ def write_hf_model(mcore_dir: str, out_dir: str, *, iteration: int | None = None
     config = dict(hf_config)
     config["architectures"] = [ARCHITECTURES[config["model_type"]]]
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
-    if seq_cls:
+    if seq_cls or task.seq_cls:
         config = seq_cls_config(config)
-    task.write_hf_files(out_dir, config, min(max_seq_length, shape.max_position_embeddings), seq_cls)
+    task.write_hf_files(out_dir, config, min(max_seq_length, shape.max_position_embeddings),
+                         seq_cls or task.seq_cls)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

@@ -2,7 +2,8 @@
 
 No vocabulary logits. A task may add a scoring head (``megaemb.tasks``): the generative
 reranker's ``YesNoHead`` reads two rows of the output layer (``output_layer.weight``, or the
-word embedding when tied) on the last stage. Under pipeline parallelism each stage holds its
+word embedding when tied) on the last stage; the sequence-classification reranker's
+``SeqClsHead`` reads its one-row classifier (``output_layer.weight`` ``[1, h]``). Under pipeline parallelism each stage holds its
 slice of layers; the first stage owns the word embedding (``pre_process``), the last owns
 the final norm and pooling (``post_process``).
 
@@ -42,7 +43,7 @@ class EmbeddingModel(MegatronModule):
     def __init__(self, config, shape: Qwen3Shape, *, pre_process: bool = True,
                  post_process: bool = True, attention: str = "auto",
                  vp_stage: int | None = None, head: torch.nn.Module | None = None,
-                 output_layer: bool = False):
+                 output_layer: str | None = None):
         super().__init__(config=config)
         self.shape = shape
         self.pre_process = pre_process
@@ -62,12 +63,15 @@ class EmbeddingModel(MegatronModule):
                                         vp_stage=vp_stage)
         self.head = head  # None: pooled embeddings (a head holds no parameters)
         if output_layer and post_process:
-            self._attach_output_layer()
+            self._attach_output_layer(output_layer)
 
-    def _attach_output_layer(self) -> None:
-        """The weight ``W`` the head reads on the last stage: an untied output layer (megatron's
+    def _attach_output_layer(self, kind: str) -> None:
+        """The weight the head reads on the last stage (``tasks.Task.output_layer``): ``"score"``,
+        the one-row classifier; ``"lm_head"``, ``W``: an untied output layer (megatron's
         ``output_layer.weight``), or tied, the word embedding (this stage must hold it)."""
-        if not self.shape.tie_word_embeddings:
+        if kind == "score":
+            self.output_layer = heads.score_layer(self.config, self.shape)
+        elif not self.shape.tie_word_embeddings:
             self.output_layer = heads.output_layer(self.config, self.shape)
         elif not self.pre_process:
             raise ValueError("a model with tied embeddings scores with the word embedding, which "
@@ -80,7 +84,8 @@ class EmbeddingModel(MegatronModule):
         return (n,) if self.head is not None else (n, dim or self.shape.hidden_size)
 
     def head_weight(self) -> torch.Tensor:
-        """This rank's ``[V/tp, h]`` shard of the output layer ``W`` (tied: the word embedding)."""
+        """What the head reads: this rank's ``[V/tp, h]`` shard of the output layer ``W`` (tied:
+        the word embedding), or the classifier's ``[1, h]``."""
         owner = getattr(self, "output_layer", None) or self.embedding.word_embeddings
         return owner.weight
 
@@ -157,7 +162,8 @@ def _is_extra_state(key: str) -> bool:
 
 
 def build_model(config, shape: Qwen3Shape, *, attention: str = "auto",
-                head: torch.nn.Module | None = None, output_layer: bool = False) -> EmbeddingModel:
+                head: torch.nn.Module | None = None,
+                output_layer: str | None = None) -> EmbeddingModel:
     """This rank's pipeline stage of the model, on the current device (call after parallel init);
     ``head`` and ``output_layer``: a task's scoring head and the weight it reads."""
     model = EmbeddingModel(

@@ -1,4 +1,6 @@
-"""Heads on the backbone's final-norm hidden states. ``YesNoHead``: the generative reranker's score.
+"""Heads on the backbone's final-norm hidden states, each scoring a text at its last token:
+``YesNoHead`` (the generative reranker's score) and ``SeqClsHead`` (the sequence-classification
+reranker's one logit, HF ``Qwen3ForSequenceClassification``).
 
 Qwen3-Reranker scores a (query, document) prompt by the logits of "yes" and "no" at its last
 position: ``l_yes - l_no = h_last . (W[yes] - W[no])``, with ``W`` the output layer (or, when
@@ -67,14 +69,52 @@ def output_layer(config, shape) -> tensor_parallel.ColumnParallelLinear:
         bias=False, gather_output=False)
 
 
-class YesNoHead(torch.nn.Module):
+def score_layer(config, shape) -> torch.nn.Linear:
+    """The sequence-classification reranker's classifier ``w``: ``[1, h]``, no bias, the same
+    on every TP rank (see the module docstring). Zeros until a checkpoint fills it (built
+    without drawing from any random generator, so other parameters' draws are unchanged)."""
+    layer = torch.nn.Linear(shape.hidden_size, 1, bias=False, dtype=config.params_dtype,
+                            device="meta")
+    layer.to_empty(device=torch.empty(0).device)  # the current default device (meta included)
+    torch.nn.init.zeros_(layer.weight)
+    return layer
+
+
+class LastTokenHead(torch.nn.Module):
+    """A score per text from its last token's final-norm hidden state and the output layer's
+    weight (``EmbeddingModel.head_weight``); holds no parameters. Subclasses give ``score``."""
+
+    def __init__(self, sequence_parallel: bool = False):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+
+    def score(self, h_last: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``[n, h]`` last-token hidden states (replicated over TP) -> ``[n]`` scores (fp32)."""
+        raise NotImplementedError
+
+    def forward(self, hidden: torch.Tensor, pool_index: torch.Tensor,
+                weight: torch.Tensor) -> torch.Tensor:
+        """hidden ``[s, b, h]`` (SP: this rank's ``[s/tp, b, h]``), pool_index ``[n]``,
+        weight: this rank's output layer weight -> ``[n]`` scores (fp32), replicated over TP."""
+        return self.score(select_last_tokens(hidden, pool_index, self.sequence_parallel), weight)
+
+
+class SeqClsHead(LastTokenHead):
+    """The sequence-classification reranker's logit ``h_last . w``; ``weight``: the model's
+    ``score_layer`` weight ``[1, h]`` (replicated over TP)."""
+
+    def score(self, h_last: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return h_last.float() @ weight[0].float()
+
+
+class YesNoHead(LastTokenHead):
     """The generative reranker's score ``l_yes - l_no`` at each pair's last token, from the
     backbone's final-norm hidden states and the (vocab-parallel) output layer's weight.
     Holds no parameters: ``W`` is the output layer's or, tied, the word embedding's."""
 
     def __init__(self, yes_id: int = QWEN3_YES, no_id: int = QWEN3_NO, *, vocab_size: int,
                  sequence_parallel: bool = False):
-        super().__init__()
+        super().__init__(sequence_parallel)
         for name, token in (("yes", yes_id), ("no", no_id)):
             if not 0 <= token < vocab_size:
                 raise ValueError(f"the {name!r} token id {token} is outside the vocabulary "
@@ -82,15 +122,8 @@ class YesNoHead(torch.nn.Module):
         if yes_id == no_id:
             raise ValueError(f"the 'yes' and 'no' token ids are both {yes_id}")
         self.token_ids = [yes_id, no_id]
-        self.sequence_parallel = sequence_parallel
 
     def score(self, h_last: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``[n, h]`` last-token hidden states -> ``[n]`` scores ``l_yes - l_no`` (fp32)."""
+        """``weight``: this rank's ``[V/tp, h]`` shard of ``W``; scores ``l_yes - l_no``."""
         yes, no = vocab_rows(weight, self.token_ids).float()
         return h_last.float() @ (yes - no)
-
-    def forward(self, hidden: torch.Tensor, pool_index: torch.Tensor,
-                weight: torch.Tensor) -> torch.Tensor:
-        """hidden ``[s, b, h]`` (SP: this rank's ``[s/tp, b, h]``), pool_index ``[n]``,
-        weight: this rank's ``[V/tp, h]`` shard of ``W`` -> ``[n]`` scores (fp32)."""
-        return self.score(select_last_tokens(hidden, pool_index, self.sequence_parallel), weight)

@@ -9,15 +9,27 @@ from megaemb.tasks.base import Task
 EMBEDDING = Task(name="embedding",
                  losses=("infonce", "cosine_similarity", "contrastive", "online_contrastive"),
                  unsupported=("instruction",))  # the reranker prompt's; queries take --query_instruction
-GENERATIVE_RERANKER = Task(
-    name="generative_reranker", losses=("pointwise_reranker", "listwise_reranker"),
-    head="megaemb.tasks.reranker:yes_no_head", output_layer=True,
-    train_data="megaemb.tasks.reranker:RerankTrainData", causal_lm=True,
+_RERANKING = dict(  # what both rerankers share: losses, Qwen3-Reranker prompts and batches
+    losses=("pointwise_reranker", "listwise_reranker"),
+    train_data="megaemb.tasks.reranker:RerankTrainData",
     hf_files="megaemb.convert.st_files:cross_encoder_files",
     unsupported=("global_negatives", "max_tokens_per_micro_batch", "split_dataset_ratio",
                  "mrl_dims", "query_instruction"))
-TASKS = {t.name: t for t in (EMBEDDING, GENERATIVE_RERANKER)}
+GENERATIVE_RERANKER = Task(name="generative_reranker", head="megaemb.tasks.reranker:yes_no_head",
+                           output_layer="lm_head", causal_lm=True, **_RERANKING)
+RERANKER = Task(name="reranker", head="megaemb.tasks.reranker:seq_cls_head",
+                output_layer="score", seq_cls=True, **_RERANKING)
+TASKS = {t.name: t for t in (EMBEDDING, GENERATIVE_RERANKER, RERANKER)}
 DEFAULT = EMBEDDING.name
+
+
+def of_hf_config(config: dict) -> Task:
+    """The task an HF ``config.json`` is the export of: a ``seq_cls`` task's when its
+    ``architectures`` name a ``*ForSequenceClassification``, else the embedder (a
+    ``*ForCausalLM`` may be either an embedder or a generative reranker: ``--task_type`` says)."""
+    if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or ()):
+        return next(t for t in TASKS.values() if t.seq_cls)
+    return EMBEDDING
 
 
 def get(name: str) -> Task:

@@ -24,7 +24,10 @@ class Task:
     head            None (pooled embeddings), or ``"module:function"`` of
                     ``(tokenizer_dir, shape, config) -> nn.Module`` scoring each text from the
                     final hidden states and the output layer's weight (the last stage's)
-    output_layer    whether the model holds the output layer ``W`` (HF ``lm_head`` when untied)
+    output_layer    the weight the head reads, held on the last stage (``output_layer.weight``):
+                    None, ``"lm_head"`` (the vocab-parallel output layer ``W``; HF ``lm_head``
+                    when untied, else the word embedding) or ``"score"`` (a one-row
+                    classifier ``[1, h]`` replicated over TP; HF ``score.weight``)
     train_data      None (the embedding token store and ``GroupLoss``), or ``"module:Class"``
                     built as ``Class(cfg, tokenizer, log)``: rows, per-step micro-batches whose
                     groups stay whole, and each step's loss
@@ -34,16 +37,19 @@ class Task:
                     changes, sentence-transformers modules), run by global rank 0 once the
                     tokenizer is copied and before ``config`` (the HF config dict, which it may
                     extend) is written; ``config`` None: a PEFT adapter folder
+    seq_cls         its HF export is a one-label ``*ForSequenceClassification`` (``score.weight``);
+                    an HF directory declaring that architecture converts to this task
     unsupported     ``sft`` flags it refuses when set (one line each), for what is not built yet
     """
 
     name: str
     losses: tuple[str, ...]
     head: str | None = None
-    output_layer: bool = False
+    output_layer: str | None = None
     train_data: str | None = None
     causal_lm: bool = False
     hf_files: str = "megaemb.convert.st_files:embedder_files"
+    seq_cls: bool = False
     unsupported: tuple[str, ...] = ()
 
     def make_head(self, tokenizer_dir: str, shape, config):
@@ -52,8 +58,9 @@ class Task:
 
     @property
     def hf_prefix(self) -> str:
-        """Its HF export's base-model prefix (``mapping.hf_key``): ``model.`` in a ``*ForCausalLM``."""
-        return "model." if self.causal_lm else ""
+        """Its HF export's base-model prefix (``mapping.hf_key``): ``model.`` in a ``*ForCausalLM``
+        or ``*ForSequenceClassification``."""
+        return "model." if self.causal_lm or self.seq_cls else ""
 
     def write_hf_files(self, out_dir: str, config: dict | None, max_seq_length: int,
                        seq_cls: bool = False) -> None:

@@ -1,9 +1,14 @@
-"""``--task_type generative_reranker``: Qwen3-Reranker trained on megatron-core.
+"""``--task_type generative_reranker``: Qwen3-Reranker trained on megatron-core, and
+``--task_type reranker``: its sequence-classification form (HF ``Qwen3ForSequenceClassification``).
 
-The task's parts (``megaemb.tasks.GENERATIVE_RERANKER``):
+The tasks' parts (``megaemb.tasks.GENERATIVE_RERANKER``, ``megaemb.tasks.RERANKER``):
 
 head        ``yes_no_head``: ``model.heads.YesNoHead`` scoring ``l_yes - l_no`` at each
-            prompt's last token from two rows of the output layer (no vocabulary logits).
+            prompt's last token from two rows of the output layer (no vocabulary logits);
+            ``seq_cls_head``: ``model.heads.SeqClsHead``, one logit ``h_last . w`` from the
+            one-row classifier ``score.weight`` (see ``convert.reranker`` for its first value).
+            Everything below is shared: ms-swift picks the prompt template by model, not by
+            task type, so both score Qwen3-Reranker's prompt at its last token.
 train data  ``RerankTrainData``: group rows (``reranker_data``) tokenised once into
             Qwen3-Reranker prompts (``reranker_prompt``; a query too long is a ``file:line``
             error before training starts); each step draws every row's groups anew with a
@@ -47,6 +52,13 @@ def yes_no_head(tokenizer_dir: str, shape, config):
     yes, no = score_token_ids(AutoTokenizer.from_pretrained(tokenizer_dir))
     return YesNoHead(yes, no, vocab_size=shape.vocab_size,
                      sequence_parallel=config.sequence_parallel)
+
+
+def seq_cls_head(tokenizer_dir: str, shape, config):
+    """The sequence-classification reranker's head (reads the model's ``score_layer``)."""
+    from megaemb.model.heads import SeqClsHead
+
+    return SeqClsHead(sequence_parallel=config.sequence_parallel)
 
 
 @dataclass
