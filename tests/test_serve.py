@@ -219,7 +219,7 @@ def http_layer(request):
     (a string that is not valid Unicode) and fails on the text "crash" (a handler fault)."""
     import queue
 
-    from megaemb.serve import ServeConfig, Server, make_handler
+    from megaemb.serve import ServeConfig, Server, make_handler, parse_request
 
     def tokenize(texts):
         if "crash" in texts:
@@ -234,7 +234,7 @@ def http_layer(request):
     jobs = queue.Queue()
     cfg = ServeConfig(name="tiny", width=8, max_length=64, vocab_size=256, end_id=255,
                       read_timeout_s=getattr(request, "param", 60.0))
-    server = Server(("127.0.0.1", 0), make_handler(cfg, jobs, tokenize))
+    server = Server(("127.0.0.1", 0), make_handler(cfg, jobs, lambda body: parse_request(body, cfg, tokenize)))
     threads = [threading.Thread(target=server.serve_forever, daemon=True), threading.Thread(target=worker)]
     for t in threads:
         t.start()

@@ -13,6 +13,8 @@ GENERATIVE_RERANKER = Task(
     name="generative_reranker", losses=("pointwise_reranker", "listwise_reranker"),
     head="megaemb.tasks.reranker:yes_no_head", output_layer=True,
     train_data="megaemb.tasks.reranker:RerankTrainData", causal_lm=True,
+    serve_routes=("/v1/rerank", "/rerank", "/v2/rerank"),
+    serve_parser="megaemb.tasks.reranker_serve:rerank_parser",
     unsupported=("global_negatives", "max_tokens_per_micro_batch", "split_dataset_ratio",
                  "mrl_dims", "query_instruction"))
 TASKS = {t.name: t for t in (EMBEDDING, GENERATIVE_RERANKER)}

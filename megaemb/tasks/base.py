@@ -29,7 +29,12 @@ class Task:
                     built as ``Class(cfg, tokenizer, log)``: rows, per-step micro-batches whose
                     groups stay whole, and each step's loss
     causal_lm       its HF export is a ``*ForCausalLM`` (with ``lm_head`` when untied)
-    unsupported     ``sft`` flags it refuses when set (one line each), for what is not built yet
+    unsupported     ``sft`` (and ``serve``) flags it refuses when set (one line each), for what
+                    is not built yet
+    serve_routes    the POST routes ``megaemb serve`` answers for it (the first is the one it
+                    names); other tasks' routes are refused with a line saying what it is
+    serve_parser    ``"module:function"`` of ``(hf_dir, serve_config, instruction) -> parse``,
+                    ``parse(body: bytes) -> serve.Job`` (``serve.RequestError`` for a bad request)
     """
 
     name: str
@@ -39,10 +44,16 @@ class Task:
     train_data: str | None = None
     causal_lm: bool = False
     unsupported: tuple[str, ...] = ()
+    serve_routes: tuple[str, ...] = ("/v1/embeddings",)
+    serve_parser: str = "megaemb.serve:embeddings_parser"
 
     def make_head(self, tokenizer_dir: str, shape, config):
         """The scoring head, or None (pooled embeddings)."""
         return _resolve(self.head)(tokenizer_dir, shape, config) if self.head else None
+
+    def make_serve_parser(self, hf_dir: str, serve_config, instruction: str | None):
+        """``parse(body) -> serve.Job`` for this task's routes (rank 0 of ``megaemb serve``)."""
+        return _resolve(self.serve_parser)(hf_dir, serve_config, instruction)
 
     def make_train_data(self, cfg, tokenizer, log):
         return _resolve(self.train_data)(cfg, tokenizer, log)
