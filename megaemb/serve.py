@@ -244,8 +244,8 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", parse: Callable[[by
                 first, *aliases = task.serve_routes
                 also = f" (or {', '.join(aliases)})" if aliases else ""
                 self._send(404, RequestError(
-                    404, f"`{cfg.name}` is a {task.name} model: use POST {first}{also}; {route} is "
-                    f"for {others[route]} models", code="wrong_model_task").body())
+                    404, f"`{cfg.name}` is a model of --task_type {task.name}: use POST {first}{also}; "
+                    f"{route} is for --task_type {others[route]} models", code="wrong_model_task").body())
                 return
             self._send(404, RequestError(404, f"no route {route or '/'}", code="not_found").body())
 
