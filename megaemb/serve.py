@@ -17,8 +17,8 @@ the model. Rank 0 takes what is queued (waiting up to ``batch_wait_ms`` for more
 ``max_batch_texts`` texts), broadcasts the token ids to the other ranks of the model replica
 (tensor / pipeline parallel; a dedicated gloo group whose timeout spans idle hours), and all
 ranks run one collective forward (``inference.forward_embeddings``). Rank 0 then answers each
-request (``Job.reply``); embeddings: Matryoshka truncation to ``dimensions`` (renormalised), float lists or base64 of
-little-endian float32 (OpenAI's format), and ``usage`` token counts.
+request (``Job.reply``); embeddings: Matryoshka truncation to ``dimensions`` (renormalised),
+float lists or base64 of little-endian float32 (OpenAI's format), and ``usage`` token counts.
 
 Texts are tokenised as ``megaemb embed`` does (the end token appended). Token-id inputs get
 the end token appended unless they end with it. Bad requests get OpenAI's error shape,

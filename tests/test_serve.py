@@ -471,7 +471,8 @@ def test_rerank_answer_order_ties_and_top_n():
     job = parse_rerank(json.dumps({"query": "q", "documents": ["a", "b", {"text": "c"}, "word " * 200],
                                    "top_n": 10}).encode(), cfg, prompts)
     assert job.seqs[:3] == prompts.encode_group("q", ["a", "b", "c"], source="x")
-    assert len(job.seqs[3]) == 96 and job.seqs[3][-len(prompts.suffix_ids):] == prompts.suffix_ids  # only the document cut
+    # the long document is cut to fit, the scored suffix kept
+    assert len(job.seqs[3]) == 96 and job.seqs[3][-len(prompts.suffix_ids):] == prompts.suffix_ids
     reply = job.reply(np.array([0.0, 2.0, 0.0, -1.0], np.float32))
     assert [(r["index"], r["document"]["text"]) for r in reply["results"]][:3] == [(1, "b"), (0, "a"), (2, "c")]
     assert [r["relevance_score"] for r in reply["results"]] == pytest.approx(
