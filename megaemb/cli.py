@@ -255,10 +255,10 @@ def run_embed(args) -> None:
               f"{tokenizer.truncated} truncated to --max_length {args.max_length}", flush=True)
 
 
-def _load_for_inference(args):
-    """Parallel groups, the model (HF, MCore or LoRA checkpoint; an embedder: another task's
-    checkpoint is refused) and its tokenizer, with ``--max_length`` defaulting to the model's
-    limit (a warning above it)."""
+def _load_for_inference(args, task=None):
+    """Parallel groups, the model (HF, MCore or LoRA checkpoint of ``task``, default an
+    embedder: another task's checkpoint is refused) and its tokenizer, with ``--max_length``
+    defaulting to the model's limit (a warning above it)."""
     from megaemb import tasks
     from megaemb.convert.load import load_model
     from megaemb.data.tokenize import EmbeddingTokenizer
@@ -267,7 +267,7 @@ def _load_for_inference(args):
     parallel = parallel_config(args)
     init_parallel(parallel, seed=args.seed)
     loaded = load_model(args.model, parallel, bf16=args.bf16, attention=args.attention,
-                        allow_changed_base=args.allow_changed_base, task=tasks.EMBEDDING)
+                        allow_changed_base=args.allow_changed_base, task=task or tasks.EMBEDDING)
     if args.max_length is None:
         args.max_length = min(8192, loaded.shape.max_position_embeddings)
     if args.max_length > loaded.shape.max_position_embeddings:
@@ -356,20 +356,36 @@ def run_mine(args) -> None:
           f"margin {args.margin}); {short} rows with fewer than {args.num_negatives}", flush=True)
 
 
+def serve_task(args):
+    """The task ``serve`` builds: ``--task_type``, else what a megaemb checkpoint records,
+    else an embedder; a checkpoint recorded for another task than ``--task_type``, or a flag
+    the task refuses, is a one-line ValueError."""
+    from megaemb import checkpoint, tasks
+
+    is_mcore = checkpoint.is_checkpoint(args.model)
+    if args.task_type and is_mcore:
+        checkpoint.check_task(args.model, args.task_type, "--model")
+    task = tasks.get(args.task_type or (checkpoint.read_task(args.model) if is_mcore
+                                        else tasks.DEFAULT))
+    for name in task.unsupported:
+        if getattr(args, name, None):
+            raise ValueError(f"--{name} is not supported with --task_type {task.name}")
+    return task
+
+
 def run_serve(args) -> None:
-    from megaemb.data.tokenize import EmbeddingTokenizer
     from megaemb.serve import ServeConfig, serve
 
-    loaded, tokenizer = _load_for_inference(args)
+    task = serve_task(args)
+    loaded, tokenizer = _load_for_inference(args, task)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     cfg = ServeConfig(name=name, width=loaded.shape.hidden_size, max_length=args.max_length,
                       vocab_size=loaded.shape.vocab_size, end_id=tokenizer.end_id,
                       max_batch_texts=args.max_batch_texts, batch_wait_ms=args.batch_wait_ms)
-    # full length here: an over-long input is refused by the server, not cut
-    full = EmbeddingTokenizer(loaded.hf_dir, 1 << 30)
+    parse = task.make_serve_parser(loaded.hf_dir, cfg, args.instruction)
     packed = loaded.model.packs_by_default if args.packing is None else args.packing
-    serve(loaded.model, cfg, full.encode, host=args.host, port=args.port, pad_id=tokenizer.pad_id,
-          packed=packed, micro_batch_size=args.batch_size)
+    serve(loaded.model, cfg, parse, host=args.host, port=args.port, pad_id=tokenizer.pad_id,
+          packed=packed, micro_batch_size=args.batch_size, task=task)
 
 
 def _rank0_print(msg: str) -> None:
@@ -483,6 +499,7 @@ def check_args(args, world: int = 1) -> None:
                                  "rows (query, response, rejected_response), whose responses are positives")
     elif args.command == "serve":
         _check_inference(args, world, positive=("max_batch_texts",))
+        serve_task(args)
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be in [0, 65535], got {args.port}")
         if os.environ.get("RANK", "0") == "0":  # where the server will listen (ranks check at once)

@@ -153,15 +153,17 @@ class MineFlags:
 
 @dataclass
 class ServeFlags:
-    """OpenAI-compatible /v1/embeddings server"""
+    """OpenAI-compatible /v1/embeddings server (an embedder), or /v1/rerank (a reranker)"""
 
     host: str = "127.0.0.1"  # address to listen on (0.0.0.0: every interface)
     port: int = 8000  # TCP port; 0 picks a free port (printed)
     served_model_name: str | None = None  # the model id clients send; none = the --model directory's name
     max_batch_texts: int = 256  # dynamic batching: most texts of concurrent requests run together
     batch_wait_ms: float = 5.0  # dynamic batching: how long a first request waits for others
-    max_length: int | None = None  # longest input in tokens, end token included; longer ones get a 400; none = 8192 or the model's max_position_embeddings
+    max_length: int | None = None  # longest input in tokens, end token included; longer ones get a 400 (a reranker's prompt: its document is cut to fit); none = 8192 or the model's max_position_embeddings
     batch_size: int = 32  # texts per forward micro-batch
+    task_type: str | None = None  # embedding (POST /v1/embeddings) | generative_reranker (POST /v1/rerank); none = what a megaemb checkpoint records, embedding for an HF model
+    instruction: str | None = None  # generative_reranker: the prompt's <Instruct> when a request gives no 'instruction'; none = Qwen3-Reranker's default
 
 
 @dataclass

@@ -1,7 +1,13 @@
-"""``megaemb serve``: an OpenAI-compatible embeddings server on an HF or megaemb checkpoint.
+"""``megaemb serve``: an OpenAI-compatible embeddings server, or a Cohere / Jina / vLLM-shaped
+rerank server, on an HF or megaemb checkpoint. The model's task decides its POST routes
+(``Task.serve_routes``, parsed by ``Task.serve_parser``); another task's route is a 404 saying
+what the model is.
 
-    POST /v1/embeddings   {"model", "input": str | [str] | [int] | [[int]], "dimensions"?,
-                           "encoding_format"?: "float" | "base64"}
+    POST /v1/embeddings   (embedding) {"model", "input": str | [str] | [int] | [[int]],
+                           "dimensions"?, "encoding_format"?: "float" | "base64"}
+    POST /v1/rerank       (generative_reranker; also /rerank, /v2/rerank) {"model", "query",
+                           "documents", "top_n"?, "return_documents"?, "instruction"?}:
+                           ``megaemb.tasks.reranker_serve``
     GET  /v1/models       the one served model
     GET  /health          200 once the model is loaded
 
@@ -11,8 +17,8 @@ the model. Rank 0 takes what is queued (waiting up to ``batch_wait_ms`` for more
 ``max_batch_texts`` texts), broadcasts the token ids to the other ranks of the model replica
 (tensor / pipeline parallel; a dedicated gloo group whose timeout spans idle hours), and all
 ranks run one collective forward (``inference.forward_embeddings``). Rank 0 then answers each
-request: Matryoshka truncation to ``dimensions`` (renormalised), float lists or base64 of
-little-endian float32 (OpenAI's format), and ``usage`` token counts.
+request (``Job.reply``); embeddings: Matryoshka truncation to ``dimensions`` (renormalised),
+float lists or base64 of little-endian float32 (OpenAI's format), and ``usage`` token counts.
 
 Texts are tokenised as ``megaemb embed`` does (the end token appended). Token-id inputs get
 the end token appended unless they end with it. Bad requests get OpenAI's error shape,
@@ -32,6 +38,7 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megaemb import tasks
 from megaemb.benchmark import truncate
 
 MAX_BATCH_SIZE = 2048  # inputs per request (OpenAI's limit)
@@ -58,11 +66,12 @@ class RequestError(Exception):
 
 @dataclass
 class Job:
-    """One request's texts as token ids, and where its answer goes."""
+    """One request's texts as token ids (``seqs``), how its answer is written from the model's
+    outputs for them (``reply(result) -> dict``; ``result``: ``[n, width]`` embeddings, or a
+    scoring head's ``[n]`` scores, in ``seqs`` order) and where the answer goes."""
 
     seqs: list[list[int]]
-    dimensions: int | None
-    encoding: str
+    reply: Callable[[np.ndarray], dict]
     done: threading.Event = field(default_factory=threading.Event)
     result: np.ndarray | None = None
     error: str | None = None
@@ -81,8 +90,9 @@ class ServeConfig:
     read_timeout_s: float = 60.0  # a client silent this long mid-request (or idle) is cut off
 
 
-def parse_request(body: bytes, cfg: ServeConfig, tokenize) -> Job:
-    """A POST /v1/embeddings body -> ``Job``; ``RequestError`` for every bad request class."""
+def read_request(body: bytes, cfg: ServeConfig) -> dict:
+    """A POST body -> its JSON object, its ``model`` (when given) checked against the served
+    name; ``RequestError`` otherwise."""
     try:
         req = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -95,10 +105,26 @@ def parse_request(body: bytes, cfg: ServeConfig, tokenize) -> Job:
     if model is not None and model != cfg.name:
         raise RequestError(404, f"The model `{model}` does not exist (this server serves `{cfg.name}`)",
                            "model", "model_not_found")
+    return req
+
+
+def check_text(text: str, where: str, param: str) -> None:
+    """A request string the tokenizer can take: not blank, valid Unicode (``RequestError``
+    naming ``where``, e.g. ``input[3]``, and ``param`` otherwise)."""
+    if not text.strip():
+        raise RequestError(400, f"{where} is empty", param)
+    if not _is_unicode(text):
+        raise RequestError(400, f"{where} is not valid Unicode (a lone surrogate escape such as "
+                           "\\ud800)", param)
+
+
+def parse_request(body: bytes, cfg: ServeConfig, tokenize) -> Job:
+    """A POST /v1/embeddings body -> ``Job``; ``RequestError`` for every bad request class."""
+    req = read_request(body, cfg)
     if "input" not in req:
         raise RequestError(400, "'input' is required", "input")
     items = req["input"]
-    if isinstance(items, str) or (isinstance(items, list) and items and all(_is_int(t) for t in items)):
+    if isinstance(items, str) or (isinstance(items, list) and items and all(is_int(t) for t in items)):
         items = [items]
     if not isinstance(items, list) or not items:
         raise RequestError(400, "'input' must be a non-empty string, list of strings, or token id list(s)",
@@ -107,7 +133,7 @@ def parse_request(body: bytes, cfg: ServeConfig, tokenize) -> Job:
         raise RequestError(400, f"'input' has {len(items)} items; at most {cfg.max_batch_size} per request",
                            "input")
     dims = req.get("dimensions")
-    if dims is not None and (not _is_int(dims) or not 1 <= dims <= cfg.width):
+    if dims is not None and (not is_int(dims) or not 1 <= dims <= cfg.width):
         raise RequestError(400, f"'dimensions' must be an integer in [1, {cfg.width}], got {dims!r}",
                            "dimensions")
     encoding = req.get("encoding_format", "float") or "float"
@@ -117,12 +143,8 @@ def parse_request(body: bytes, cfg: ServeConfig, tokenize) -> Job:
     texts = [i for i, x in enumerate(items) if isinstance(x, str)]
     for i, x in enumerate(items):
         if isinstance(x, str):
-            if not x.strip():
-                raise RequestError(400, f"input[{i}] is empty", "input")
-            if not _is_unicode(x):
-                raise RequestError(400, f"input[{i}] is not valid Unicode (a lone surrogate escape such as "
-                                   "\\ud800)", "input")
-        elif not (isinstance(x, list) and x and all(_is_int(t) and 0 <= t < cfg.vocab_size for t in x)):
+            check_text(x, f"input[{i}]", "input")
+        elif not (isinstance(x, list) and x and all(is_int(t) and 0 <= t < cfg.vocab_size for t in x)):
             raise RequestError(400, f"input[{i}] must be a non-empty string or a list of token ids in "
                                f"[0, {cfg.vocab_size})", "input")
     encoded = dict(zip(texts, tokenize([items[i] for i in texts]))) if texts else {}
@@ -133,10 +155,20 @@ def parse_request(body: bytes, cfg: ServeConfig, tokenize) -> Job:
             raise RequestError(400, f"input[{i}] has {len(seq)} tokens (end token included), over this "
                                f"server's --max_length {cfg.max_length}", "input", "context_length_exceeded")
         seqs.append(seq)
-    return Job(seqs, dims, encoding)
+    return Job(seqs, lambda result: _embeddings_answer(result, seqs, dims, encoding, cfg))
 
 
-def _is_int(x) -> bool:
+def embeddings_parser(hf_dir: str, cfg: ServeConfig, instruction: str | None = None):
+    """The embedding task's ``serve_parser``: ``parse(body) -> Job`` for POST /v1/embeddings
+    (texts tokenised as ``megaemb embed`` does, at full length: an over-long input is refused,
+    not cut). ``instruction`` is not used (the task refuses ``--instruction``)."""
+    from megaemb.data.tokenize import EmbeddingTokenizer
+
+    full = EmbeddingTokenizer(hf_dir, 1 << 30)
+    return lambda body: parse_request(body, cfg, full.encode)
+
+
+def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -150,22 +182,26 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def answer(job: Job, cfg: ServeConfig) -> dict:
-    emb = truncate(job.result, job.dimensions).astype("<f4")
+def _embeddings_answer(result: np.ndarray, seqs: list[list[int]], dimensions: int | None,
+                       encoding: str, cfg: ServeConfig) -> dict:
+    """``result [n, width]`` -> the /v1/embeddings answer."""
+    emb = truncate(result, dimensions).astype("<f4")
     data = [{"object": "embedding", "index": i,
-             "embedding": base64.b64encode(row.tobytes()).decode() if job.encoding == "base64"
+             "embedding": base64.b64encode(row.tobytes()).decode() if encoding == "base64"
              else row.tolist()} for i, row in enumerate(emb)]
-    tokens = sum(len(s) for s in job.seqs)
+    tokens = sum(len(s) for s in seqs)
     return {"object": "list", "data": data, "model": cfg.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", tokenize):
-    lock = threading.Lock()  # HF fast tokenizers are not safe to call from many threads at once
-
-    def locked_tokenize(texts):
-        with lock:
-            return tokenize(texts)
+def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", parse: Callable[[bytes], Job],
+                 task: tasks.Task = tasks.EMBEDDING):
+    """HTTP handler class: ``task.serve_routes`` take POST bodies, ``parse(body) -> Job``
+    (one at a time: HF fast tokenizers are not safe to call from many threads at once), and
+    answer once the model thread has run the job. Another task's routes get a 404 saying
+    which kind of model this is."""
+    lock = threading.Lock()
+    others = {r: t.name for t in tasks.TASKS.values() if t is not task for r in t.serve_routes}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -203,7 +239,15 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", tokenize):
                                          code="method_not_allowed").body())
 
         def _no_route(self):
-            self._send(404, RequestError(404, f"no route {self._route() or '/'}", code="not_found").body())
+            route = self._route()
+            if route in others:
+                first, *aliases = task.serve_routes
+                also = f" (or {', '.join(aliases)})" if aliases else ""
+                self._send(404, RequestError(
+                    404, f"`{cfg.name}` is a model of --task_type {task.name}: use POST {first}{also}; "
+                    f"{route} is for --task_type {others[route]} models", code="wrong_model_task").body())
+                return
+            self._send(404, RequestError(404, f"no route {route or '/'}", code="not_found").body())
 
         def do_GET(self):
             route = self._route()
@@ -212,7 +256,7 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", tokenize):
                     {"id": cfg.name, "object": "model", "created": 0, "owned_by": "megaemb"}]})
             elif route == "/health":
                 self._send(200, {"status": "ok"})
-            elif route == "/v1/embeddings":
+            elif route in task.serve_routes:
                 self._wrong_method()
             else:
                 self._no_route()
@@ -248,11 +292,12 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", tokenize):
             if route in ("/v1/models", "/health"):
                 self._wrong_method()
                 return
-            if route != "/v1/embeddings":
+            if route not in task.serve_routes:
                 self._no_route()
                 return
             try:
-                job = parse_request(body, cfg, locked_tokenize)
+                with lock:
+                    job = parse(body)
             except RequestError as e:
                 self._send(e.status, e.body())
                 return
@@ -264,7 +309,7 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", tokenize):
             if job.error:
                 self._send(500, RequestError(500, job.error).body())
             else:
-                self._send(200, answer(job, cfg))
+                self._send(200, job.reply(job.result))
 
         def do_PUT(self):
             self._wrong_method()
@@ -309,10 +354,13 @@ def _take_batch(jobs: "queue.Queue[Job]", cfg: ServeConfig, stop: threading.Even
     return batch
 
 
-def serve(model, cfg: ServeConfig, tokenize, *, host: str, port: int, pad_id: int,
-          packed: bool, micro_batch_size: int = 32, stop: threading.Event | None = None) -> None:
+def serve(model, cfg: ServeConfig, parse: Callable[[bytes], Job], *, host: str, port: int,
+          pad_id: int, packed: bool, micro_batch_size: int = 32, task: tasks.Task = tasks.EMBEDDING,
+          stop: threading.Event | None = None) -> None:
     """Collective over the ranks of one model replica; returns when ``stop`` is set on rank 0
-    (then it tells the other ranks)."""
+    (then it tells the other ranks). Rank 0 answers ``task.serve_routes`` with ``parse``
+    (``task.make_serve_parser``); the model's outputs (embeddings, or a head's scores) go back
+    to each job in its texts' order."""
     from megaemb.inference import forward_embeddings
 
     stop = stop or threading.Event()
@@ -321,10 +369,10 @@ def serve(model, cfg: ServeConfig, tokenize, *, host: str, port: int, pad_id: in
     jobs: queue.Queue[Job] = queue.Queue()
     server = None
     if rank0:
-        server = Server((host, port), make_handler(cfg, jobs, tokenize))
+        server = Server((host, port), make_handler(cfg, jobs, parse, task))
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        print(f"megaemb serve: {cfg.name} on http://{host}:{server.server_address[1]}/v1 "
-              f"(POST /v1/embeddings, GET /v1/models)", flush=True)
+        print(f"megaemb serve: {cfg.name} ({task.name}) on http://{host}:{server.server_address[1]}/v1 "
+              f"(POST {', '.join(task.serve_routes)}, GET /v1/models)", flush=True)
     try:
         while True:
             batch = _take_batch(jobs, cfg, stop) if rank0 else []
@@ -337,7 +385,7 @@ def serve(model, cfg: ServeConfig, tokenize, *, host: str, port: int, pad_id: in
             try:
                 out = forward_embeddings(model, [seqs[i] for i in order], pad_id=pad_id, packed=packed,
                                          micro_batch_size=micro_batch_size)
-                emb = torch.empty_like(out)
+                emb = torch.empty_like(out)  # [n, width] or [n]
                 emb[order] = out
                 error = None
             except Exception as e:  # answer the requests; the next batch may well succeed

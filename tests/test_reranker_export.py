@@ -78,8 +78,9 @@ def _export(save, out, *flags):
     return proc
 
 
-def _official_scores(path):
-    """The Qwen3-Reranker model card's snippet: P(yes) at the last position, left padding."""
+def _official_scores(path, pairs=PAIRS, instruction=None):
+    """The Qwen3-Reranker model card's snippet: P(yes) at the last position, left padding, of
+    (query, document) ``pairs`` (``instruction``: the card's ``task``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -93,8 +94,8 @@ def _official_scores(path):
     suffix = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     prefix_tokens = tokenizer.encode(prefix, add_special_tokens=False)
     suffix_tokens = tokenizer.encode(suffix, add_special_tokens=False)
-    task = "Given a web search query, retrieve relevant passages that answer the query"
-    pairs = [f"<Instruct>: {task}\n<Query>: {q}\n<Document>: {d}" for q, d in PAIRS]
+    task = instruction or "Given a web search query, retrieve relevant passages that answer the query"
+    pairs = [f"<Instruct>: {task}\n<Query>: {q}\n<Document>: {d}" for q, d in pairs]
     inputs = tokenizer(pairs, padding=False, truncation="longest_first",
                        return_attention_mask=False,
                        max_length=max_length - len(prefix_tokens) - len(suffix_tokens))

@@ -1,7 +1,9 @@
 """``megaemb serve`` on loopback: the official openai client and raw HTTP get the vectors
 ``megaemb embed`` writes, every bad request class gets its 4xx in OpenAI's error shape while
 the server keeps serving, a bounded concurrent load completes without error, and a
-tensor-parallel server (2 ranks) answers the same."""
+tensor-parallel server (2 ranks) answers the same. A generative reranker's server answers
+POST /v1/rerank with the Qwen3-Reranker model card snippet's P(yes) (1 and 2 ranks), and each
+server refuses the other task's route."""
 import base64
 import json
 import os
@@ -53,9 +55,9 @@ class Server:
         self.stop()
         raise AssertionError("server did not start within 240 s")
 
-    def post(self, body, raw: bool = False):
+    def post(self, body, raw: bool = False, route: str = "/v1/embeddings"):
         data = body if raw else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + "/v1/embeddings", data=data,
+        req = urllib.request.Request(self.url + route, data=data,
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
@@ -167,6 +169,11 @@ def test_serve_openai_http_errors_and_load(tiny_models, tmp_path):
             assert reply.status == want, (method, path, reply.status)
             assert "error" in json.loads(reply.read()) or want == 200
             conn.close()
+        status, reply = server.post({"query": "a", "documents": ["b"]}, route="/v1/rerank")
+        assert status == 404 and reply["error"]["code"] == "wrong_model_task", reply
+        assert "`tiny` is a model of --task_type embedding: use POST /v1/embeddings; /v1/rerank is for " \
+            "--task_type generative_reranker models" \
+            in reply["error"]["message"], reply
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # no Content-Length
         conn.putrequest("POST", "/v1/embeddings")
         conn.putheader("Transfer-Encoding", "chunked")
@@ -219,7 +226,7 @@ def http_layer(request):
     (a string that is not valid Unicode) and fails on the text "crash" (a handler fault)."""
     import queue
 
-    from megaemb.serve import ServeConfig, Server, make_handler
+    from megaemb.serve import ServeConfig, Server, make_handler, parse_request
 
     def tokenize(texts):
         if "crash" in texts:
@@ -234,7 +241,7 @@ def http_layer(request):
     jobs = queue.Queue()
     cfg = ServeConfig(name="tiny", width=8, max_length=64, vocab_size=256, end_id=255,
                       read_timeout_s=getattr(request, "param", 60.0))
-    server = Server(("127.0.0.1", 0), make_handler(cfg, jobs, tokenize))
+    server = Server(("127.0.0.1", 0), make_handler(cfg, jobs, lambda body: parse_request(body, cfg, tokenize)))
     threads = [threading.Thread(target=server.serve_forever, daemon=True), threading.Thread(target=worker)]
     for t in threads:
         t.start()
@@ -324,3 +331,181 @@ def test_bad_unicode_and_handler_faults_are_json(http_layer):
         answer = json.loads(reply.read())
         assert reply.status == status and ("error" in answer) == (status != 200), (body, reply.status, answer)
     conn.close()
+
+
+QUERY = "a text editor"
+DOCS = ["GNU Emacs is an extensible, customizable text editor", "GNU C compiler",
+        "fonts for the terminal", "a library for parsing JSON"]
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory):
+    """A tiny random Qwen3-Reranker-shaped ``Qwen3ForCausalLM`` (untied ``lm_head``)."""
+    from megaemb.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("reranker") / "rr"), seed=6, causal_lm=True)
+
+
+def _rerank(server, body, route="/v1/rerank"):
+    return server.post({"model": "tiny", **body}, route=route)
+
+
+def _by_index(results) -> np.ndarray:
+    return np.array([r["relevance_score"] for r in sorted(results, key=lambda r: r["index"])])
+
+
+@pytest.mark.timeout(600)
+def test_rerank_server_scores_as_the_model_card(reranker):
+    """POST /v1/rerank of a generative reranker: P(yes) of the model card's transformers snippet
+    (fp32, 1e-5) in descending order, its instruction, top_n, return_documents, the /rerank and
+    /v2/rerank aliases, every bad request class, the embedder's route refused, and concurrent
+    requests batched together."""
+    from test_reranker_export import _official_scores
+
+    official = _official_scores(reranker, [(QUERY, d) for d in DOCS])[0].numpy()
+    instructed = _official_scores(reranker, [(QUERY, d) for d in DOCS], "Find the Debian package")[0].numpy()
+    assert official.max() - official.min() > 1e-3 and abs(instructed - official).max() > 1e-5
+    server = Server(reranker, 1, "--task_type", "generative_reranker", "--max_length", "256")
+    try:
+        status, body = _rerank(server, {"query": QUERY, "documents": [DOCS[0], *({"text": d} for d in DOCS[1:])]})
+        assert status == 200, body
+        assert [r["index"] for r in body["results"]] == list(np.argsort(-official, kind="stable")), (body, official)
+        assert abs(_by_index(body["results"]) - official).max() <= 1e-5, (body, official)
+        assert [r["document"]["text"] for r in body["results"]] == [DOCS[r["index"]] for r in body["results"]]
+        assert body["model"] == "tiny" and body["usage"]["total_tokens"] > 4 * 60, body
+        for route in ("/rerank", "/v2/rerank"):
+            status, alias = _rerank(server, {"query": QUERY, "documents": DOCS}, route)
+            assert status == 200 and alias["results"] == body["results"], (route, alias)
+        status, top = _rerank(server, {"query": QUERY, "documents": DOCS, "top_n": 2, "return_documents": False,
+                                       "instruction": "Find the Debian package"})
+        assert status == 200 and [r["index"] for r in top["results"]] == list(np.argsort(-instructed)[:2]), top
+        assert all(set(r) == {"index", "relevance_score"} for r in top["results"]), top
+        assert abs(np.array([r["relevance_score"] for r in top["results"]])
+                   - np.sort(instructed)[::-1][:2]).max() <= 1e-5, (top, instructed)
+        bad = {
+            "malformed JSON": (b'{"query": ', 400, None),
+            "missing query": ({"documents": DOCS}, 400, "query"),
+            "empty query": ({"query": " ", "documents": DOCS}, 400, "query"),
+            "query not a string": ({"query": ["a"], "documents": DOCS}, 400, "query"),
+            "query too long": ({"query": "word " * 300, "documents": DOCS}, 400, "query"),
+            "missing documents": ({"query": QUERY}, 400, "documents"),
+            "empty documents": ({"query": QUERY, "documents": []}, 400, "documents"),
+            "documents not a list": ({"query": QUERY, "documents": "a"}, 400, "documents"),
+            "non-string document": ({"query": QUERY, "documents": ["a", 42]}, 400, "documents"),
+            "object without text": ({"query": QUERY, "documents": [{"txt": "a"}]}, 400, "documents"),
+            "empty document": ({"query": QUERY, "documents": ["a", ""]}, 400, "documents"),
+            "too many documents": ({"query": QUERY, "documents": ["a"] * 2049}, 400, "documents"),
+            "top_n 0": ({"query": QUERY, "documents": DOCS, "top_n": 0}, 400, "top_n"),
+            "top_n a string": ({"query": QUERY, "documents": DOCS, "top_n": "2"}, 400, "top_n"),
+            "top_n a float": ({"query": QUERY, "documents": DOCS, "top_n": 1.5}, 400, "top_n"),
+            "top_n a bool": ({"query": QUERY, "documents": DOCS, "top_n": True}, 400, "top_n"),
+            "bad return_documents": ({"query": QUERY, "documents": DOCS, "return_documents": "yes"}, 400,
+                                     "return_documents"),
+            "bad instruction": ({"query": QUERY, "documents": DOCS, "instruction": 5}, 400, "instruction"),
+            "wrong model": ({"model": "gpt-4", "query": QUERY, "documents": DOCS}, 404, "model"),
+        }
+        for name, (request, want, param) in bad.items():
+            status, reply = server.post(request, raw=isinstance(request, bytes), route="/v1/rerank")
+            assert status == want and set(reply["error"]) == {"message", "type", "param", "code"} \
+                and reply["error"]["param"] == param and "\n" not in reply["error"]["message"], (name, status, reply)
+        status, reply = server.post({"input": "a"})
+        assert status == 404 and reply["error"]["code"] == "wrong_model_task", reply
+        assert "`tiny` is a model of --task_type generative_reranker: use POST /v1/rerank (or /rerank, " \
+            "/v2/rerank); /v1/embeddings is for --task_type embedding models" == reply["error"]["message"], reply
+        assert json.loads(urllib.request.urlopen(server.url + "/v1/models", timeout=30).read())["data"][0]["id"] \
+            == "tiny"
+        # concurrent requests (batched together by the model thread) each get their own answer
+        answers, errors = {}, []
+
+        def client(c):
+            docs = DOCS[c % 4:] + DOCS[:c % 4]
+            status, reply = _rerank(server, {"query": QUERY, "documents": docs})
+            if status != 200:
+                errors.append(reply)
+            answers[c] = (docs, reply)
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors and len(answers) == 8, errors[:2]
+        for docs, reply in answers.values():
+            got = {docs[r["index"]]: r["relevance_score"] for r in reply["results"]}
+            assert max(abs(got[d] - s) for d, s in zip(DOCS, official)) <= 1e-5, (docs, reply)
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(600)
+def test_tensor_parallel_rerank_server_answers_the_same(reranker):
+    """TP=2 (the output layer's yes/no rows on different ranks' vocabulary shards): the model
+    card snippet's scores."""
+    from test_reranker_export import _official_scores
+
+    official = _official_scores(reranker, [(QUERY, d) for d in DOCS])[0].numpy()
+    server = Server(reranker, 2, "--tensor_model_parallel_size", "2", "--task_type", "generative_reranker",
+                    "--max_length", "256")
+    try:
+        status, body = _rerank(server, {"query": QUERY, "documents": DOCS})
+        assert status == 200 and abs(_by_index(body["results"]) - official).max() <= 1e-5, (body, official)
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_rerank_answer_order_ties_and_top_n():
+    """``parse_rerank``'s answer from given scores: sigmoid, descending, ties by index, top_n
+    over the number of documents keeps them all; the instruction and document-only truncation
+    are the prompt tokenizer's (the request's instruction wins over the server's)."""
+    from transformers import AutoTokenizer
+
+    from megaemb.serve import ServeConfig
+    from megaemb.tasks.reranker_prompt import RerankPromptTokenizer
+    from megaemb.tasks.reranker_serve import parse_rerank
+    from megaemb.tiny import qwen3_tokenizer_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    cfg = ServeConfig(name="tiny", width=8, max_length=96, vocab_size=151669, end_id=0)
+    prompts = RerankPromptTokenizer(tokenizer, 96, "server instruction")
+    job = parse_rerank(json.dumps({"query": "q", "documents": ["a", "b", {"text": "c"}, "word " * 200],
+                                   "top_n": 10}).encode(), cfg, prompts)
+    assert job.seqs[:3] == prompts.encode_group("q", ["a", "b", "c"], source="x")
+    # the long document is cut to fit, the scored suffix kept
+    assert len(job.seqs[3]) == 96 and job.seqs[3][-len(prompts.suffix_ids):] == prompts.suffix_ids
+    reply = job.reply(np.array([0.0, 2.0, 0.0, -1.0], np.float32))
+    assert [(r["index"], r["document"]["text"]) for r in reply["results"]][:3] == [(1, "b"), (0, "a"), (2, "c")]
+    assert [r["relevance_score"] for r in reply["results"]] == pytest.approx(
+        [1 / (1 + np.exp(-2.0)), 0.5, 0.5, 1 / (1 + np.exp(1.0))], abs=1e-12)
+    assert reply["usage"]["prompt_tokens"] == sum(map(len, job.seqs))
+    own = parse_rerank(b'{"query": "q", "documents": ["a"], "instruction": "mine"}', cfg, prompts)
+    assert own.seqs == prompts.encode_group("q", ["a"], source="x", instruction="mine") != job.seqs[:1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("flags, message", [
+    (["--instruction", "x"], "--instruction is not supported with --task_type embedding"),
+    (["--task_type", "reranker"], "--task_type 'reranker': expected one of"),
+])
+def test_bad_serve_task_flags_are_one_line(tiny_models, flags, message):
+    r = _megaemb("serve", "--model", tiny_models["dense"], "--port", "0", *flags)
+    lines = [l for l in r.stderr.splitlines() if l.startswith("megaemb serve: error:")]
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_serve_task_follows_the_checkpoint(tmp_path):
+    """A megaemb checkpoint's recorded task is what ``serve`` builds; ``--task_type`` naming
+    another is a one-line error."""
+    from argparse import Namespace
+
+    from megaemb import tasks
+    from megaemb.cli import serve_task
+
+    (tmp_path / "megaemb.json").write_text(json.dumps({"format": "megaemb-mcore", "version": 2,
+                                                       "task": "generative_reranker"}))
+    args = Namespace(model=str(tmp_path), task_type=None, instruction="judge")
+    assert serve_task(args) is tasks.GENERATIVE_RERANKER
+    with pytest.raises(ValueError, match=r"^--model .*: a checkpoint of --task_type generative_reranker, "
+                                         r"not embedding$"):
+        serve_task(Namespace(model=str(tmp_path), task_type="embedding", instruction=None))

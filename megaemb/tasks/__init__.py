@@ -13,6 +13,8 @@ _RERANKING = dict(  # what both rerankers share: losses, Qwen3-Reranker prompts 
     losses=("pointwise_reranker", "listwise_reranker"),
     train_data="megaemb.tasks.reranker:RerankTrainData",
     hf_files="megaemb.convert.st_files:cross_encoder_files",
+    serve_routes=("/v1/rerank", "/rerank", "/v2/rerank"),
+    serve_parser="megaemb.tasks.reranker_serve:rerank_parser",
     unsupported=("global_negatives", "max_tokens_per_micro_batch", "split_dataset_ratio",
                  "mrl_dims", "query_instruction"))
 GENERATIVE_RERANKER = Task(name="generative_reranker", head="megaemb.tasks.reranker:yes_no_head",

@@ -39,7 +39,12 @@ class Task:
                     extend) is written; ``config`` None: a PEFT adapter folder
     seq_cls         its HF export is a one-label ``*ForSequenceClassification`` (``score.weight``);
                     an HF directory declaring that architecture converts to this task
-    unsupported     ``sft`` flags it refuses when set (one line each), for what is not built yet
+    unsupported     ``sft`` (and ``serve``) flags it refuses when set (one line each), for what
+                    is not built yet
+    serve_routes    the POST routes ``megaemb serve`` answers for it (the first is the one it
+                    names); other tasks' routes are refused with a line saying what it is
+    serve_parser    ``"module:function"`` of ``(hf_dir, serve_config, instruction) -> parse``,
+                    ``parse(body: bytes) -> serve.Job`` (``serve.RequestError`` for a bad request)
     """
 
     name: str
@@ -51,6 +56,8 @@ class Task:
     hf_files: str = "megaemb.convert.st_files:embedder_files"
     seq_cls: bool = False
     unsupported: tuple[str, ...] = ()
+    serve_routes: tuple[str, ...] = ("/v1/embeddings",)
+    serve_parser: str = "megaemb.serve:embeddings_parser"
 
     def make_head(self, tokenizer_dir: str, shape, config):
         """The scoring head, or None (pooled embeddings)."""
@@ -65,6 +72,10 @@ class Task:
     def write_hf_files(self, out_dir: str, config: dict | None, max_seq_length: int,
                        seq_cls: bool = False) -> None:
         _resolve(self.hf_files)(out_dir, config, max_seq_length, seq_cls)
+
+    def make_serve_parser(self, hf_dir: str, serve_config, instruction: str | None):
+        """``parse(body) -> serve.Job`` for this task's routes (rank 0 of ``megaemb serve``)."""
+        return _resolve(self.serve_parser)(hf_dir, serve_config, instruction)
 
     def make_train_data(self, cfg, tokenizer, log):
         return _resolve(self.train_data)(cfg, tokenizer, log)
