@@ -108,6 +108,20 @@ def check_model(path: str, flag: str = "--model", iteration: int | None = None) 
                                 "checkpoint (no megaemb.json)")
 
 
+def model_task(path: str):
+    """The ``tasks.Task`` a model holds: a megaemb checkpoint's recorded one; an HF dir's from
+    its form (``tasks.of_hf``): ``*ForCausalLM`` in ``config.json``'s ``architectures`` and no
+    sentence-transformers ``modules.json`` (Qwen3-Embedding ships one; Qwen3-Reranker and
+    megaemb's reranker export do not)."""
+    from megaemb import tasks
+    from megaemb.shape import read_hf_config
+
+    if checkpoint.is_checkpoint(path):
+        return tasks.get(checkpoint.read_task(path))
+    causal = any(a.endswith("ForCausalLM") for a in read_hf_config(path).get("architectures") or [])
+    return tasks.of_hf(causal and not os.path.isfile(os.path.join(path, "modules.json")))
+
+
 def model_shape(path: str):
     """The ``Qwen3Shape`` of an HF dir or megaemb checkpoint, from its ``config.json``."""
     from megaemb.shape import Qwen3Shape, read_hf_config

@@ -13,6 +13,7 @@ GENERATIVE_RERANKER = Task(
     name="generative_reranker", losses=("pointwise_reranker", "listwise_reranker"),
     head="megaemb.tasks.reranker:yes_no_head", output_layer=True,
     train_data="megaemb.tasks.reranker:RerankTrainData", causal_lm=True,
+    pair_scorer="megaemb.tasks.reranker:PairScorer",
     unsupported=("global_negatives", "max_tokens_per_micro_batch", "split_dataset_ratio",
                  "mrl_dims", "query_instruction"))
 TASKS = {t.name: t for t in (EMBEDDING, GENERATIVE_RERANKER)}
@@ -25,3 +26,10 @@ def get(name: str) -> Task:
         raise ValueError(f"--task_type {name!r}: expected one of "
                          f"{', '.join(repr(t) for t in TASKS)}")
     return TASKS[name]
+
+
+def of_hf(causal_lm: bool) -> Task:
+    """The task an HF model directory holds, from its form: a ``*ForCausalLM`` without
+    sentence-transformers files is a Qwen3-Reranker (the generative reranker), anything else
+    an embedder."""
+    return GENERATIVE_RERANKER if causal_lm else EMBEDDING

@@ -30,6 +30,9 @@ class Task:
                     groups stay whole, and each step's loss
     causal_lm       its HF export is a ``*ForCausalLM`` (with ``lm_head`` when untied)
     unsupported     ``sft`` flags it refuses when set (one line each), for what is not built yet
+    pair_scorer     None (it embeds texts), or ``"module:Class"`` built as ``Class(model,
+                    tokenizer_dir, max_length, instruction)``: ``eval --retriever`` scores
+                    (query, candidate) pairs with its ``score`` (collective)
     """
 
     name: str
@@ -39,6 +42,7 @@ class Task:
     train_data: str | None = None
     causal_lm: bool = False
     unsupported: tuple[str, ...] = ()
+    pair_scorer: str | None = None
 
     def make_head(self, tokenizer_dir: str, shape, config):
         """The scoring head, or None (pooled embeddings)."""
@@ -46,3 +50,9 @@ class Task:
 
     def make_train_data(self, cfg, tokenizer, log):
         return _resolve(self.train_data)(cfg, tokenizer, log)
+
+    def make_pair_scorer(self, model, tokenizer_dir: str, max_length: int, instruction: str | None):
+        """The pair scorer, or None (an embedder)."""
+        if not self.pair_scorer:
+            return None
+        return _resolve(self.pair_scorer)(model, tokenizer_dir, max_length, instruction)
