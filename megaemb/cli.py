@@ -455,7 +455,7 @@ def check_rerank_eval(args, world: int) -> None:
     """``eval --retriever``: --model scores pairs (a reranker), --retriever embeds (an
     embedder, loadable under the layout), the dataset is a retrieval set."""
     from megaemb import checkpoint, preflight
-    from megaemb.data.eval_sets import has_float_labels
+    from megaemb.data.eval_sets import has_float_labels, is_beir
     from megaemb.data.formats import parse_spec
 
     preflight.check_model(args.retriever, "--retriever")
@@ -471,7 +471,7 @@ def check_rerank_eval(args, world: int) -> None:
     if args.mrl_dims:
         raise ValueError("--mrl_dims: with --retriever the retriever is evaluated at its full width")
     first = parse_spec(args.dataset[0])[0]
-    if os.path.exists(first) and has_float_labels(first):
+    if not is_beir(first) and os.path.exists(first) and has_float_labels(first):
         raise ValueError(f"--dataset {args.dataset[0]}: labelled pairs have no retrieval to rerank; "
                          "give a BEIR folder or infonce rows")
 

@@ -46,8 +46,8 @@ def models(tmp_path_factory):
     from megaemb.tiny import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("rerank_eval")
-    return {"embedder": make_tiny_checkpoint(str(root / "embedder"), seed=1),
-            "reranker": make_tiny_checkpoint(str(root / "reranker"), seed=7, causal_lm=True),
+    return {"embedder": make_tiny_checkpoint(str(root / "embedder"), seed=2),
+            "reranker": make_tiny_checkpoint(str(root / "reranker"), seed=8, causal_lm=True),
             "beir": _beir(root / "beir"), "root": root}
 
 
