@@ -167,3 +167,21 @@ def test_bad_rerank_eval_flags_are_one_line(models, tmp_path):
                           env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         f"megaemb eval: error: --model {emb}: an embedder"), proc.stderr
+
+
+@pytest.mark.timeout(900)
+def test_reranker_demo_runs(models, tmp_path):
+    """demo/run_reranker_demo.py with a few steps and queries: untrained eval, sft, trained
+    eval, and the nDCG@10 line (the full demo trains 150 steps on 100 dev queries)."""
+    proc = subprocess.run([sys.executable, "demo/run_reranker_demo.py", "--retriever", models["embedder"],
+                           "--train_iters", "2", "--queries", "12", "--nproc", "1", "--out",
+                           str(tmp_path / "demo")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=850)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = (json.loads((tmp_path / "demo" / f"eval-{n}.json").read_text())
+                     for n in ("untrained", "trained"))
+    assert before["top_k"] == after["top_k"] == 20 and before["retriever"] == after["retriever"]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("nDCG@10 on 12 dev queries"))
+    for value in (before["retriever"]["ndcg@10"], before["reranked"]["ndcg@10"], after["reranked"]["ndcg@10"]):
+        assert f"{value:.4f}" in line, (line, value)
+    assert os.path.isfile(tmp_path / "demo" / "run" / "megaemb.json")
