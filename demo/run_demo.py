@@ -1,6 +1,8 @@
 """The megaemb demo: make a tiny Qwen3 embedder (real Qwen3 tokenizer, random weights), convert
 it to Megatron-Core with TP=2 and check it against transformers, train it on a debian-desc
-slice on 2 CPU processes with TP=2, and load the exported model in sentence-transformers."""
+slice on 2 CPU processes with TP=2, and load the exported model in sentence-transformers; then
+the reranker stage (run_reranker_demo.py): a tiny reranker trained on the same slice reranks
+the trained embedder's top-20."""
 import os
 import shutil
 import subprocess
@@ -31,6 +33,10 @@ def main():
     d = model.encode(["jq is like sed for JSON data", "GNU C library: shared libraries"])
     print("sentence-transformers similarities of the trained model:", (q @ d.T).round(3).tolist())
     print(f"outputs: {OUT}/run (checkpoints, tensorboard/, curves.png, hf_model/)")
+    import run_reranker_demo
+
+    run_reranker_demo.run(os.path.join(OUT, "run", "hf_model"))
+    print(f"reranker outputs: {OUT}/reranker (tiny-qwen3-reranker/, run/, eval-*.json)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ its CRC-32 on every read).
 Retrieval: recall@1/5/10/100, nDCG@10, MRR@10, MAP@100 (``evaluate.retrieval_metrics``);
 pairs: Spearman and Pearson of cosine vs label. With several ``--mrl_dims`` one row per
 dimension (embeddings truncated to d and renormalised) and a PNG of quality vs dimension.
+
+Reranking (``--retriever``): the retriever's top-k per query, reordered by the reranker's
+scores; the same metrics of both rankings (``rerank_results``), a positive outside the
+top-k counted as a miss.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from megaemb import checkpoint
 from megaemb.outputs import atomic_file
 from megaemb.data.eval_sets import PairSet, has_float_labels, is_beir, read_beir, read_infonce, read_pairs
 from megaemb.data.formats import parse_spec
-from megaemb.evaluate import pair_metrics, retrieval_metrics
+from megaemb.evaluate import pair_metrics, ranking_metrics, rerank, retrieval_metrics
 
 RETRIEVAL_KS = (1, 5, 10, 100)
 COLUMNS = {"retrieval": ("recall@1", "recall@5", "recall@10", "recall@100", "ndcg@10", "mrr@10", "map@100"),
@@ -141,12 +145,30 @@ def evaluate_set(data, queries: np.ndarray, docs: np.ndarray, dims: list[int | N
     return out
 
 
+def rerank_columns(top_k: int) -> tuple[str, ...]:
+    """``eval --retriever``'s metrics: recall at 1, 5, 10 and ``top_k``, nDCG@10, MRR@10, MAP@``top_k``."""
+    return (*(f"recall@{k}" for k in sorted({1, 5, 10, top_k})), "ndcg@10", "mrr@10", f"map@{top_k}")
+
+
+def rerank_results(relevant: list[set[int]], corpus_size: int, ranked: np.ndarray,
+                   scores: np.ndarray) -> dict:
+    """Rank 0: ``{"retriever": metrics, "reranked": metrics}`` of the retriever's top-k
+    (``ranked [nq, k]`` corpus ids, best first) and of the same ids reordered by the
+    reranker's ``scores [nq, k]``; a relevant document outside a query's top-k is a miss in
+    both (``evaluate.ranking_metrics``), so recall@k is the same in both blocks."""
+    k = ranked.shape[1]
+    ks = sorted({1, 5, 10, k})
+    return {name: ranking_metrics(ids, relevant, corpus_size, ks=ks, mrr_k=10, map_k=k)
+            for name, ids in (("retriever", ranked), ("reranked", rerank(ranked, scores)))}
+
+
 def table(kind: str, results: dict, width: int) -> str:
-    """The metrics, one row per dimension; a NaN is explained below the table."""
-    cols = COLUMNS[kind]
-    lines = ["dim     " + "".join(f"{c:>11}" for c in cols)]
+    """The metrics, one row per dimension (``rerank``: per ranking, ``width`` being top-k);
+    a NaN is explained below the table."""
+    cols = rerank_columns(width) if kind == "rerank" else COLUMNS[kind]
+    lines = [("ranking" if kind == "rerank" else "dim").ljust(10) + "".join(f"{c:>11}" for c in cols)]
     for d, m in results.items():
-        lines.append(f"{d or width:<8}" + "".join(f"{m[c]:>11.4f}" for c in cols))
+        lines.append(f"{d or width:<10}" + "".join(f"{m[c]:>11.4f}" for c in cols))
     if any(m[c] != m[c] for m in results.values() for c in cols):  # labels vary (read_pairs)
         lines.append("nan: the model gives every pair the same cosine, so it has no correlation "
                      "with the labels")

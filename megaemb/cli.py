@@ -260,35 +260,47 @@ def _load_for_inference(args, task=None):
     embedder: another task's checkpoint is refused) and its tokenizer, with ``--max_length``
     defaulting to the model's limit (a warning above it)."""
     from megaemb import tasks
-    from megaemb.convert.load import load_model
     from megaemb.data.tokenize import EmbeddingTokenizer
+
+    loaded = _load(args, args.model, task or tasks.EMBEDDING)
+    return loaded, EmbeddingTokenizer(loaded.hf_dir, args.max_length)
+
+
+def _load(args, path: str, task):
+    """Parallel groups and the model at ``path`` built as ``task``, with ``--max_length``
+    defaulting to the model's limit (a warning above it)."""
+    from megaemb.convert.load import load_model
     from megaemb.parallel import init_parallel
 
     parallel = parallel_config(args)
     init_parallel(parallel, seed=args.seed)
-    loaded = load_model(args.model, parallel, bf16=args.bf16, attention=args.attention,
-                        allow_changed_base=args.allow_changed_base, task=task or tasks.EMBEDDING)
+    loaded = load_model(path, parallel, bf16=args.bf16, attention=args.attention,
+                        allow_changed_base=args.allow_changed_base, task=task)
     if args.max_length is None:
         args.max_length = min(8192, loaded.shape.max_position_embeddings)
     if args.max_length > loaded.shape.max_position_embeddings:
         _rank0_print(f"warning: --max_length {args.max_length} is above the model's "
                      f"max_position_embeddings {loaded.shape.max_position_embeddings}")
-    return loaded, EmbeddingTokenizer(loaded.hf_dir, args.max_length)
+    return loaded
 
 
-def _encoder(args):
+def _encoder(args, path: str | None = None):
     """For eval / mine: ``encode(texts, instruction)`` (collective; rank 0 gets ``[n, h]``),
-    the corpus ``EmbeddingCache`` and the loaded model."""
+    the corpus ``EmbeddingCache`` and the loaded model: the embedder at ``path`` (default
+    ``--model``)."""
     from megaemb.benchmark import EmbeddingCache
     from megaemb.embed import embed_texts
 
-    loaded, tokenizer = _load_for_inference(args)
+    path = path or args.model
+    model_args = argparse.Namespace(**{**vars(args), "model": path})
+    loaded, tokenizer = _load_for_inference(model_args)
+    args.max_length = model_args.max_length
 
     def encode(texts, instruction):
         return embed_texts(loaded.model, tokenizer, texts, batch_size=args.batch_size,
                            instruction=instruction, packed=args.packing)
 
-    cache = EmbeddingCache(args.cache_dir or default_cache("embeddings"), args.model, args.max_length)
+    cache = EmbeddingCache(args.cache_dir or default_cache("embeddings"), path, args.max_length)
     return encode, cache, loaded
 
 
@@ -305,6 +317,8 @@ def run_eval(args) -> None:
     from megaemb.benchmark import evaluate_set, flat, plot_dims, read_eval_set, table
     from megaemb.data.eval_sets import PairSet
 
+    if args.retriever:
+        return run_rerank_eval(args)
     data = read_eval_set(args.dataset)
     encode, cache, loaded = _encoder(args)
     pairs = isinstance(data, PairSet)
@@ -328,6 +342,46 @@ def run_eval(args) -> None:
                        for k, v in flat(kind, results, width).items()}, f, indent=2)
         if len(dims) > 1:
             plot_dims(kind, results, width, os.path.splitext(args.output)[0] + "_dims.png")
+
+
+def run_rerank_eval(args) -> None:
+    """``eval --retriever``: the retriever's top ``--top_k`` of each query (its corpus
+    embeddings cached as ``eval``'s), reordered by the reranker ``--model``'s scores; the
+    metrics of both rankings (``benchmark.rerank_results``). The retriever is freed before
+    the reranker loads."""
+    import gc
+    import json
+
+    import torch.distributed as dist
+
+    from megaemb import preflight
+    from megaemb.benchmark import read_eval_set, rerank_results, table
+    from megaemb.evaluate import search
+
+    data = read_eval_set(args.dataset)
+    encode, cache, _ = _encoder(args, args.retriever)
+    queries = encode(data.queries, args.query_instruction)
+    docs, hit = cache.embed(encode, data.corpus)
+    del encode, cache
+    gc.collect()
+    top = [search(queries, docs, args.top_k)[0] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(top, src=0)
+    loaded = _load(args, args.model, preflight.model_task(args.model))
+    scorer = loaded.task.make_pair_scorer(loaded.model, loaded.hf_dir, args.max_length, args.instruction)
+    scores = scorer.score(data.queries, [[data.corpus[j] for j in row] for row in top[0]],
+                          source=f"--dataset {' '.join(args.dataset)}", batch_size=args.batch_size,
+                          packed=args.packing)
+    if dist.get_rank() != 0:
+        return
+    results = rerank_results(data.relevant, len(data.corpus), top[0], scores)
+    k = top[0].shape[1]
+    print(f"megaemb eval: {args.model} reranking the top {k} of {args.retriever} on "
+          f"{' '.join(args.dataset)}: {len(data.queries)} queries, {len(data.corpus)} documents"
+          + (" (cached embeddings)" if hit else "") + f"\n{table('rerank', results, k)}", flush=True)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with outputs.atomic_file(args.output) as f:
+            json.dump({"kind": "rerank", "top_k": k, **results}, f, indent=2)
 
 
 def run_mine(args) -> None:
@@ -357,16 +411,14 @@ def run_mine(args) -> None:
 
 
 def serve_task(args):
-    """The task ``serve`` builds: ``--task_type``, else what a megaemb checkpoint records,
-    else an embedder; a checkpoint recorded for another task than ``--task_type``, or a flag
+    """The task ``serve`` builds: ``--task_type``, else the model's (``preflight.model_task``);
+    a checkpoint recorded for another task than ``--task_type``, or a flag
     the task refuses, is a one-line ValueError."""
-    from megaemb import checkpoint, tasks
+    from megaemb import checkpoint, preflight, tasks
 
-    is_mcore = checkpoint.is_checkpoint(args.model)
-    if args.task_type and is_mcore:
+    if args.task_type and checkpoint.is_checkpoint(args.model):
         checkpoint.check_task(args.model, args.task_type, "--model")
-    task = tasks.get(args.task_type or (checkpoint.read_task(args.model) if is_mcore
-                                        else tasks.DEFAULT))
+    task = tasks.get(args.task_type) if args.task_type else preflight.model_task(args.model)
     for name in task.unsupported:
         if getattr(args, name, None):
             raise ValueError(f"--{name} is not supported with --task_type {task.name}")
@@ -413,6 +465,31 @@ def _check_inference(args, world: int, positive: tuple[str, ...] = (), dims: lis
     checkpoint.check_lora_base(args.model, "--model", args.allow_changed_base)
     preflight.check_layout(args.model, parallel_config(args), world, dims, dims_flag)
     check_packing(args.packing, args.attention)
+
+
+def check_rerank_eval(args, world: int) -> None:
+    """``eval --retriever``: --model scores pairs (a reranker), --retriever embeds (an
+    embedder, loadable under the layout), the dataset is a retrieval set."""
+    from megaemb import checkpoint, preflight
+    from megaemb.data.eval_sets import has_float_labels, is_beir
+    from megaemb.data.formats import parse_spec
+
+    preflight.check_model(args.retriever, "--retriever")
+    checkpoint.check_lora_base(args.retriever, "--retriever", args.allow_changed_base)
+    preflight.check_layout(args.retriever, parallel_config(args), world)
+    model, retriever = preflight.model_task(args.model), preflight.model_task(args.retriever)
+    if not model.pair_scorer:
+        raise ValueError(f"--model {args.model}: an embedder (--task_type {model.name}); with "
+                         "--retriever, --model is the reranker that reorders its top --top_k")
+    if retriever.pair_scorer:
+        raise ValueError(f"--retriever {args.retriever}: a reranker (--task_type {retriever.name}); "
+                         "--retriever takes an embedder")
+    if args.mrl_dims:
+        raise ValueError("--mrl_dims: with --retriever the retriever is evaluated at its full width")
+    first = parse_spec(args.dataset[0])[0]
+    if not is_beir(first) and os.path.exists(first) and has_float_labels(first):
+        raise ValueError(f"--dataset {args.dataset[0]}: labelled pairs have no retrieval to rerank; "
+                         "give a BEIR folder or infonce rows")
 
 
 def check_args(args, world: int = 1) -> None:
@@ -471,9 +548,21 @@ def check_args(args, world: int = 1) -> None:
         preflight.check_eval_datasets(args.dataset, "--dataset")
         if any(d < 1 for d in args.mrl_dims or []):
             raise ValueError(f"--mrl_dims must be positive, got {args.mrl_dims}")
-        _check_inference(args, world, dims=args.mrl_dims or [], dims_flag="--mrl_dims")
+        _check_inference(args, world, positive=("top_k",), dims=args.mrl_dims or [],
+                         dims_flag="--mrl_dims")
+        models = [("--model", args.model)]
+        if args.retriever:
+            check_rerank_eval(args, world)
+            models.append(("--retriever", args.retriever))
+        else:
+            if args.query_instruction is not None:
+                raise ValueError("--query_instruction is the retriever's: it needs --retriever")
+            task = preflight.model_task(args.model)
+            if task.pair_scorer:
+                raise ValueError(f"--model {args.model}: a reranker (--task_type {task.name}); "
+                                 "give --retriever EMBEDDER, whose top --top_k it reranks")
         if args.output:
-            preflight.check_output_file(args.output, "--output", [("--model", args.model)], args.overwrite)
+            preflight.check_output_file(args.output, "--output", models, args.overwrite)
             if len(set(args.mrl_dims or [])) > 1:
                 preflight.check_output_file(os.path.splitext(args.output)[0] + "_dims.png", "the plot of --output",
                                             [("--model", args.model)], args.overwrite)

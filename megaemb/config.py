@@ -130,11 +130,14 @@ class EvalFlags:
     """retrieval / STS metrics of an HF or MCore checkpoint"""
 
     dataset: list[str] = field(default_factory=list, metadata=REQUIRED)  # a BEIR folder (corpus.jsonl, queries.jsonl, qrels/*.tsv), infonce rows (query/response/rejected_response) or pairs with float labels; FILE#N samples N rows
-    instruction: str | None = None  # task for 'Instruct: {task}\nQuery:{query}'; none = the queries as they are
+    instruction: str | None = None  # task for 'Instruct: {task}\nQuery:{query}' (with --retriever: the reranker's <Instruct>); none = the queries as they are (the reranker's default instruction)
     mrl_dims: list[int] | None = None  # Matryoshka dimensions: one row each, and a PNG beside --output; none = the full width
-    output: str | None = None  # metrics JSON (flat keys: recall@10, ndcg@10, ...); none = the table only
+    output: str | None = None  # metrics JSON (flat keys: recall@10, ndcg@10, ...; with --retriever a 'retriever' and a 'reranked' block); none = the table only
     overwrite: bool = False  # replace an existing --output
     cache_dir: str | None = None  # corpus embeddings by content hash; none = $MEGAEMB_CACHE/embeddings or ~/.cache/megaemb/embeddings
+    retriever: str | None = None  # an embedder (HF dir or MCore checkpoint) whose top --top_k the reranker --model reorders; none = --model is an embedder, evaluated alone
+    top_k: int = 100  # with --retriever: candidates per query the reranker scores (a positive outside them is a miss)
+    query_instruction: str | None = None  # with --retriever: the retriever's task for 'Instruct: {task}\nQuery:{query}'; none = the queries as they are
 
 
 @dataclass

@@ -70,27 +70,37 @@ def check_input(path: str) -> None:
 def embed_texts(model, tokenizer: EmbeddingTokenizer, texts: list[str], *, batch_size: int = 32,
                 instruction: str | None = None, dim: int | None = None,
                 packed: bool | None = None) -> np.ndarray | None:
-    """Collective. Returns ``[n, dim]`` on global rank 0, None elsewhere.
+    """Collective. Returns ``[n, dim]`` on global rank 0, None elsewhere (``forward_split``
+    of the texts' token ids)."""
+    return forward_split(model, len(texts),
+                         lambda mine: tokenizer.encode([format_query(texts[i], instruction) for i in mine]),
+                         pad_id=tokenizer.pad_id, batch_size=batch_size, dim=dim, packed=packed)
 
-    Data-parallel rank ``r`` embeds rows ``r, r + dp, ...``, padded with one-token dummy rows
+
+def forward_split(model, n: int, encode, *, pad_id: int, batch_size: int = 32,
+                  dim: int | None = None, packed: bool | None = None) -> np.ndarray | None:
+    """Collective: the model's outputs for ``n`` inputs, ``encode(indices)`` giving the token-id
+    lists of those inputs. Returns ``[n, dim or h]`` embeddings (a model with a scoring head:
+    scores ``[n]``) on global rank 0, None elsewhere.
+
+    Data-parallel rank ``r`` runs inputs ``r, r + dp, ...``, padded with one-token dummy rows
     to ``ceil(n / dp)``, so every rank runs the same number of forward steps (an MoE layer's
     all-to-all spans data-parallel ranks: unequal step counts would deadlock). The
-    ``[dp * ceil(n / dp), dim]`` result is gathered with one tensor collective.
+    ``[dp * ceil(n / dp), ...]`` result is gathered with one tensor collective.
     """
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    per_rank = -(-len(texts) // dp)
-    mine = list(range(dp_rank, len(texts), dp))
-    seqs = tokenizer.encode([format_query(texts[i], instruction) for i in mine])
-    seqs += [[tokenizer.pad_id]] * (per_rank - len(seqs))
+    per_rank = -(-n // dp)
+    seqs = encode(list(range(dp_rank, n, dp)))
+    seqs += [[pad_id]] * (per_rank - len(seqs))
     order = sorted(range(per_rank), key=lambda i: len(seqs[i]))
     packed = model.packs_by_default if packed is None else packed
-    out = torch.empty(per_rank, dim or model.shape.hidden_size, device=platform.device())
-    out[order] = forward_embeddings(model, [seqs[i] for i in order], pad_id=tokenizer.pad_id,
+    out = torch.empty(model.output_shape(per_rank, dim), device=platform.device())
+    out[order] = forward_embeddings(model, [seqs[i] for i in order], pad_id=pad_id,
                                     packed=packed, micro_batch_size=batch_size, dim=dim)
-    gathered = out.new_empty(dp * per_rank, out.shape[1])
+    gathered = out.new_empty(dp * per_rank, *out.shape[1:])
     dist.all_gather_into_tensor(gathered, out, group=parallel_state.get_data_parallel_group())
     if dist.get_rank() != 0:
         return None
-    # gathered row r * per_rank + j holds text r + j * dp
-    by_text = gathered.view(dp, per_rank, -1).transpose(0, 1).reshape(dp * per_rank, -1)
-    return by_text[: len(texts)].cpu().numpy()
+    # gathered row r * per_rank + j holds input r + j * dp
+    by_input = gathered.view(dp, per_rank, *out.shape[1:]).transpose(0, 1).reshape(dp * per_rank, *out.shape[1:])
+    return by_input[:n].cpu().numpy()

@@ -97,16 +97,34 @@ def retrieval_metrics(query_emb, corpus_emb, relevant: Sequence[set[int]],
     mrr_k = mrr_k or ks[-1]
     top = min(max(ks[-1], mrr_k, map_k or 0), corpus.shape[0])
     ranked, pos_sum, all_sum = _scan(queries, corpus, relevant, top, max_scores)
-    ranked = ranked.tolist()
-    hits = np.array([[doc in rel for doc in row] for row, rel in zip(ranked, relevant)],
-                    dtype=np.float64).reshape(len(ranked), top)  # [nq, top]
+    out = ranking_metrics(ranked.numpy(), relevant, corpus.shape[0], ks, mrr_k, map_k)
+    num_pos, num_pairs = sum(map(len, relevant)), queries.shape[0] * corpus.shape[0]
+    out["mean_pos_sim"] = pos_sum / num_pos
+    out["mean_neg_sim"] = (all_sum - pos_sum) / (num_pairs - num_pos) if num_pairs > num_pos else float("nan")
+    return out
+
+
+def ranking_metrics(ranked: np.ndarray, relevant: Sequence[set[int]], corpus_size: int,
+                    ks: Sequence[int] = (1, 10), mrr_k: int | None = None,
+                    map_k: int | None = None) -> dict[str, float]:
+    """:func:`retrieval_metrics` of given rankings: ``ranked [nq, top]`` corpus ids, best
+    first (a retriever's top-``top``, or those reranked). A relevant document outside a
+    query's list is a miss: it adds nothing, and the ideal DCG still counts it (up to
+    ``min(k, corpus_size)`` ranks), so a list without a query's positive scores 0 for it."""
+    _check_relevant(relevant, len(ranked), corpus_size)
+    ks = sorted(set(ks))
+    mrr_k = mrr_k or ks[-1]
+    width = max(ks[-1], mrr_k, map_k or 0)
+    hits = np.zeros((len(ranked), width))  # [nq, width]: ranks past the list are misses
+    for i, (row, rel) in enumerate(zip(np.asarray(ranked).tolist(), relevant)):
+        hits[i, :min(len(row), width)] = [doc in rel for doc in row[:width]]
     num_relevant = np.array([len(rel) for rel in relevant], dtype=np.float64)
-    ideal = np.cumsum(1.0 / np.log2(np.arange(2, top + 2)))  # ideal DCG with r relevant: [r-1]
-    discounted = hits / np.log2(np.arange(2, top + 2))
+    ideal = np.cumsum(1.0 / np.log2(np.arange(2, width + 2)))  # ideal DCG with r relevant: [r-1]
+    discounted = hits / np.log2(np.arange(2, width + 2))
     out = {}
     for k in ks:
         out[f"recall@{k}"] = float(np.mean(hits[:, :k].sum(1) / num_relevant))
-        best = ideal[np.minimum(num_relevant, min(k, top)).astype(int) - 1]
+        best = ideal[np.minimum(num_relevant, min(k, corpus_size)).astype(int) - 1]
         out[f"ndcg@{k}"] = float(np.mean(discounted[:, :k].sum(1) / best))
     within = hits[:, :mrr_k]
     first = np.where(within.any(1), 1.0 / (within.argmax(1) + 1), 0.0)
@@ -115,10 +133,14 @@ def retrieval_metrics(query_emb, corpus_emb, relevant: Sequence[set[int]],
         cut = hits[:, :map_k]
         precision = np.cumsum(cut, 1) / np.arange(1, cut.shape[1] + 1)
         out[f"map@{map_k}"] = float(np.mean((precision * cut).sum(1) / num_relevant))
-    num_pos, num_pairs = num_relevant.sum(), queries.shape[0] * corpus.shape[0]
-    out["mean_pos_sim"] = pos_sum / num_pos
-    out["mean_neg_sim"] = (all_sum - pos_sum) / (num_pairs - num_pos) if num_pairs > num_pos else float("nan")
     return out
+
+
+def rerank(ranked: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``ranked [nq, k]`` corpus ids reordered by ``scores [nq, k]`` (a reranker's, of each
+    query's candidates), best first; equal scores keep the first stage's order."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), axis=1, kind="stable")
+    return np.take_along_axis(np.asarray(ranked), order, 1)
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ Rules that keep data safe:
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -106,6 +107,25 @@ def check_model(path: str, flag: str = "--model", iteration: int | None = None) 
     elif not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{flag} {path}: neither an HF model (no config.json) nor a megaemb "
                                 "checkpoint (no megaemb.json)")
+
+
+def model_task(path: str):
+    """The ``tasks.Task`` a model holds: a megaemb checkpoint's recorded one; an HF dir's from
+    its form (``tasks.of_hf_config``): a ``*ForSequenceClassification`` is the seq-cls
+    reranker, a ``*ForCausalLM`` the generative reranker unless its sentence-transformers
+    ``modules.json`` pools (Qwen3-Embedding ships one; Qwen3-Reranker has none, megaemb's
+    reranker export a ``CrossEncoder``'s)."""
+    from megaemb import tasks
+    from megaemb.shape import read_hf_config
+
+    if checkpoint.is_checkpoint(path):
+        return tasks.get(checkpoint.read_task(path))
+    modules = os.path.join(path, "modules.json")
+    pooled = False
+    if os.path.isfile(modules):
+        with open(modules) as f:
+            pooled = any("Pooling" in m.get("type", "") for m in json.load(f))
+    return tasks.of_hf_config(read_hf_config(path), causal_lm_reranker=not pooled)
 
 
 def model_shape(path: str):

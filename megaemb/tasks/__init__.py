@@ -15,6 +15,7 @@ _RERANKING = dict(  # what both rerankers share: losses, Qwen3-Reranker prompts 
     hf_files="megaemb.convert.st_files:cross_encoder_files",
     serve_routes=("/v1/rerank", "/rerank", "/v2/rerank"),
     serve_parser="megaemb.tasks.reranker_serve:rerank_parser",
+    pair_scorer="megaemb.tasks.reranker:PairScorer",
     unsupported=("global_negatives", "max_tokens_per_micro_batch", "split_dataset_ratio",
                  "mrl_dims", "query_instruction"))
 GENERATIVE_RERANKER = Task(name="generative_reranker", head="megaemb.tasks.reranker:yes_no_head",
@@ -25,12 +26,16 @@ TASKS = {t.name: t for t in (EMBEDDING, GENERATIVE_RERANKER, RERANKER)}
 DEFAULT = EMBEDDING.name
 
 
-def of_hf_config(config: dict) -> Task:
+def of_hf_config(config: dict, causal_lm_reranker: bool = False) -> Task:
     """The task an HF ``config.json`` is the export of: a ``seq_cls`` task's when its
-    ``architectures`` name a ``*ForSequenceClassification``, else the embedder (a
-    ``*ForCausalLM`` may be either an embedder or a generative reranker: ``--task_type`` says)."""
-    if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or ()):
+    ``architectures`` name a ``*ForSequenceClassification``; a ``*ForCausalLM`` is the
+    generative reranker's when ``causal_lm_reranker`` (the caller knows it is no embedder,
+    ``preflight.model_task``), else the embedder's (``export`` lets ``--task_type`` say)."""
+    architectures = config.get("architectures") or ()
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
         return next(t for t in TASKS.values() if t.seq_cls)
+    if causal_lm_reranker and any(a.endswith("ForCausalLM") for a in architectures):
+        return GENERATIVE_RERANKER
     return EMBEDDING
 
 

@@ -45,6 +45,9 @@ class Task:
                     names); other tasks' routes are refused with a line saying what it is
     serve_parser    ``"module:function"`` of ``(hf_dir, serve_config, instruction) -> parse``,
                     ``parse(body: bytes) -> serve.Job`` (``serve.RequestError`` for a bad request)
+    pair_scorer     None (it embeds texts), or ``"module:Class"`` built as ``Class(model,
+                    tokenizer_dir, max_length, instruction)``: ``eval --retriever`` scores
+                    (query, candidate) pairs with its ``score`` (collective)
     """
 
     name: str
@@ -58,6 +61,7 @@ class Task:
     unsupported: tuple[str, ...] = ()
     serve_routes: tuple[str, ...] = ("/v1/embeddings",)
     serve_parser: str = "megaemb.serve:embeddings_parser"
+    pair_scorer: str | None = None
 
     def make_head(self, tokenizer_dir: str, shape, config):
         """The scoring head, or None (pooled embeddings)."""
@@ -79,3 +83,9 @@ class Task:
 
     def make_train_data(self, cfg, tokenizer, log):
         return _resolve(self.train_data)(cfg, tokenizer, log)
+
+    def make_pair_scorer(self, model, tokenizer_dir: str, max_length: int, instruction: str | None):
+        """The pair scorer, or None (an embedder)."""
+        if not self.pair_scorer:
+            return None
+        return _resolve(self.pair_scorer)(model, tokenizer_dir, max_length, instruction)

@@ -23,7 +23,8 @@ loss        ``pointwise_reranker`` (BCE per candidate) or ``listwise_reranker`` 
             schedule (``/ micro-batches``) and DDP's average (``/ DP``) turn into the mean over
             the whole global batch, so any DP size and micro-batch split give DP=1's gradient.
 eval        ``--val_dataset`` group rows: within-group MRR@10 / nDCG@10 and accuracy
-            (``evaluate.rerank_metrics``) of every candidate's score.
+            (``evaluate.rerank_metrics``) of every candidate's score; ``eval --retriever``
+            scores a retriever's top-k with ``PairScorer``.
 """
 from __future__ import annotations
 
@@ -160,6 +161,36 @@ class RerankTrainData:
         def loss(scores: torch.Tensor, batch: RerankBatch, group) -> torch.Tensor:
             return self._sum(scores, batch) * scale
         return loss
+
+
+class PairScorer:
+    """``eval --retriever``'s scores of (query, candidate) pairs: each pair's Qwen3-Reranker
+    prompt (``reranker_prompt``; ``instruction`` replaces the default one, documents cut to
+    ``max_length``) through the model's head, ``l_yes - l_no``."""
+
+    def __init__(self, model, tokenizer_dir: str, max_length: int, instruction: str | None):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.model = model
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.prompts = RerankPromptTokenizer(tokenizer, max_length, instruction)
+
+    def score(self, queries: list[str], candidates: list[list[str]], *, source: str,
+              batch_size: int = 32, packed: bool | None = None) -> np.ndarray | None:
+        """Collective over all ranks: ``candidates[i]`` (``k`` documents each) scored against
+        ``queries[i]`` -> ``[nq, k]`` fp32 on global rank 0, None elsewhere; pairs are split
+        over data-parallel replicas (``embed.forward_split``). Every rank tokenises every
+        pair, so a query that leaves no room for a document is the same ``DataError`` (naming
+        ``source`` and the query's number, from 1) on all ranks, before any collective."""
+        from megaemb.embed import forward_split
+
+        k = len(candidates[0]) if candidates else 0
+        pairs = [ids for i, (query, docs) in enumerate(zip(queries, candidates))
+                 for ids in self.prompts.encode_group(query, docs, source=f"{source}: query {i + 1}")]
+        scores = forward_split(self.model, len(pairs), lambda mine: [pairs[i] for i in mine], pad_id=self.pad_id,
+                               batch_size=batch_size, packed=packed)
+        return None if scores is None else scores.reshape(len(queries), k)
 
 
 def _tokenized(row: RerankRow, prompts: RerankPromptTokenizer) -> RerankRow:
