@@ -6,15 +6,24 @@ from __future__ import annotations
 
 from megaemb.tasks.base import Task
 
-EMBEDDING = Task(name="embedding",
-                 losses=("infonce", "cosine_similarity", "contrastive", "online_contrastive"),
-                 unsupported=("instruction",))  # the reranker prompt's; queries take --query_instruction
+EMBEDDING = Task(
+    name="embedding", losses=("infonce", "cosine_similarity", "contrastive", "online_contrastive"),
+    batch_unit="groups (a query, its positive and negatives)",
+    unsupported=(("instruction", "it is the reranker prompt's <Instruct>; embedder queries take "
+                                 "--query_instruction"),))
 GENERATIVE_RERANKER = Task(
-    name="generative_reranker", losses=("pointwise_reranker", "listwise_reranker"),
+    name="generative_reranker",
+    losses=("pointwise_reranker", "listwise_reranker", "listwise_distill_reranker"),
     head="megaemb.tasks.reranker:yes_no_head", output_layer=True,
     train_data="megaemb.tasks.reranker:RerankTrainData", causal_lm=True,
-    unsupported=("global_negatives", "max_tokens_per_micro_batch", "split_dataset_ratio",
-                 "mrl_dims", "query_instruction"))
+    batch_unit="rows (a query with all the candidates it draws)",
+    unsupported=(
+        ("global_negatives", "a cross-encoder scores each (query, document) pair in a forward "
+                             "pass of its own, so other queries' documents as negatives would be "
+                             "new forward passes, not a gathered loss; raise MAX_NEGATIVE_SAMPLES "
+                             "instead"),
+        ("mrl_dims", "a reranker gives one score per pair, no embedding to truncate"),
+        ("query_instruction", "the reranker prompt's instruction is --instruction")))
 TASKS = {t.name: t for t in (EMBEDDING, GENERATIVE_RERANKER)}
 DEFAULT = EMBEDDING.name
 

@@ -29,7 +29,9 @@ class Task:
                     built as ``Class(cfg, tokenizer, log)``: rows, per-step micro-batches whose
                     groups stay whole, and each step's loss
     causal_lm       its HF export is a ``*ForCausalLM`` (with ``lm_head`` when untied)
-    unsupported     ``sft`` flags it refuses when set (one line each), for what is not built yet
+    batch_unit      what ``--micro_batch_size`` / ``--global_batch_size`` count, in words for
+                    ``--help``, errors and logs
+    unsupported     ``(flag, why)`` pairs: ``sft`` flags it refuses when set, one line each
     """
 
     name: str
@@ -38,7 +40,14 @@ class Task:
     output_layer: bool = False
     train_data: str | None = None
     causal_lm: bool = False
-    unsupported: tuple[str, ...] = ()
+    batch_unit: str = "groups"
+    unsupported: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def own_data(self) -> bool:
+        """Whether ``train_data`` brings the rows, micro-batches, step loss and eval (else the
+        shared embedding path: token store, ``GroupLoss``, retrieval / pair metrics)."""
+        return self.train_data is not None
 
     def make_head(self, tokenizer_dir: str, shape, config):
         """The scoring head, or None (pooled embeddings)."""
