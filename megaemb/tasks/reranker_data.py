@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from megaemb.data.formats import (BAD_LABEL, NO_NEGATIVES, NOT_OBJECT, WRONG_FORMAT,
-                                  WRONG_TYPE, BadRow, RowReport, _field, _json_type, _label, _list,
-                                  _message_text, _negatives, _require, _text, is_labelled,
-                                  load_parsed)
+from megaemb.data.formats import (BAD_LABEL, MISSING_FIELD, NO_NEGATIVES, NOT_OBJECT,
+                                  WRONG_FORMAT, WRONG_TYPE, BadRow, RowReport, _field, _json_type,
+                                  _label, _list, _message_text, _negatives, _require, _text,
+                                  is_labelled, load_parsed)
 from megaemb.loss import _parse_int, config_from_env
 
 LISTWISE_LOSSES = ("listwise_reranker", "listwise_distill_reranker")
@@ -160,7 +160,10 @@ def _group_negatives(row: dict) -> list[str]:
 
 def _teacher(row: dict, count: int) -> list[float]:
     """The ``scores`` field: ``count`` finite numbers."""
-    scores = _list(_require(row, "scores"), "scores")
+    if row.get("scores") is None:
+        raise _field("scores", f"missing: {DISTILL_LOSS} needs a teacher score per candidate "
+                     "on every row", MISSING_FIELD)
+    scores = _list(row["scores"], "scores")
     if len(scores) != count:
         raise _field("scores", f"{len(scores)} scores for {count} candidates (positives then "
                      "negatives)", WRONG_FORMAT)
