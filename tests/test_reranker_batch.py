@@ -1,5 +1,5 @@
-"""Reranker batching and distillation under real gloo groups (one 1-process and one 2-process
-group run every check; starting ranks costs seconds each):
+"""Reranker batching and distillation under real gloo groups (one 1-process group runs the
+default checks; the DP=2 comparisons, one 2-process group, are marked slow):
 
 - ``--loss_type listwise_distill_reranker``: step 1's loss and the gradients of the output
   layer and the word embedding equal a plain-PyTorch KL (``F.kl_div``) over the official
