@@ -21,6 +21,7 @@ import shutil
 
 import torch.distributed as dist
 
+from megaemb import tasks
 from megaemb.outputs import atomic_file
 
 FORMAT = {"format": "megaemb-mcore", "version": 2}  # + "task"; version 1 (no task) is an embedder
@@ -192,9 +193,10 @@ def check_lora_matches(root: str, lora: dict | None) -> None:
 
 
 def read_task(root: str) -> str:
-    """The task type (``--task_type``) a checkpoint was trained for."""
+    """The task type (``--task_type``) a checkpoint was trained for (the default task when
+    ``megaemb.json`` predates task types)."""
     with open(os.path.join(root, "megaemb.json")) as f:
-        return json.load(f).get("task", "embedding")
+        return json.load(f).get("task", tasks.DEFAULT)
 
 
 def check_task(root: str, wanted: str, flag: str) -> None:
@@ -205,7 +207,7 @@ def check_task(root: str, wanted: str, flag: str) -> None:
 
 
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, hf_source: str,
-                    lora: dict | None = None, task: str = "embedding") -> str:
+                    lora: dict | None = None, task: str = tasks.DEFAULT) -> str:
     """Collective: every rank passes its sharded state dict (a LoRA run: its adapters', and
     ``lora`` = the ``lora.json`` record); ``task``: the task type ``megaemb.json`` records.
     Returns the iteration directory."""

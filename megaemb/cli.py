@@ -419,9 +419,9 @@ def serve_task(args):
     if args.task_type and checkpoint.is_checkpoint(args.model):
         checkpoint.check_task(args.model, args.task_type, "--model")
     task = tasks.get(args.task_type) if args.task_type else preflight.model_task(args.model)
-    for name in task.unsupported:
+    for name, why in task.unsupported:
         if getattr(args, name, None):
-            raise ValueError(f"--{name} is not supported with --task_type {task.name}")
+            raise ValueError(f"--{name} is not supported with --task_type {task.name}: {why}")
     return task
 
 

@@ -179,7 +179,7 @@ class SFTConfig:
     val_dataset: list[str] = field(default_factory=list)  # eval files (retrieval or pair metrics) or a BEIR folder
     split_dataset_ratio: float = 0.0  # hold out this share of --dataset for eval instead
     task_type: str = "embedding"  # embedding | generative_reranker (Qwen3-Reranker: yes/no logits at the last token) | reranker (Qwen3ForSequenceClassification: one logit)
-    loss_type: str = "infonce"  # embedding: infonce | cosine_similarity | contrastive | online_contrastive; generative_reranker: pointwise_reranker | listwise_reranker
+    loss_type: str = "infonce"  # embedding: infonce | cosine_similarity | contrastive | online_contrastive; generative_reranker: pointwise_reranker | listwise_reranker | listwise_distill_reranker (KL to every row's teacher 'scores')
     bad_rows: str = "error"  # error (stop at file:line) | skip (count in the log)
     max_length: int = 512  # tokens per text, end token included (longer texts are cut)
     query_instruction: str = ""  # task for 'Instruct: {task}\nQuery:{query}'; documents get none
@@ -194,10 +194,10 @@ class SFTConfig:
     attention: str = "auto"  # auto | te | sdpa | local (layer spec; auto = te when installed)
     packing: bool | None = None  # padding-free [1, T] micro-batches; none = true on CUDA
     # batch and schedule
-    micro_batch_size: int = 1  # groups (query, positive, negatives) per forward pass and rank
-    global_batch_size: int = 16  # groups per optimizer step over all data-parallel ranks
+    micro_batch_size: int = 1  # rows per forward pass and rank: embedding, groups (query, positive, negatives); reranker, queries with all their candidates
+    global_batch_size: int = 16  # rows (embedding: groups; reranker: queries) per optimizer step over all data-parallel ranks
     global_negatives: bool = False  # InfoNCE over the whole global batch by gradient caching (one extra forward)
-    max_tokens_per_micro_batch: int = 0  # cut micro-batches by tokens, not groups (plain step: the most groups that fit); 0 = by --micro_batch_size
+    max_tokens_per_micro_batch: int = 0  # cut micro-batches by tokens, not rows (plain step: the most rows that fit; a row is never split); 0 = by --micro_batch_size
     train_iters: int = 0  # optimizer steps (or give --num_train_epochs)
     num_train_epochs: float = 0.0  # passes over --dataset (or give --train_iters)
     lr: float = 1e-5  # peak learning rate
@@ -291,9 +291,9 @@ class SFTConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of "
                                  f"{', '.join(repr(a) for a in allowed)}")
-        for name in task.unsupported:
+        for name, why in task.unsupported:
             if getattr(self, name):
-                raise ValueError(f"--{name} is not supported with --task_type {task.name}")
+                raise ValueError(f"--{name} is not supported with --task_type {task.name}: {why}")
         for name in ("train_iters", "num_train_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0 (0: unset), got {getattr(self, name)}")
@@ -367,7 +367,8 @@ class SFTConfig:
             per_step = self.micro_batch_size * dp
             what = f"--micro_batch_size {self.micro_batch_size} x data parallel size {dp}"
         if self.global_batch_size % per_step:
-            raise ValueError(f"--global_batch_size {self.global_batch_size} must be divisible by {what}")
+            raise ValueError(f"--global_batch_size {self.global_batch_size} must be divisible by {what} "
+                             f"(both count {tasks.get(self.task_type).batch_unit})")
 
     def check_examples(self, num_examples: int) -> None:
         """A step must not hold the training set more than once: ``--global_batch_size`` at
@@ -375,8 +376,9 @@ class SFTConfig:
         repeats asks for them with ``path#N``."""
         if self.global_batch_size > num_examples:
             raise ValueError(f"--global_batch_size {self.global_batch_size} is larger than the {num_examples} "
-                             "training examples: one step would hold examples more than once; lower it, "
-                             "or repeat the data on purpose with --dataset PATH#N (N examples)")
+                             f"training {tasks.get(self.task_type).batch_unit}: one step would hold "
+                             "examples more than once; lower it, or repeat the data on purpose with "
+                             "--dataset PATH#N (N examples)")
 
 
 ALL_LINEAR = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")

@@ -106,25 +106,29 @@ def plain_step(model, micro: list, loss: Callable) -> StepOutput:
     return StepOutput(value.float(), [b.texts for b in micro])
 
 
-def plain_micro_batch_size(rows: list, layout: Layout, max_tokens: int) -> int:
-    """Groups per micro-batch of the plain step under a token budget: the largest divisor of
-    this rank's ``len(rows)`` that keeps every micro-batch of every data-parallel rank within
-    ``max_tokens`` (``chunk_cost``), so all ranks pass the loss equally many groups (in-batch
-    candidates are gathered over them) and run equally many micro-batches; 1 when even single
-    groups exceed the budget. Chosen anew each step, from that step's lengths."""
-    n = len(rows)
+def plain_micro_batch_size(texts: list[list], layout: Layout, max_tokens: int) -> int:
+    """Rows per micro-batch of the plain step under a token budget. ``texts``: this rank's
+    rows, each as the token sequences it puts into its micro-batch (an embedding group's
+    query, positive and negatives; a reranker row's prompts, all its drawn candidates), so a
+    row is never split. The largest divisor of ``len(texts)`` that keeps every micro-batch of
+    every data-parallel rank within ``max_tokens`` (``chunk_cost``), so all ranks pass the
+    loss equally many rows (in-batch candidates are gathered over them) and run equally many
+    micro-batches (an expert-parallel all-to-all runs in each); 1 when even single rows
+    exceed the budget. A collective over the data-parallel group; chosen anew each step,
+    from that step's lengths."""
+    n = len(texts)
     sizes = [d for d in range(1, n + 1) if n % d == 0]
-    fits = torch.tensor([_fits(rows, d, layout, max_tokens) for d in sizes], dtype=torch.int32,
+    fits = torch.tensor([_fits(texts, d, layout, max_tokens) for d in sizes], dtype=torch.int32,
                         device=platform.device())
     dist.all_reduce(fits, op=dist.ReduceOp.MIN, group=parallel_state.get_data_parallel_group())
     return max(d for d, ok in zip(sizes, fits.tolist()) if ok or d == 1)
 
 
-def _fits(rows: list, size: int, layout: Layout, max_tokens: int) -> bool:
-    """Whether every micro-batch of ``size`` consecutive groups computes <= ``max_tokens``."""
-    return all(chunk_cost([len(s) for s in group_texts(mb)[0]], packed=layout.packed,
+def _fits(texts: list[list], size: int, layout: Layout, max_tokens: int) -> bool:
+    """Whether every micro-batch of ``size`` consecutive rows computes <= ``max_tokens``."""
+    return all(chunk_cost([len(s) for row in mb for s in row], packed=layout.packed,
                           multiple=layout.multiple) <= max_tokens
-               for mb in micro_batches(rows, size))
+               for mb in micro_batches(texts, size))
 
 
 def cached_chunks(rows: list, layout: Layout, *, micro_batch_size: int,

@@ -31,6 +31,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megaemb import checkpoint, launcher, platform, preflight, tasks
 from megaemb.config import LoRAConfig, SFTConfig, fused_targets_note
 from megaemb.convert.load import load_model
+from megaemb.data.batching import group_texts
 from megaemb.data.eval_sets import PairSet, RetrievalSet, first_queries, is_beir, read_beir, rows_as_set
 from megaemb.data.formats import load_examples
 from megaemb.data.sampler import GlobalBatchSampler, shard_for_rank
@@ -130,7 +131,7 @@ class Trainer:
             config.no_sync_func = self.model.no_sync
             config.grad_sync_func = self.model.start_grad_sync
         self._log(f"bf16 {cfg.bf16}, overlap_grad_reduce {overlap}")
-        if self.task.train_data is None:  # a task's own data brings its loss (_build_task_data)
+        if not self.task.own_data:  # a task's own data brings its loss (_build_task_data)
             self.loss_cfg = infonce_config(cfg) if cfg.loss_type == "infonce" else None
             self.loss = GroupLoss(cfg.loss_type, self.loss_cfg, cfg.margin, tuple(cfg.mrl_dims))
 
@@ -142,7 +143,7 @@ class Trainer:
         if cfg.max_length > self.loaded.shape.max_position_embeddings:
             self._log(f"warning: --max_length {cfg.max_length} is above the model's "
                       f"max_position_embeddings {self.loaded.shape.max_position_embeddings}")
-        if self.task.train_data is not None:
+        if self.task.own_data:
             return self._build_task_data()
         spec = StoreSpec(datasets=tuple(cfg.dataset), loss_type=cfg.loss_type, bad_rows=cfg.bad_rows,
                          seed=cfg.seed, split_dataset_ratio=cfg.split_dataset_ratio,
@@ -167,7 +168,8 @@ class Trainer:
             self._log_negatives(meta["k"])
 
     def _build_task_data(self):
-        """A task's own training rows and eval rows (``Task.train_data``)."""
+        """A task's own training rows and eval rows (``Task.train_data``; ``--val_dataset``
+        or ``--split_dataset_ratio``'s held-out rows)."""
         self.train = self.task.make_train_data(self.cfg, self.tokenizer.tokenizer, self._log)
         self.eval_set = self.train.eval_rows or None
         self._build_schedule()
@@ -183,6 +185,11 @@ class Trainer:
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="megaemb-next-step")
         self._ahead: tuple[int, Future] | None = None  # (step, its inputs being built)
         self._log(micro_batch_note(self.packed, cfg.max_tokens_per_micro_batch))
+        self._log(f"batches count {self.task.batch_unit}: {cfg.global_batch_size} per step, "
+                  + (f"{cfg.global_batch_size // self.dp} per data-parallel rank, as many per "
+                     "micro-batch as fit --max_tokens_per_micro_batch"
+                     if cfg.max_tokens_per_micro_batch else
+                     f"{cfg.micro_batch_size} per micro-batch and rank"))
 
     def _log_negatives(self, k: int) -> None:
         """How many groups (and so negatives) each InfoNCE loss sees."""
@@ -369,15 +376,28 @@ class Trainer:
     def step_inputs(self, step: int) -> tuple[list, list | None]:
         """What step ``step`` needs that involves no collective (so a helper thread may build
         it while the accelerator runs the step before): this rank's rows, read from the token
-        store, and for the plain step its micro-batches (pinned on CUDA)."""
+        store (a task with its own data: the rows' groups it draws for the step), and for the
+        plain step its micro-batches (pinned on CUDA)."""
         indices = shard_for_rank(self.sampler.indices_for_step(step), self.dp_rank, self.dp)
-        if self.task.train_data is not None:
-            return indices, self.train.micro_batches(indices, step, self.cfg.micro_batch_size,
-                                                     self.layout)
-        rows = [self.train[i] for i in indices]
+        if self.task.own_data:
+            rows = self.train.draw(indices, step)
+        else:
+            rows = [self.train[i] for i in indices]
         if self.cfg.global_negatives or self.cfg.max_tokens_per_micro_batch:
             return rows, None  # cut in the step (a token budget is agreed by a collective)
-        return rows, self.layout.micro_batches(rows, self.cfg.micro_batch_size)
+        return rows, self._micro_batches(rows, self.cfg.micro_batch_size)
+
+    def _micro_batches(self, rows: list, size: int) -> list:
+        """This rank's ``rows`` of a step, ``size`` rows per micro-batch."""
+        if self.task.own_data:
+            return self.train.micro_batches(rows, size, self.layout)
+        return self.layout.micro_batches(rows, size)
+
+    def _row_texts(self, rows: list) -> list[list]:
+        """Each row's token sequences, for the token budget (``plain_micro_batch_size``)."""
+        if self.task.own_data:
+            return self.train.texts(rows)
+        return [group_texts([r])[0] for r in rows]
 
     def _inputs_of(self, step: int) -> tuple[list, list | None]:
         """Step ``step``'s inputs: prefetched, else built now; then step ``step + 1``'s start
@@ -401,9 +421,10 @@ class Trainer:
         if micro is None:
             size = cfg.micro_batch_size
             if cfg.max_tokens_per_micro_batch:  # a collective: never on the prefetch thread
-                size = plain_micro_batch_size(rows, self.layout, cfg.max_tokens_per_micro_batch)
-            micro = self.layout.micro_batches(rows, size)
-        if self.task.train_data is not None:  # the task's loss, weighted by the step's groups
+                size = plain_micro_batch_size(self._row_texts(rows), self.layout,
+                                              cfg.max_tokens_per_micro_batch)
+            micro = self._micro_batches(rows, size)
+        if self.task.own_data:  # the task's loss, weighted by the step's groups
             return plain_step(self.model, micro, self.train.step_loss(
                 micro, parallel_state.get_data_parallel_group()))
         return plain_step(self.model, micro, self.loss.of_batch)
@@ -431,7 +452,7 @@ class Trainer:
         data = self.eval_set
         if data is None:
             return {}
-        if self.task.train_data is not None:  # the task's metrics, the same on every rank
+        if self.task.own_data:  # the task's metrics, the same on every rank
             metrics = self.train.evaluate(self.module, self.layout)
             self.module.train()
             return metrics

@@ -229,6 +229,7 @@ def _plain_sizes(rank, world):
     from types import SimpleNamespace
 
     from megaemb.config import ParallelConfig
+    from megaemb.data.batching import group_texts
     from megaemb.parallel import init_parallel
     from megaemb.step import Layout, plain_micro_batch_size
 
@@ -237,7 +238,8 @@ def _plain_sizes(rank, world):
     rows = [SimpleNamespace(query=[1] * length, doc=[2] * length, negatives=[[3] * length],
                             label=None) for _ in range(6)]
     padded = Layout(pad_id=0, packed=False)
-    return {budget: plain_micro_batch_size(rows, padded, budget) for budget in (40, 100, 300, 1000)}
+    texts = [group_texts([r])[0] for r in rows]
+    return {budget: plain_micro_batch_size(texts, padded, budget) for budget in (40, 100, 300, 1000)}
 
 
 @pytest.mark.timeout(240)

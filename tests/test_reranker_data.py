@@ -238,4 +238,5 @@ def test_min_group_size_and_teacher_scores_are_checked_at_load(tmp_path):
     assert [msg.split(": ", 1)[1] for msg in report.messages] == [
         "field 'scores': 2 scores for 3 candidates (positives then negatives)",
         "field 'scores[1]': expected number, got string",
-        "field 'scores': missing"]
+        "field 'scores': missing: listwise_distill_reranker needs a teacher score per candidate "
+        "on every row"]

@@ -239,9 +239,10 @@ def test_global_batch_larger_than_the_data_is_refused(tiny_models):
     r = _megaemb("sft", "--model", tiny_models["dense"], "--dataset", f"{DATA}#3", *SFT_ARGS)
     assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
     lines = [l for l in r.stderr.splitlines() if l.startswith("megaemb sft: error:")]
-    assert lines == ["megaemb sft: error: --global_batch_size 4 is larger than the 3 training examples: "
-                     "one step would hold examples more than once; lower it, or repeat the data on "
-                     "purpose with --dataset PATH#N (N examples)"], r.stderr[-3000:]
+    assert lines == ["megaemb sft: error: --global_batch_size 4 is larger than the 3 training groups "
+                     "(a query, its positive and negatives): one step would hold examples more "
+                     "than once; lower it, or repeat the data on purpose with --dataset PATH#N "
+                     "(N examples)"], r.stderr[-3000:]
 
 
 @pytest.mark.timeout(300)

@@ -116,7 +116,7 @@ def store_key(spec: StoreSpec) -> str:
 
 # ------------------------------------------------------------------------------ build
 
-def _split(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_positions(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """-> (train positions in order, held-out positions in split order) of ``n`` examples:
     the first ``max(1, int(n * ratio))`` of ``torch.randperm(n)`` seeded by ``seed`` are
     held out."""
@@ -210,7 +210,7 @@ def _rows_at(spec: StoreSpec, rows: _Rows, wanted: np.ndarray) -> dict[int, Exam
 def _write_store(spec: StoreSpec, out: str, chunk_size: int, log: Callable[[str], None]) -> None:
     rows = _tokenize(spec, out, chunk_size, log)
     examples = rows.examples(spec)
-    train_pos, held_pos = _split(len(examples), spec.split_dataset_ratio, spec.seed)
+    train_pos, held_pos = split_positions(len(examples), spec.split_dataset_ratio, spec.seed)
     if not len(train_pos):
         raise DataError(f"{', '.join(spec.datasets)}: {len(examples)} row(s), all held out by "
                         f"--split_dataset_ratio {spec.split_dataset_ratio}; none is left to train on")

@@ -6,18 +6,26 @@ from __future__ import annotations
 
 from megaemb.tasks.base import Task
 
-EMBEDDING = Task(name="embedding",
-                 losses=("infonce", "cosine_similarity", "contrastive", "online_contrastive"),
-                 unsupported=("instruction",))  # the reranker prompt's; queries take --query_instruction
-_RERANKING = dict(  # what both rerankers share: losses, Qwen3-Reranker prompts and batches
-    losses=("pointwise_reranker", "listwise_reranker"),
+EMBEDDING = Task(
+    name="embedding", losses=("infonce", "cosine_similarity", "contrastive", "online_contrastive"),
+    batch_unit="groups (a query, its positive and negatives)",
+    unsupported=(("instruction", "it is the reranker prompt's <Instruct>; embedder queries take "
+                                 "--query_instruction"),))
+_RERANKING = dict(  # what both rerankers share: losses, Qwen3-Reranker prompts, batches, hooks
+    losses=("pointwise_reranker", "listwise_reranker", "listwise_distill_reranker"),
     train_data="megaemb.tasks.reranker:RerankTrainData",
+    batch_unit="rows (a query with all the candidates it draws)",
     hf_files="megaemb.convert.st_files:cross_encoder_files",
     serve_routes=("/v1/rerank", "/rerank", "/v2/rerank"),
     serve_parser="megaemb.tasks.reranker_serve:rerank_parser",
     pair_scorer="megaemb.tasks.reranker:PairScorer",
-    unsupported=("global_negatives", "max_tokens_per_micro_batch", "split_dataset_ratio",
-                 "mrl_dims", "query_instruction"))
+    unsupported=(
+        ("global_negatives", "a cross-encoder scores each (query, document) pair in a forward "
+                             "pass of its own, so other queries' documents as negatives would be "
+                             "new forward passes, not a gathered loss; raise MAX_NEGATIVE_SAMPLES "
+                             "instead"),
+        ("mrl_dims", "a reranker gives one score per pair, no embedding to truncate"),
+        ("query_instruction", "the reranker prompt's instruction is --instruction")))
 GENERATIVE_RERANKER = Task(name="generative_reranker", head="megaemb.tasks.reranker:yes_no_head",
                            output_layer="lm_head", causal_lm=True, **_RERANKING)
 RERANKER = Task(name="reranker", head="megaemb.tasks.reranker:seq_cls_head",

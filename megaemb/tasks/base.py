@@ -39,8 +39,10 @@ class Task:
                     extend) is written; ``config`` None: a PEFT adapter folder
     seq_cls         its HF export is a one-label ``*ForSequenceClassification`` (``score.weight``);
                     an HF directory declaring that architecture converts to this task
-    unsupported     ``sft`` (and ``serve``) flags it refuses when set (one line each), for what
-                    is not built yet
+    batch_unit      what ``--micro_batch_size`` / ``--global_batch_size`` count, in words for
+                    ``--help``, errors and logs
+    unsupported     ``(flag, why)`` pairs: ``sft`` (and ``serve``) flags it refuses when set,
+                    one line each
     serve_routes    the POST routes ``megaemb serve`` answers for it (the first is the one it
                     names); other tasks' routes are refused with a line saying what it is
     serve_parser    ``"module:function"`` of ``(hf_dir, serve_config, instruction) -> parse``,
@@ -58,10 +60,17 @@ class Task:
     causal_lm: bool = False
     hf_files: str = "megaemb.convert.st_files:embedder_files"
     seq_cls: bool = False
-    unsupported: tuple[str, ...] = ()
+    batch_unit: str = "groups"
+    unsupported: tuple[tuple[str, str], ...] = ()
     serve_routes: tuple[str, ...] = ("/v1/embeddings",)
     serve_parser: str = "megaemb.serve:embeddings_parser"
     pair_scorer: str | None = None
+
+    @property
+    def own_data(self) -> bool:
+        """Whether ``train_data`` brings the rows, micro-batches, step loss and eval (else the
+        shared embedding path: token store, ``GroupLoss``, retrieval / pair metrics)."""
+        return self.train_data is not None
 
     def make_head(self, tokenizer_dir: str, shape, config):
         """The scoring head, or None (pooled embeddings)."""

@@ -13,11 +13,16 @@ train data  ``RerankTrainData``: group rows (``reranker_data``) tokenised once i
             Qwen3-Reranker prompts (``reranker_prompt``; a query too long is a ``file:line``
             error before training starts); each step draws every row's groups anew with a
             generator seeded by (``--seed``, step, row), so every parallel layout draws the
-            same ones. ``--micro_batch_size`` rows form a micro-batch, with all their groups:
-            a query's candidates never leave their micro-batch nor their data-parallel rank
-            (packed: one ``[1, T]`` pack holds whole groups).
-loss        ``pointwise_reranker`` (BCE per candidate) or ``listwise_reranker`` (CE per group,
-            ``LISTWISE_RERANKER_*``), from ``reranker_loss``, weighted by the step's global
+            same ones. ``--micro_batch_size`` rows form a micro-batch, with all their groups,
+            or under ``--max_tokens_per_micro_batch`` the most rows that fit the budget on
+            every data-parallel rank (``step.plain_micro_batch_size``, a collective): a
+            query's candidates never leave their micro-batch nor their data-parallel rank
+            (packed: one ``[1, T]`` pack holds whole groups). ``--split_dataset_ratio`` holds
+            rows out for eval as the embedding token store does (``split_positions``).
+loss        ``pointwise_reranker`` (BCE per candidate), ``listwise_reranker`` (CE per group,
+            ``LISTWISE_RERANKER_*``) or ``listwise_distill_reranker`` (KL to the rows' teacher
+            ``scores``, which each drawn candidate carries along), from ``reranker_loss``,
+            weighted by the step's global
             count (candidates, or groups kept) over all data-parallel ranks: a micro-batch's
             loss is ``sum of its terms * micro-batches * DP / global count``, which megatron's
             schedule (``/ micro-batches``) and DDP's average (``/ DP``) turn into the mean over
@@ -36,10 +41,13 @@ import torch.distributed as dist
 
 from megaemb import platform
 from megaemb.data.batching import TextBatch
+from megaemb.data.formats import DataError
 from megaemb.data.sampler import micro_batches
-from megaemb.tasks.reranker_data import (RerankRow, RerankSampling, load_rerank_rows,
-                                         sample_groups)
-from megaemb.tasks.reranker_loss import ListwiseConfig, listwise_loss, pointwise_loss
+from megaemb.data.token_store import split_positions
+from megaemb.tasks.reranker_data import (DISTILL_LOSS, RerankGroup, RerankRow, RerankSampling,
+                                         load_rerank_rows, sample_groups)
+from megaemb.tasks.reranker_loss import (ListwiseConfig, listwise_kl_loss, listwise_loss,
+                                         pointwise_loss)
 from megaemb.tasks.reranker_prompt import RerankPromptTokenizer, score_token_ids
 
 
@@ -65,11 +73,13 @@ def seq_cls_head(tokenizer_dir: str, shape, config):
 @dataclass
 class RerankBatch:
     """One micro-batch: its prompts (``texts``, candidates of a group consecutive), ``labels
-    [n]`` (1 / 0) and the groups' ``sizes``."""
+    [n]`` (1 / 0), the groups' ``sizes`` and, for ``listwise_distill_reranker``, ``teacher
+    [n]`` (each candidate's teacher score; else None)."""
 
     texts: TextBatch
     labels: torch.Tensor
     sizes: list[int]
+    teacher: torch.Tensor | None = None
 
 
 EVAL_BATCH_TEXTS = 32  # prompts per forward micro-batch of the in-loop eval
@@ -86,15 +96,27 @@ class RerankTrainData:
         rows, report = load_rerank_rows(cfg.dataset, cfg.loss_type,
                                         min_group_size=self.listwise.min_group_size,
                                         sampling=self.sampling, bad_rows=cfg.bad_rows,
-                                        seed=cfg.seed)
+                                        seed=cfg.seed, teacher=cfg.loss_type == DISTILL_LOSS)
         log(f"train data: {report.summary()}")
         for msg in report.messages:
             log(f"  skipped: {msg}")
+        train, held = split_positions(len(rows), cfg.split_dataset_ratio, cfg.seed)
+        if not len(train):
+            raise DataError(f"{', '.join(cfg.dataset)}: {len(rows)} row(s), all held out by "
+                            f"--split_dataset_ratio {cfg.split_dataset_ratio}; none is left to "
+                            "train on")
         prompts = RerankPromptTokenizer(tokenizer, cfg.max_length, cfg.instruction or None)
-        self.rows = [_tokenized(row, prompts) for row in rows]
+        self.rows = [_tokenized(rows[i], prompts) for i in train]
         log(f"tokenized {len(self.rows)} reranker rows; {prompts.truncated} documents truncated "
             f"to fit --max_length {cfg.max_length}")
-        self.eval_rows = self._eval_rows(cfg, prompts, log) if cfg.val_dataset else []
+        if cfg.val_dataset:
+            self.eval_rows = self._eval_rows(cfg, prompts, log)
+        else:  # --split_dataset_ratio's rows, in split order (none without it)
+            held = held[:cfg.eval_limit] if cfg.eval_limit else held
+            self.eval_rows = [_tokenized(rows[i], prompts) for i in held]
+            if len(held):
+                log(f"eval data: {len(held)} rows held out of --dataset "
+                    f"(--split_dataset_ratio {cfg.split_dataset_ratio})")
 
     def _eval_rows(self, cfg, prompts: RerankPromptTokenizer, log) -> list[RerankRow]:
         """``--val_dataset`` rows (the first ``--eval_limit``), every candidate tokenised."""
@@ -123,18 +145,31 @@ class RerankTrainData:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def micro_batches(self, indices: list[int], step: int, micro_batch_size: int,
-                      layout) -> list[RerankBatch]:
-        """This rank's rows ``indices`` of step ``step`` -> micro-batches of
-        ``micro_batch_size`` rows, each with all the groups its rows draw."""
-        return [self._batch(chunk, step, layout) for chunk in micro_batches(indices, micro_batch_size)]
+    def draw(self, indices: list[int], step: int) -> list[list[RerankGroup]]:
+        """Rows ``indices`` of step ``step`` -> each row's groups (candidates as token ids),
+        drawn by a generator seeded by (``--seed``, step, row): every rank and layout draws
+        the same. No collective."""
+        return [sample_groups(self.rows[i], self.sampling,
+                              np.random.default_rng([self.seed, step, i])) for i in indices]
 
-    def _batch(self, chunk: list[int], step: int, layout) -> RerankBatch:
-        groups = [g for i in chunk for g in sample_groups(
-            self.rows[i], self.sampling, np.random.default_rng([self.seed, step, i]))]
+    @staticmethod
+    def texts(drawn: list[list[RerankGroup]]) -> list[list]:
+        """Each drawn row's prompts (token ids): what it puts into its micro-batch."""
+        return [[d for g in groups for d in g.documents] for groups in drawn]
+
+    def micro_batches(self, drawn: list[list[RerankGroup]], micro_batch_size: int,
+                      layout) -> list[RerankBatch]:
+        """This rank's drawn rows -> micro-batches of ``micro_batch_size`` rows, each with all
+        the groups its rows draw."""
+        return [self._batch([g for groups in chunk for g in groups], layout)
+                for chunk in micro_batches(drawn, micro_batch_size)]
+
+    def _batch(self, groups: list[RerankGroup], layout) -> RerankBatch:
+        teacher = (torch.tensor([t for g in groups for t in g.teacher], dtype=torch.float32)
+                   if self.loss_type == DISTILL_LOSS else None)
         return RerankBatch(layout.batch([d for g in groups for d in g.documents]),
                            torch.tensor([x for g in groups for x in g.labels]),
-                           [len(g.documents) for g in groups])
+                           [len(g.documents) for g in groups], teacher)
 
     def _terms(self, sizes: list[int]) -> int:
         """How many terms a micro-batch's loss sums: candidates (pointwise) or kept groups."""
@@ -147,6 +182,10 @@ class RerankTrainData:
         terms = self._terms(batch.sizes)
         if self.loss_type == "pointwise_reranker":
             return pointwise_loss(scores, batch.labels.to(scores.device)) * terms
+        if self.loss_type == DISTILL_LOSS:
+            return listwise_kl_loss(scores, batch.teacher.to(scores.device), batch.sizes,
+                                    self.listwise.temperature, self.listwise.teacher_temperature,
+                                    self.listwise.min_group_size) * terms
         return listwise_loss(scores, batch.sizes, self.listwise.temperature,
                              self.listwise.min_group_size) * terms
 

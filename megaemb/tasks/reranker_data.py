@@ -1,7 +1,7 @@
 """Reranker training files -> validated rows -> groups of scored candidates (ms-swift's formats).
 
 With ``reranker_prompt`` / ``reranker_loss`` the data and loss side of ``--task_type
-generative_reranker`` (read by ``tasks.reranker.RerankTrainData``; teacher scores not yet).
+generative_reranker`` (read by ``tasks.reranker.RerankTrainData``).
 
 Row formats (extra fields are ignored; files and ``#N`` specs as in ``data/formats.py``):
 
@@ -14,16 +14,19 @@ Row formats (extra fields are ignored; files and ``#N`` specs as in ``data/forma
                        is the row's instruction (as ms-swift; it replaces ``--instruction``).
     labelled pairs     {"query": str, "response": str, "label": 0 | 1} (or the messages form
                        with a label): one candidate; ``pointwise_reranker`` only.
-    teacher scores     with ``teacher=True`` every group row carries ``"scores": [number, ...]``,
-                       one per candidate, positives first then negatives (for the KL loss).
+    teacher scores     with ``teacher=True`` (``--loss_type listwise_distill_reranker``) every
+                       group row carries ``"scores": [number, ...]``, one per candidate,
+                       positives first then negatives (for the KL loss); a row without them
+                       is a bad row (``file:line``, field 'scores'). Other losses ignore them.
 
 Sampling, as ms-swift's ``Template._reranker_data_collator`` (swift/template/base.py): each
 time a row is used, up to ``MAX_POSITIVE_SAMPLES`` (1) of its positives are drawn at random
 without replacement, and for each of them up to ``MAX_NEGATIVE_SAMPLES`` (7) negatives, so a
 row gives ``min(P, MAX_POSITIVE_SAMPLES)`` groups ``[positive, negatives...]`` (labels
-``[1, 0, ...]``) that must share a micro-batch. ms-swift's listwise loss silently drops a group
-smaller than ``LISTWISE_RERANKER_MIN_GROUP_SIZE`` (2); here such a row is a ``file:line`` error
-for ``listwise_reranker``, so no row trains nothing unnoticed.
+``[1, 0, ...]``; each drawn candidate keeps its teacher score) that must share a micro-batch.
+ms-swift's listwise loss silently drops a group smaller than
+``LISTWISE_RERANKER_MIN_GROUP_SIZE`` (2); here such a row is a ``file:line`` error for the
+listwise losses, so no row trains nothing unnoticed.
 """
 from __future__ import annotations
 
@@ -35,13 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from megaemb.data.formats import (BAD_LABEL, NO_NEGATIVES, NOT_OBJECT, WRONG_FORMAT,
-                                  WRONG_TYPE, BadRow, RowReport, _field, _json_type, _label, _list,
-                                  _message_text, _negatives, _require, _text, is_labelled,
-                                  load_parsed)
+from megaemb.data.formats import (BAD_LABEL, MISSING_FIELD, NO_NEGATIVES, NOT_OBJECT,
+                                  WRONG_FORMAT, WRONG_TYPE, BadRow, RowReport, _field, _json_type,
+                                  _label, _list, _message_text, _negatives, _require, _text,
+                                  is_labelled, load_parsed)
 from megaemb.loss import _parse_int, config_from_env
 
-RERANK_LOSSES = ("pointwise_reranker", "listwise_reranker")
+LISTWISE_LOSSES = ("listwise_reranker", "listwise_distill_reranker")
+DISTILL_LOSS = "listwise_distill_reranker"  # KL to the rows' teacher scores
+RERANK_LOSSES = ("pointwise_reranker", *LISTWISE_LOSSES)
 NO_POSITIVE = "no positive"
 GROUP_TOO_SMALL = "group too small"
 
@@ -155,7 +160,10 @@ def _group_negatives(row: dict) -> list[str]:
 
 def _teacher(row: dict, count: int) -> list[float]:
     """The ``scores`` field: ``count`` finite numbers."""
-    scores = _list(_require(row, "scores"), "scores")
+    if row.get("scores") is None:
+        raise _field("scores", f"missing: {DISTILL_LOSS} needs a teacher score per candidate "
+                     "on every row", MISSING_FIELD)
+    scores = _list(row["scores"], "scores")
     if len(scores) != count:
         raise _field("scores", f"{len(scores)} scores for {count} candidates (positives then "
                      "negatives)", WRONG_FORMAT)
@@ -185,7 +193,7 @@ def parse_row(row: Any, source: str, loss_type: str, *, min_group_size: int = 2,
         positives, negatives = (positives[:1], []) if label == 1 else ([], positives[:1])
         return RerankRow(query, positives, negatives, None, instruction, source, query_field)
     negatives = _group_negatives(row)
-    if loss_type == "listwise_reranker" and 1 + len(negatives) < min_group_size:
+    if loss_type in LISTWISE_LOSSES and 1 + len(negatives) < min_group_size:
         raise _field(_negatives_field(row), f"{len(negatives)} negative(s) make groups of "
                      f"{1 + len(negatives)} < LISTWISE_RERANKER_MIN_GROUP_SIZE={min_group_size}",
                      GROUP_TOO_SMALL)
@@ -201,9 +209,9 @@ def load_rerank_rows(specs: list[str], loss_type: str, *, min_group_size: int = 
     A setting that makes every listwise group too small raises ValueError."""
     if loss_type not in RERANK_LOSSES:
         raise ValueError(f"loss_type must be one of {RERANK_LOSSES}, got {loss_type!r}")
-    if teacher and loss_type != "listwise_reranker":
+    if teacher and loss_type not in LISTWISE_LOSSES:
         raise ValueError("teacher scores are for the listwise losses, not pointwise_reranker")
-    if loss_type == "listwise_reranker" and 1 + sampling.max_negative < min_group_size:
+    if loss_type in LISTWISE_LOSSES and 1 + sampling.max_negative < min_group_size:
         raise ValueError(f"MAX_NEGATIVE_SAMPLES={sampling.max_negative} gives groups of "
                          f"{1 + sampling.max_negative} < LISTWISE_RERANKER_MIN_GROUP_SIZE="
                          f"{min_group_size}")

@@ -1,6 +1,7 @@
 """Reranker losses: pure functions of one score per candidate and the group layout.
 
-``tasks.reranker.RerankTrainData`` trains with the first two (the KL loss is not wired yet).
+``tasks.reranker.RerankTrainData`` trains with them: ``--loss_type pointwise_reranker``,
+``listwise_reranker`` and ``listwise_distill_reranker`` (the KL loss).
 
 Layout: ``scores [n]`` (fp32, e.g. the generative head's ``l_yes - l_no`` or a classification
 head's logit), candidates of a group consecutive, ``sizes`` the group lengths (summing to
