@@ -1,7 +1,8 @@
 """``megaemb sft --task_type generative_reranker`` under real gloo groups: a tiny reranker
-learns, and every parallel layout (DP=2, TP=2, TP=2+SP packed, PP=2, tied TP=2) gives the
-losses and gradient norms of TP=PP=DP=1 (fp32, 1e-5), DP=2 also step 1's gradients, and the
-in-loop eval's metrics after training; the
+learns, and every parallel layout (DP=2, TP=2, TP=2+SP packed, PP=2, tied TP=2, tied PP=2,
+a Qwen3-MoE reranker's EP=2) gives the losses and gradient norms of TP=PP=DP=1 (fp32, 1e-5),
+DP=2, tied PP=2 (both stages' copies of the word embedding) and EP=2 also step 1's gradients,
+and the in-loop eval's metrics after training; the
 checkpoint records its task, so loading it builds the reranker and an embedder run refuses it.
 """
 import json
@@ -22,7 +23,8 @@ ROWS = 8  # distinct queries: every step sees each of them (global batch 8)
 
 @pytest.fixture(scope="module")
 def rerankers(tmp_path_factory):
-    """Tiny random Qwen3ForCausalLM checkpoints (untied with lm_head, tied) and group rows of
+    """Tiny random Qwen3ForCausalLM checkpoints (untied with lm_head, tied), an untied
+    Qwen3MoeForCausalLM (4 experts, top 2) and group rows of
     1 to 3 negatives (so a micro-batch's mean is not the global batch's: the DP weighting counts)."""
     from megaemb.tiny import make_tiny_checkpoint
 
@@ -34,6 +36,7 @@ def rerankers(tmp_path_factory):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"untied": make_tiny_checkpoint(str(root / "untied"), seed=4, causal_lm=True),
             "tied": make_tiny_checkpoint(str(root / "tied"), seed=5, causal_lm=True, tied=True),
+            "moe": make_tiny_checkpoint(str(root / "moe"), seed=6, causal_lm=True, moe=True),
             "data": str(data), "root": str(root)}
 
 
@@ -48,8 +51,9 @@ def _cfg(model, data, **kw):
 
 
 def _run(cfg) -> dict:
-    """Steps [(step, loss, grad_norm)], step 1's gradients (name -> tensor, via a file) and
-    the in-loop eval's scores after the last step."""
+    """Steps [(step, loss, grad_norm)], step 1's gradients (global parameter name -> this
+    rank's tensor, via a file; the last stage's tied copy ``output_layer.weight``) and the
+    in-loop eval's scores after the last step."""
     from megaemb.train import Trainer
 
     trainer, steps = Trainer(cfg), []
@@ -57,8 +61,7 @@ def _run(cfg) -> dict:
         stats = trainer.train_step()
         steps.append((trainer.step + 1, stats["loss"], stats["grad_norm"]))
         if trainer.step == 0:
-            grads = {n: p.main_grad.detach().clone()
-                     for n, p in trainer.model.module.named_parameters()}
+            grads = _global_grads(trainer.model.module)
     fd, path = tempfile.mkstemp(suffix=".pt", dir=os.path.dirname(cfg.dataset[0]))
     os.close(fd)
     torch.save(grads, path)
@@ -67,9 +70,29 @@ def _run(cfg) -> dict:
     return {"steps": steps, "grads": path, "eval": trainer.evaluate()}
 
 
+def _global_grads(model) -> dict:
+    """``main_grad`` of each parameter under its checkpoint name (global layer and expert
+    indices: a pipeline stage's or an expert-parallel rank's share of TP=PP=EP=1's)."""
+    from megaemb.convert.hf_to_mcore import global_index
+    from megaemb.convert.mapping import find_mapping, qwen3_mappings
+
+    table, out = qwen3_mappings(model.shape, output_layer=True), {}
+    for name, p in model.named_parameters():
+        if name != "output_layer.weight":
+            _, local = find_mapping(table, name)
+            index = global_index(model, local)
+            if "layer" in local:
+                name = name.replace(f"layers.{local['layer']}.", f"layers.{index['layer']}.", 1)
+            if "expert" in local:
+                name = name.replace(f"local_experts.{local['expert']}.",
+                                    f"local_experts.{index['expert']}.", 1)
+        out[name] = p.main_grad.detach().clone()
+    return out
+
+
 def _references(rank, world, m):
     out = {}
-    for name in ("untied", "tied"):
+    for name in ("untied", "tied", "moe"):
         for loss in ("listwise_reranker", "pointwise_reranker"):
             save = os.path.join(m["root"], f"ref-{name}-{loss}") if name == "untied" else ""
             out[name, loss] = _run(_cfg(m[name], m["data"], loss_type=loss, micro_batch_size=ROWS,
@@ -86,7 +109,10 @@ _LAYOUTS = [  # label, model, overrides
     ("pp2", "untied", dict(pipeline_model_parallel_size=2)),
     ("tied-tp2", "tied", dict(tensor_model_parallel_size=2)),
     ("tied-dp2", "tied", {}),
+    ("tied-pp2", "tied", dict(pipeline_model_parallel_size=2)),
+    ("moe-ep2", "moe", dict(expert_model_parallel_size=2)),
 ]
+_GRADS = ("dp2", "tied-dp2", "tied-pp2", "moe-ep2")  # layouts whose step-1 gradients are compared
 
 
 def _layouts(rank, world, m):
@@ -99,17 +125,17 @@ def _layouts(rank, world, m):
 @pytest.mark.timeout(900)
 def test_reranker_learns_and_layouts_equal_one_rank(rerankers):
     refs = run_distributed(_references, 1, rerankers, timeout=300)[0]
-    got = run_distributed(_layouts, 2, rerankers, timeout=840)[0]
+    ranks = run_distributed(_layouts, 2, rerankers, timeout=840)
     report = {}
-    for (label, loss), r in got.items():
+    for (label, loss), r in ranks[0].items():
         name = next(n for lab, n, _ in _LAYOUTS if lab == label)
         ref = refs[name, loss]
         report[label, loss] = {"loss": _close(r["steps"], ref["steps"]),
                                "eval": max(abs(r["eval"][k] - v) for k, v in ref["eval"].items())}
-        if label.startswith(("dp2", "tied-dp2")):  # whole weights on every rank
-            a, b = torch.load(r["grads"]), torch.load(ref["grads"])
+        if label in _GRADS:  # each rank's parameters (PP: a stage's, EP: its experts) vs world 1's
+            b = torch.load(ref["grads"])
             report[label, loss]["grads"] = max(
-                float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in b)
+                _grad_diff(torch.load(rank[label, loss]["grads"]), b) for rank in ranks)
     print({k: {n: f"{x:.1e}" for n, x in v.items()} for k, v in report.items()})
     for key, r in report.items():
         assert max(r.values()) <= TOL, (key, r)
@@ -120,6 +146,18 @@ def test_reranker_learns_and_layouts_equal_one_rank(rerankers):
     g = torch.load(refs["untied", "listwise_reranker"]["grads"])["output_layer.weight"]
     assert set(torch.nonzero(g.abs().sum(1)).flatten().tolist()) == {9693, 2152}
     _check_checkpoint(os.path.join(rerankers["root"], "ref-untied-listwise_reranker"), rerankers)
+
+
+def _grad_diff(got: dict, ref: dict) -> float:
+    """Max relative difference of ``got``'s gradients from world 1's ``ref``; a tied model's
+    last-stage copy ``output_layer.weight`` must equal the word embedding's (its all-reduced
+    gradient: the lookup's and the head's); each rank must hold a part of the model."""
+    tied = "output_layer.weight" in got and "output_layer.weight" not in ref
+    names = {k: "embedding.word_embeddings.weight" if tied and k == "output_layer.weight" else k
+             for k in got}
+    assert len(got) >= 3 and set(names.values()) <= set(ref), sorted(set(names.values()) - set(ref))
+    return max(float((got[k] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30))
+               for k, n in names.items())
 
 
 def _check_checkpoint(path, m):

@@ -19,8 +19,8 @@ instead of gathering the whole ``[s, b, h]`` sequence.
 The head sits on the last pipeline stage, after the final norm, on ``EmbeddingModel`` (built
 by ``tasks.reranker.yes_no_head``), which owns the output layer (``output_layer.weight``,
 megatron's ``GPTModel`` name, see ``megaemb.convert.mapping``) and passes ``W`` here. Tied
-under pipeline parallelism, the last stage would need megatron's shared copy of the word
-embedding (its gradients all-reduced with the first stage's): not built, refused.
+under pipeline parallelism, ``W`` is the last stage's copy of the word embedding (megatron's
+shared embedding, its gradient all-reduced with the first stage's; see ``EmbeddingModel``).
 """
 from __future__ import annotations
 
