@@ -94,7 +94,7 @@ def _references(rank, world, m):
     out = {}
     for name in ("untied", "tied", "moe"):
         for loss in ("listwise_reranker", "pointwise_reranker"):
-            save = os.path.join(m["root"], f"ref-{name}-{loss}") if name == "untied" else ""
+            save = os.path.join(m["root"], f"ref-{name}-{loss}") if name != "moe" else ""
             out[name, loss] = _run(_cfg(m[name], m["data"], loss_type=loss, micro_batch_size=ROWS,
                                         save=save))
     return out
@@ -116,9 +116,34 @@ _GRADS = ("dp2", "tied-dp2", "tied-pp2", "moe-ep2")  # layouts whose step-1 grad
 
 
 def _layouts(rank, world, m):
-    return {(label, loss): _run(_cfg(m[name], m["data"], loss_type=loss, **kw))
-            for label, name, kw in _LAYOUTS
-            for loss in ("listwise_reranker", "pointwise_reranker")}
+    out = {(label, loss): _run(_cfg(m[name], m["data"], loss_type=loss, save=_saved(m, label, loss),
+                                    **kw))
+           for label, name, kw in _LAYOUTS
+           for loss in ("listwise_reranker", "pointwise_reranker")}
+    out["reload"] = _reload_tied(m)
+    return out
+
+
+def _saved(m, label, loss) -> str:
+    return os.path.join(m["root"], f"{label}-{loss}") if label == "tied-pp2" else ""
+
+
+def _reload_tied(m) -> float:
+    """Collective (PP=2): the tied PP=2 run's checkpoint (the last stage's copy saved as a
+    replica of the word embedding) and world 1's, both loaded at PP=2: max relative
+    difference of this stage's ``W`` (the word embedding, or the last stage's copy)."""
+    from megaemb import tasks
+    from megaemb.config import ParallelConfig
+    from megaemb.convert.load import load_model
+    from megaemb.parallel import init_parallel
+
+    parallel = ParallelConfig(pipeline_model_parallel_size=2)
+    init_parallel(parallel)
+    got, ref = (load_model(path, parallel, task=tasks.GENERATIVE_RERANKER)
+                .model.shared_embedding_or_output_weight()
+                for path in (_saved(m, "tied-pp2", "listwise_reranker"),
+                             os.path.join(m["root"], "ref-tied-listwise_reranker")))
+    return float((got - ref).abs().max() / ref.abs().max())
 
 
 @pytest.mark.slow
@@ -127,6 +152,7 @@ def test_reranker_learns_and_layouts_equal_one_rank(rerankers):
     refs = run_distributed(_references, 1, rerankers, timeout=300)[0]
     ranks = run_distributed(_layouts, 2, rerankers, timeout=840)
     report = {}
+    reloads = [rank.pop("reload") for rank in ranks]
     for (label, loss), r in ranks[0].items():
         name = next(n for lab, n, _ in _LAYOUTS if lab == label)
         ref = refs[name, loss]
@@ -136,7 +162,8 @@ def test_reranker_learns_and_layouts_equal_one_rank(rerankers):
             b = torch.load(ref["grads"])
             report[label, loss]["grads"] = max(
                 _grad_diff(torch.load(rank[label, loss]["grads"]), b) for rank in ranks)
-    print({k: {n: f"{x:.1e}" for n, x in v.items()} for k, v in report.items()})
+    print({k: {n: f"{x:.1e}" for n, x in v.items()} for k, v in report.items()}, reloads)
+    assert max(reloads) <= TOL, reloads
     for key, r in report.items():
         assert max(r.values()) <= TOL, (key, r)
     for key, ref in refs.items():  # it learns: the loss of the same 8 queries falls
