@@ -11,7 +11,7 @@ EMBEDDING = Task(name="embedding",
                  unsupported=("instruction",))  # the reranker prompt's; queries take --query_instruction
 GENERATIVE_RERANKER = Task(
     name="generative_reranker", losses=("pointwise_reranker", "listwise_reranker"),
-    head="megaemb.tasks.reranker:yes_no_head", output_layer=True,
+    head="megaemb.tasks.reranker:yes_no_head", output_layer=True, head_rows=2,
     train_data="megaemb.tasks.reranker:RerankTrainData", causal_lm=True,
     unsupported=("global_negatives", "max_tokens_per_micro_batch", "split_dataset_ratio",
                  "mrl_dims", "query_instruction"))

@@ -28,6 +28,8 @@ class Task:
     train_data      None (the embedding token store and ``GroupLoss``), or ``"module:Class"``
                     built as ``Class(cfg, tokenizer, log)``: rows, per-step micro-batches whose
                     groups stay whole, and each step's loss
+    head_rows       output-layer rows its head multiplies each text's last hidden state by
+                    (counted in the MFU's FLOPs, ``model.flops.train_flops``)
     causal_lm       its HF export is a ``*ForCausalLM`` (with ``lm_head`` when untied)
     unsupported     ``sft`` flags it refuses when set (one line each), for what is not built yet
     """
@@ -36,6 +38,7 @@ class Task:
     losses: tuple[str, ...]
     head: str | None = None
     output_layer: bool = False
+    head_rows: int = 0
     train_data: str | None = None
     causal_lm: bool = False
     unsupported: tuple[str, ...] = ()
