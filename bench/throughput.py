@@ -3,6 +3,11 @@
 One step, the same on both sides: forward the step's texts (``bench/workloads.py``), pool the
 last token (``<|endoftext|>``), L2-normalise in fp32, an InfoNCE loss over the step's
 documents, backward. No optimizer step (it costs the same on both sides).
+``--task generative_reranker``: the step's texts are Qwen3-Reranker prompts, scored
+``l_yes - l_no`` at their last token, a listwise cross-entropy over the step's groups; the
+baseline is ``Qwen3ForCausalLM`` as sentence-transformers' ``CrossEncoder`` runs it (left
+padding, ``logits_to_keep=1``: the last position's logits only), megaemb's the reranker
+``sft`` builds (``model.heads.YesNoHead``: two rows of the output layer, no logits).
 
     baseline  transformers ``Qwen3Model``, SDPA attention, padded ``[n, s]`` + attention_mask,
               gradients in ``.grad`` (model dtype)
@@ -17,9 +22,10 @@ steps between ``torch.cuda.synchronize()`` calls. Reported per workload and side
 (non-pad) tokens/s, groups/s, MFU (``megaemb.model.flops.train_flops`` of the real lengths /
 time / ``platform.peak_flops()``; null where the peak is unknown, e.g. CPU), peak memory
 (``torch.cuda.max_memory_allocated``; null on CPU), and the largest cosine distance between the
-two sides' embeddings of the first step's texts.
+two sides' embeddings of the first step's texts (reranker: the largest score difference).
 
-    PYTHONPATH=. python bench/throughput.py [--sizes 0.6B,4B] [--packing false] [--tiny] [--profile]
+    PYTHONPATH=. python bench/throughput.py [--sizes 0.6B,4B,8B] [--packing false] [--tiny]
+        [--profile] [--task generative_reranker]
 
 ``--profile`` adds, per workload and side, the operators (kernels on CUDA) with the most self
 time in one more untimed pass of the timed steps: the profile that explains a missed target.
@@ -38,7 +44,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from megaemb import platform
+from megaemb import platform, tasks
 from megaemb.cli import str2bool
 from megaemb.config import ParallelConfig
 from megaemb.data.batching import TextBatch, pad_batch, text_batch
@@ -47,21 +53,23 @@ from megaemb.parallel import init_parallel
 from megaemb.shape import Qwen3Shape, read_hf_config
 from megaemb.tiny import qwen3_tokenizer_dir
 from models import SIZES, make_checkpoint  # bench/ (the script's folder is on sys.path)
-from workloads import Workload, dense, info_nce, mix
+from workloads import Workload, dense, info_nce, listwise, mix
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROFILE_ROWS = 15
 
 
 class Transformers:
-    """The baseline: transformers ``Qwen3Model`` with SDPA on padded batches."""
+    """The baseline: transformers ``Qwen3Model`` (reranker: ``Qwen3ForCausalLM``) with SDPA on
+    padded batches."""
 
-    def __init__(self, hf_dir: str, bf16: bool):
-        from transformers import AutoModel
+    def __init__(self, hf_dir: str, bf16: bool, task: tasks.Task = tasks.EMBEDDING):
+        from transformers import AutoModel, AutoModelForCausalLM
 
-        self.model = AutoModel.from_pretrained(
+        self.model = (AutoModelForCausalLM if task.causal_lm else AutoModel).from_pretrained(
             hf_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
             attn_implementation="sdpa").to(platform.device()).train()
+        self.embed = self.score if task.head else self.embed
 
     def prepare(self, seqs: list, pad_id: int) -> TextBatch:
         return pad_batch(seqs, pad_id).to(platform.device())
@@ -74,21 +82,38 @@ class Transformers:
         return F.normalize(hidden[torch.arange(ids.shape[0], device=ids.device), batch.lengths - 1]
                            .float(), dim=-1)
 
+    def score(self, batch: TextBatch) -> torch.Tensor:
+        """``[n, s]`` right-padded -> ``[n]`` fp32 ``l_yes - l_no``, as the Qwen3-Reranker
+        model card and ``CrossEncoder`` compute it: left-padded (positions from 0 at each
+        row's first token), the last position's logits only (``logits_to_keep=1``)."""
+        from megaemb.model.heads import QWEN3_NO, QWEN3_YES
+
+        ids, lengths = batch.input_ids, batch.lengths
+        cols = torch.arange(ids.shape[1], device=ids.device)[None]
+        shift = ids.shape[1] - lengths[:, None]  # left padding of each row
+        mask = cols >= shift
+        left = torch.where(mask, ids.gather(1, (cols - shift).clamp(min=0)), ids[0, -1])
+        logits = self.model(input_ids=left, attention_mask=mask.long(),
+                            position_ids=(cols - shift).clamp(min=0), use_cache=False,
+                            logits_to_keep=1).logits[:, -1]
+        return (logits[:, QWEN3_YES] - logits[:, QWEN3_NO]).float()
+
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)
 
 
 class Megaemb:
-    """megaemb's ``EmbeddingModel`` in megatron DDP, as ``megaemb sft`` builds it (TP=PP=1)."""
+    """megaemb's ``EmbeddingModel`` in megatron DDP, as ``megaemb sft`` builds it (TP=PP=1);
+    a reranker task's returns its scores ``[n]``."""
 
     def __init__(self, hf_dir: str, bf16: bool, packed: bool, attention: str,
-                 recompute: str | None = None):
+                 recompute: str | None = None, task: tasks.Task = tasks.EMBEDDING):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         from megaemb.convert.load import load_model
 
         module = load_model(hf_dir, ParallelConfig(), bf16=bf16, attention=attention,
-                            recompute_granularity=recompute).model
+                            recompute_granularity=recompute, task=task).model
         module.train()
         self.multiple = module.sequence_multiple
         self.packed = packed
@@ -136,10 +161,11 @@ def embedding_backward_ms(prof) -> float:
                if e.key == "aten::embedding_dense_backward") / 1e3
 
 
-def measure(runner, workload: Workload, warmup: int, profile: bool = False) -> dict:
+def measure(runner, workload: Workload, warmup: int, profile: bool = False,
+            loss=info_nce) -> dict:
     """Warm up, then time ``workload.steps[warmup:]``. Returns seconds, tokens computed (pad
     included), peak GiB (None on CPU), distinct batch shapes and the first step's embeddings
-    ``[n, h]`` (CPU, fp32); or ``{"error": ...}`` when the GPU runs out of memory. With
+    ``[n, h]`` (reranker: scores ``[n]``; CPU, fp32) and their ``loss``; or ``{"error": ...}`` when the GPU runs out of memory. With
     ``profile`` the timed steps then run once more under ``torch.profiler`` (not timed):
     ``profile`` holds ``top_ops`` of that run, ``embedding_backward_ms`` its word-embedding
     gradient time per step (one micro-batch)."""
@@ -151,7 +177,7 @@ def measure(runner, workload: Workload, warmup: int, profile: bool = False) -> d
             nonlocal first
             runner.zero_grad()
             emb = runner.embed(batches[i])
-            info_nce(emb, workload.steps[i].m).backward()
+            loss(emb, workload.steps[i].m).backward()
             if first is None:
                 first = emb.detach().float().cpu()
 
@@ -189,14 +215,15 @@ def measure(runner, workload: Workload, warmup: int, profile: bool = False) -> d
             "embedding_backward_ms": embedding_ms}
 
 
-def run_side(side: str, make, workloads: list[Workload], warmup: int, profile: bool = False) -> dict:
+def run_side(side: str, make, workloads: list[Workload], warmup: int, profile: bool = False,
+             loss=info_nce) -> dict:
     """``{workload name: measure(...)}`` for one implementation; out of memory while loading
     is recorded for every workload."""
     try:
         runner = make()
     except torch.cuda.OutOfMemoryError:
         runner = None
-    out = {w.name: measure(runner, w, warmup, profile) if runner else {"error": "out of memory (loading)"}
+    out = {w.name: measure(runner, w, warmup, profile, loss) if runner else {"error": "out of memory (loading)"}
            for w in workloads}
     del runner
     _free()
@@ -205,12 +232,15 @@ def run_side(side: str, make, workloads: list[Workload], warmup: int, profile: b
     return out
 
 
-def summarize(workload: Workload, warmup: int, shape: Qwen3Shape, sides: dict) -> dict:
+def summarize(workload: Workload, warmup: int, shape: Qwen3Shape, sides: dict,
+              task: tasks.Task = tasks.EMBEDDING) -> dict:
     """Per-workload record: ``{side}_tokens_per_s``, ``_groups_per_s``, ``_mfu``, ``_peak_gib``,
-    ``_padding``; ``speedup`` (megaemb / baseline), ``mfu`` and ``peak_gib`` (megaemb's)."""
+    ``_padding``; ``speedup`` (megaemb / baseline), ``mfu`` and ``peak_gib`` (megaemb's);
+    ``max_cos_distance`` of the embeddings, or a reranker's ``max_score_diff`` (and
+    ``max_abs_score``, for scale)."""
     timed = workload.steps[warmup:]
     tokens = sum(sum(s.lengths) for s in timed)
-    flops = sum(train_flops(shape, s.lengths) for s in timed)
+    flops = sum(train_flops(shape, s.lengths, task.head_rows) for s in timed)
     peak_flops = platform.peak_flops()
     out = {"timed_steps": len(timed), "warmup_steps": warmup,
            "groups_per_step": workload.groups_per_step, "texts_per_step": len(timed[0].seqs),
@@ -234,8 +264,12 @@ def summarize(workload: Workload, warmup: int, shape: Qwen3Shape, sides: dict) -
     out["speedup"] = ours / base if ours and base else None
     out["mfu"], out["peak_gib"] = out["megaemb_mfu"], out["megaemb_peak_gib"]
     a, b = sides["megaemb"].get("first"), sides["baseline"].get("first")
-    out["max_cos_distance"] = (1 - F.cosine_similarity(a, b, dim=-1)).max().item() \
-        if a is not None and b is not None else None
+    if task.head:
+        out["max_score_diff"] = (a - b).abs().max().item() if a is not None and b is not None else None
+        out["max_abs_score"] = b.abs().max().item() if b is not None else None
+    else:
+        out["max_cos_distance"] = (1 - F.cosine_similarity(a, b, dim=-1)).max().item() \
+            if a is not None and b is not None else None
     return out
 
 
@@ -261,7 +295,7 @@ def markdown_table(report: dict) -> str:
 
     lines = ["| size | workload | megaemb tok/s | baseline tok/s | speedup | megaemb MFU | "
              "baseline MFU | megaemb GiB | baseline GiB | megaemb groups/s | baseline groups/s | "
-             "baseline padding | max cos dist |", "|" + " --- |" * 2 + " ---: |" * 11]
+             "baseline padding | max cos dist (reranker: score diff) |", "|" + " --- |" * 2 + " ---: |" * 11]
     for size, workloads in report["by_size"].items():
         for name, r in workloads.items():
             lines.append(
@@ -270,7 +304,8 @@ def markdown_table(report: dict) -> str:
                 f"| {num(r['speedup'], '.2f')} | {pct(r['megaemb_mfu'])} | {pct(r['baseline_mfu'])} "
                 f"| {num(r['megaemb_peak_gib'], '.1f')} | {num(r['baseline_peak_gib'], '.1f')} "
                 f"| {num(r['megaemb_groups_per_s'], '.1f')} | {num(r['baseline_groups_per_s'], '.1f')} "
-                f"| {pct(r['baseline_padding'])} | {num(r['max_cos_distance'], '.1e')} |")
+                f"| {pct(r['baseline_padding'])} "
+                f"| {num(r.get('max_cos_distance', r.get('max_score_diff')), '.1e')} |")
     return "\n".join(lines)
 
 
@@ -290,7 +325,9 @@ def profile_tables(report: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="0.6B", help="comma-separated, of 0.6B, 4B (default 0.6B)")
+    p.add_argument("--sizes", default="0.6B", help="comma-separated, of 0.6B, 4B, 8B (default 0.6B)")
+    p.add_argument("--task", default=tasks.DEFAULT, choices=list(tasks.TASKS),
+                   help="embedding (InfoNCE) or generative_reranker (yes/no score, listwise CE)")
     p.add_argument("--workloads", default="dense,mix")
     p.add_argument("--packing", type=str2bool, default=True, help="megaemb packed [1, T] batches")
     p.add_argument("--attention", default="auto", choices=("auto", "te", "sdpa", "local"),
@@ -321,6 +358,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    task = tasks.get(args.task)
+    loss = listwise if task.head else info_nce
     init_parallel(ParallelConfig(), seed=0)
     bf16 = platform.has_cuda() and not args.tiny
     device = torch.cuda.get_device_name() if platform.has_cuda() else "cpu"
@@ -329,24 +368,26 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="megaemb-bench-") as tmp:
         for size in args.sizes:
             print(f"{size}: making a random-weight checkpoint", flush=True)
-            hf_dir = make_checkpoint(size, os.path.join(tmp, size))
+            hf_dir = make_checkpoint(size, os.path.join(tmp, size), causal_lm=task.causal_lm)
             shape = Qwen3Shape.from_hf(read_hf_config(hf_dir))
-            sides = {"baseline": run_side("baseline", lambda: Transformers(hf_dir, bf16), workloads,
-                                          args.warmup, args.profile),
+            sides = {"baseline": run_side("baseline", lambda: Transformers(hf_dir, bf16, task),
+                                          workloads, args.warmup, args.profile, loss),
                      "megaemb": run_side("megaemb", lambda: Megaemb(hf_dir, bf16, args.packing, args.attention,
-                                                                 args.recompute),
-                                         workloads, args.warmup, args.profile)}
-            by_size[size] = {w.name: summarize(w, args.warmup, shape, {k: v[w.name] for k, v in sides.items()})
+                                                                 args.recompute, task),
+                                         workloads, args.warmup, args.profile, loss)}
+            by_size[size] = {w.name: summarize(w, args.warmup, shape, {k: v[w.name] for k, v in sides.items()},
+                                               task)
                              for w in workloads}
     from megaemb.model.qwen3 import resolve_attention
 
-    report = {"device": device, "date": datetime.date.today().isoformat(),
+    report = {"device": device, "date": datetime.date.today().isoformat(), "task": task.name,
               "dtype": "bf16" if bf16 else "fp32", "megaemb_packing": args.packing,
               "megaemb_attention": resolve_attention(args.attention), "megaemb_recompute": args.recompute,
               "peak_flops": platform.peak_flops(),
               "versions": _versions(), "mix_groups": args.groups, "mix_max_length": args.max_length,
               **by_size[args.sizes[0]], "by_size": by_size}
     path = args.output or os.path.join(HERE, "results", f"{_slug(device)}-{report['date']}"
+                                       f"{'' if task is tasks.EMBEDDING else '-' + task.name}"
                                        f"{'-tiny' if args.tiny else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

@@ -84,3 +84,10 @@ def info_nce(emb: torch.Tensor, m: int, temperature: float = 0.05) -> torch.Tens
     every document of the step (``n - m`` columns), its positive at column ``i``."""
     logits = emb[:m] @ emb[m:].T / temperature
     return F.cross_entropy(logits, torch.arange(m, device=emb.device))
+
+
+def listwise(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """A reranker's scores ``[n]`` -> scalar loss: the step's texts as ``m`` lists of ``n / m``
+    prompts (the first of each the positive), cross-entropy over each list."""
+    lists = scores.float().view(m, -1)
+    return F.cross_entropy(lists, torch.zeros(m, dtype=torch.long, device=scores.device))

@@ -440,7 +440,7 @@ class Trainer:
         stats = {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": lr,
                  "samples": self.cfg.global_batch_size, "tokens": sum(lengths) * self.dp,
                  "padding": 1 - sum(lengths) / computed, "micro_batches": len(out.batches),
-                 "flops": train_flops(self.loaded.shape, lengths) * self.dp}
+                 "flops": train_flops(self.loaded.shape, lengths, self.task.head_rows) * self.dp}
         if out.replay_error is not None:
             stats["replay_error"] = out.replay_error
         return stats

@@ -1,4 +1,5 @@
-"""Generative reranker conversion: HF ``Qwen3ForCausalLM`` (tied / untied ``lm_head``) <->
+"""Generative reranker conversion: HF ``Qwen3ForCausalLM`` (tied / untied ``lm_head``) and
+``Qwen3MoeForCausalLM`` <->
 megatron-core bit for bit, megaemb's yes/no score = the CausalLM's ``l_yes - l_no``, and the
 ``Qwen3ForSequenceClassification`` form (``score.weight = W[yes] - W[no]``) scores the same."""
 import json
@@ -17,12 +18,12 @@ PAD = 151643
 TOL = 1e-5
 
 
-def _save_causal_lm(out_dir, tied: bool) -> str:
-    from transformers import Qwen3ForCausalLM
+def _save_causal_lm(out_dir, tied: bool, moe: bool = False) -> str:
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(5 + tied)
+    torch.manual_seed(5 + tied + 2 * moe)
     with torch.no_grad():
-        model = Qwen3ForCausalLM(tiny_config(tied=tied)).float()
+        model = AutoModelForCausalLM.from_config(tiny_config(tied=tied, moe=moe)).float()
         for p in model.parameters():  # norms start at 1: perturb so conversions are tested
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
@@ -35,7 +36,8 @@ def _save_causal_lm(out_dir, tied: bool) -> str:
 @pytest.fixture(scope="module")
 def causal_lms(tmp_path_factory):
     root = tmp_path_factory.mktemp("causal")
-    return {kind: _save_causal_lm(root / kind, kind == "tied") for kind in ("untied", "tied")}
+    return {kind: _save_causal_lm(root / kind, kind == "tied", kind == "moe")
+            for kind in ("untied", "tied", "moe")}
 
 
 def _prompts():
@@ -50,9 +52,9 @@ def _prompts():
 @torch.no_grad()
 def _causal_lm_scores(path, ids, lengths):
     """The reference: the CausalLM's full logits, ``l_yes - l_no`` at each row's last token."""
-    from transformers import Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
     logits = model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(ids)), lengths - 1]
     return logits[:, QWEN3_YES] - logits[:, QWEN3_NO]
@@ -83,7 +85,7 @@ def loaded(causal_lms):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["untied", "tied"])
+@pytest.mark.parametrize("kind", ["untied", "tied", "moe"])
 def test_causal_lm_round_trip_bit_exact(causal_lms, loaded, kind):
     """HF -> megatron-core parameters -> HF gives the CausalLM's file back, ``lm_head``
     included when untied; the TP=2 slices of the vocabulary rows join back exactly."""
@@ -100,18 +102,18 @@ def test_causal_lm_round_trip_bit_exact(causal_lms, loaded, kind):
     original = load_file(os.path.join(causal_lms[kind], "model.safetensors"))
     if kind == "tied":  # the head reads the word embedding: no output layer either side
         original.pop("lm_head.weight", None)
-    assert ("lm_head.weight" in back) == (kind == "untied")
+    assert ("lm_head.weight" in back) == (kind != "tied")
     assert sorted(back) == sorted(original)
     for key, tensor in original.items():
         assert torch.equal(back[key], tensor), key
-    w = "lm_head.weight" if kind == "untied" else "embed_tokens.weight"
+    w = "lm_head.weight" if kind != "tied" else "embed_tokens.weight"
     halves = [_vocab_slice(ckpt, w, ckpt.shape, rank, 2) for rank in range(2)]
     assert torch.equal(split("vocab", torch.cat(halves), ckpt.shape)[0], original[hf_key(w, "model.")])
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("kind", ["untied", "tied"])
+@pytest.mark.parametrize("kind", ["untied", "tied", "moe"])
 def test_megaemb_score_matches_causal_lm(causal_lms, loaded, kind, packed):
     """Backbone's last-token hidden state . (W[yes] - W[no]) = the CausalLM's l_yes - l_no."""
     from megaemb.data.batching import text_batch

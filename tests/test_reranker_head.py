@@ -111,8 +111,10 @@ def _head_group(rank, world):
                 (scores * coef).sum().backward()
                 ref_scores, ref_wgrad, ref_hgrad = _reference(full_h, full_w, batch.pool_index,
                                                               yes, no, coef)
-                shards = [torch.empty_like(weight.grad) for _ in range(TP)]
-                dist.all_gather(shards, weight.grad.contiguous(), group=tp_group)
+                assert weight.grad.is_sparse  # two rows, never a dense [V/tp, h] gradient
+                grad_w = weight.grad.to_dense()
+                shards = [torch.empty_like(grad_w) for _ in range(TP)]
+                dist.all_gather(shards, grad_w, group=tp_group)
                 if sp:  # each rank gets the gradient of the positions it holds, zero elsewhere
                     mine = torch.zeros_like(ref_hgrad)
                     mine.chunk(TP, dim=0)[rank].copy_(ref_hgrad.chunk(TP, dim=0)[rank])

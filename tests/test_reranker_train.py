@@ -1,9 +1,10 @@
 """``megaemb sft --task_type generative_reranker`` and ``--task_type reranker`` (the seq-cls
 head) under real gloo groups: a tiny reranker learns, and every parallel layout (DP=2, TP=2,
-TP=2+SP packed, PP=2, tied TP=2; seq-cls: DP=2 padded and packed, TP=2+SP packed, PP=2) gives
-the losses and gradient norms of TP=PP=DP=1 (fp32, 1e-5), DP=2 also step 1's gradients, and
-the in-loop eval's metrics after training; the checkpoint records its task, so loading it
-builds the reranker and an embedder run refuses it.
+TP=2+SP packed, PP=2, tied TP=2, tied PP=2, a Qwen3-MoE reranker's EP=2; seq-cls: DP=2 padded
+and packed, TP=2+SP packed, PP=2) gives the losses and gradient norms of TP=PP=DP=1 (fp32,
+1e-5), the DP=2, tied PP=2 (both stages' copies of the word embedding) and EP=2 layouts also
+step 1's gradients, and the in-loop eval's metrics after training; the checkpoint records its
+task, so loading it builds the reranker and an embedder run refuses it.
 """
 import json
 import os
@@ -23,7 +24,8 @@ ROWS = 8  # distinct queries: every step sees each of them (global batch 8)
 
 @pytest.fixture(scope="module")
 def rerankers(tmp_path_factory):
-    """Tiny random Qwen3ForCausalLM checkpoints (untied with lm_head, tied) and group rows of
+    """Tiny random Qwen3ForCausalLM checkpoints (untied with lm_head, tied), an untied
+    Qwen3MoeForCausalLM (4 experts, top 2) and group rows of
     1 to 3 negatives (so a micro-batch's mean is not the global batch's: the DP weighting counts)."""
     from megaemb.tiny import make_tiny_checkpoint
 
@@ -35,6 +37,7 @@ def rerankers(tmp_path_factory):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"untied": make_tiny_checkpoint(str(root / "untied"), seed=4, causal_lm=True),
             "tied": make_tiny_checkpoint(str(root / "tied"), seed=5, causal_lm=True, tied=True),
+            "moe": make_tiny_checkpoint(str(root / "moe"), seed=6, causal_lm=True, moe=True),
             "data": str(data), "root": str(root)}
 
 
@@ -49,8 +52,9 @@ def _cfg(model, data, **kw):
 
 
 def _run(cfg) -> dict:
-    """Steps [(step, loss, grad_norm)], step 1's gradients (name -> tensor, via a file) and
-    the in-loop eval's scores after the last step."""
+    """Steps [(step, loss, grad_norm)], step 1's gradients (global parameter name -> this
+    rank's tensor, via a file; the last stage's tied copy ``output_layer.weight``) and the
+    in-loop eval's scores after the last step."""
     from megaemb.train import Trainer
 
     trainer, steps = Trainer(cfg), []
@@ -58,8 +62,7 @@ def _run(cfg) -> dict:
         stats = trainer.train_step()
         steps.append((trainer.step + 1, stats["loss"], stats["grad_norm"]))
         if trainer.step == 0:
-            grads = {n: p.main_grad.detach().clone()
-                     for n, p in trainer.model.module.named_parameters()}
+            grads = _global_grads(trainer.model.module)
     fd, path = tempfile.mkstemp(suffix=".pt", dir=os.path.dirname(cfg.dataset[0]))
     os.close(fd)
     torch.save(grads, path)
@@ -68,14 +71,39 @@ def _run(cfg) -> dict:
     return {"steps": steps, "grads": path, "eval": trainer.evaluate()}
 
 
-_REFS = [("untied", "generative_reranker"), ("tied", "generative_reranker"), ("untied", "reranker")]
+_REFS = [("untied", "generative_reranker"), ("tied", "generative_reranker"),
+         ("moe", "generative_reranker"), ("untied", "reranker")]
+
+
+def _global_grads(model) -> dict:
+    """``main_grad`` of each parameter under its checkpoint name (global layer and expert
+    indices: a pipeline stage's or an expert-parallel rank's share of TP=PP=EP=1's)."""
+    from megaemb.convert.hf_to_mcore import global_index
+    from megaemb.convert.mapping import find_mapping, qwen3_mappings
+
+    table, out = qwen3_mappings(model.shape, output_layer="lm_head"), {}
+    for name, p in model.named_parameters():
+        if name != "output_layer.weight":
+            _, local = find_mapping(table, name)
+            index = global_index(model, local)
+            if "layer" in local:
+                name = name.replace(f"layers.{local['layer']}.", f"layers.{index['layer']}.", 1)
+            if "expert" in local:
+                name = name.replace(f"local_experts.{local['expert']}.",
+                                    f"local_experts.{index['expert']}.", 1)
+        out[name] = p.main_grad.detach().clone()
+    return out
+
+
+def _ref_path(m, name, task, loss) -> str:
+    return os.path.join(m["root"], f"ref-{name}-{task}-{loss}")
 
 
 def _references(rank, world, m):
     out = {}
     for name, task in _REFS:
         for loss in ("listwise_reranker", "pointwise_reranker"):
-            save = os.path.join(m["root"], f"ref-{task}-{loss}") if name == "untied" else ""
+            save = _ref_path(m, name, task, loss) if name != "moe" else ""
             out[name, task, loss] = _run(_cfg(m[name], m["data"], loss_type=loss, task_type=task,
                                               micro_batch_size=ROWS, save=save))
     return out
@@ -96,31 +124,61 @@ _LAYOUTS = [  # label, model, overrides
     ("seqcls-tp2-sp-packed", "untied", dict(**_SEQ_CLS, tensor_model_parallel_size=2,
                                             sequence_parallel=True, packing=True)),
     ("seqcls-pp2", "untied", dict(**_SEQ_CLS, pipeline_model_parallel_size=2)),
+    ("tied-pp2", "tied", dict(pipeline_model_parallel_size=2)),
+    ("moe-ep2", "moe", dict(expert_model_parallel_size=2)),
 ]
+_GRADS = ("dp2", "dp2-packed", "tied-dp2", "tied-pp2", "moe-ep2", "seqcls-dp2", "seqcls-dp2-packed")  # layouts whose step-1 gradients are compared
 
 
 def _layouts(rank, world, m):
-    return {(label, loss): _run(_cfg(m[name], m["data"], loss_type=loss, **kw))
-            for label, name, kw in _LAYOUTS
-            for loss in ("listwise_reranker", "pointwise_reranker")}
+    out = {(label, loss): _run(_cfg(m[name], m["data"], loss_type=loss, save=_saved(m, label, loss),
+                                    **kw))
+           for label, name, kw in _LAYOUTS
+           for loss in ("listwise_reranker", "pointwise_reranker")}
+    out["reload"] = _reload_tied(m)
+    return out
+
+
+def _saved(m, label, loss) -> str:
+    return os.path.join(m["root"], f"{label}-{loss}") if label == "tied-pp2" else ""
+
+
+def _reload_tied(m) -> float:
+    """Collective (PP=2): the tied PP=2 run's checkpoint (the last stage's copy saved as a
+    replica of the word embedding) and world 1's, both loaded at PP=2: max relative
+    difference of this stage's ``W`` (the word embedding, or the last stage's copy)."""
+    from megaemb import tasks
+    from megaemb.config import ParallelConfig
+    from megaemb.convert.load import load_model
+    from megaemb.parallel import init_parallel
+
+    parallel = ParallelConfig(pipeline_model_parallel_size=2)
+    init_parallel(parallel)
+    got, ref = (load_model(path, parallel, task=tasks.GENERATIVE_RERANKER)
+                .model.shared_embedding_or_output_weight()
+                for path in (_saved(m, "tied-pp2", "listwise_reranker"),
+                             _ref_path(m, "tied", "generative_reranker", "listwise_reranker")))
+    return float((got - ref).abs().max() / ref.abs().max())
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_reranker_learns_and_layouts_equal_one_rank(rerankers):
-    refs = run_distributed(_references, 1, rerankers, timeout=400)[0]
-    got = run_distributed(_layouts, 2, rerankers, timeout=1200)[0]
+    refs = run_distributed(_references, 1, rerankers, timeout=500)[0]
+    ranks = run_distributed(_layouts, 2, rerankers, timeout=1500)
     report = {}
-    for (label, loss), r in got.items():
+    reloads = [rank.pop("reload") for rank in ranks]
+    for (label, loss), r in ranks[0].items():
         name, kw = next((n, kw) for lab, n, kw in _LAYOUTS if lab == label)
         ref = refs[name, kw.get("task_type", "generative_reranker"), loss]
         report[label, loss] = {"loss": _close(r["steps"], ref["steps"]),
                                "eval": max(abs(r["eval"][k] - v) for k, v in ref["eval"].items())}
-        if "dp2" in label:  # whole weights on every rank
-            a, b = torch.load(r["grads"]), torch.load(ref["grads"])
+        if label in _GRADS:  # each rank's parameters (PP: a stage's, EP: its experts) vs world 1's
+            b = torch.load(ref["grads"])
             report[label, loss]["grads"] = max(
-                float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in b)
-    print({k: {n: f"{x:.1e}" for n, x in v.items()} for k, v in report.items()})
+                _grad_diff(torch.load(rank[label, loss]["grads"]), b) for rank in ranks)
+    print({k: {n: f"{x:.1e}" for n, x in v.items()} for k, v in report.items()}, reloads)
+    assert max(reloads) <= TOL, reloads
     for key, r in report.items():
         assert max(r.values()) <= TOL, (key, r)
     for key, ref in refs.items():  # it learns: the loss of the same 8 queries falls
@@ -133,8 +191,19 @@ def test_reranker_learns_and_layouts_equal_one_rank(rerankers):
     g = torch.load(refs["untied", "reranker", "listwise_reranker"]["grads"])["output_layer.weight"]
     assert g.shape == (1, 64) and float(g.abs().max()) > 0
     for task in ("generative_reranker", "reranker"):
-        _check_checkpoint(os.path.join(rerankers["root"], f"ref-{task}-listwise_reranker"),
-                          rerankers, task)
+        _check_checkpoint(_ref_path(rerankers, "untied", task, "listwise_reranker"), rerankers, task)
+
+
+def _grad_diff(got: dict, ref: dict) -> float:
+    """Max relative difference of ``got``'s gradients from world 1's ``ref``; a tied model's
+    last-stage copy ``output_layer.weight`` must equal the word embedding's (its all-reduced
+    gradient: the lookup's and the head's); each rank must hold a part of the model."""
+    tied = "output_layer.weight" in got and "output_layer.weight" not in ref
+    names = {k: "embedding.word_embeddings.weight" if tied and k == "output_layer.weight" else k
+             for k in got}
+    assert len(got) >= 3 and set(names.values()) <= set(ref), sorted(set(names.values()) - set(ref))
+    return max(float((got[k] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30))
+               for k, n in names.items())
 
 
 def _check_checkpoint(path, m, task):

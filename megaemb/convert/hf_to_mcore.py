@@ -154,7 +154,7 @@ def load_hf_into_model(model, ckpt: HFCheckpoint) -> None:
         raise ConversionError(f"{ckpt.dir}: model shape differs from the one built")
     table = qwen3_mappings(shape, ckpt.output_layer)
     for name, param in model.named_parameters():
-        rule, local = find_mapping(table, name)
+        rule, local = find_mapping(table, model.checkpoint_source(name))
         index = global_index(model, local)
         hf_names = rule.hf_names(**index)
         rank, size = _tp_of(rule)

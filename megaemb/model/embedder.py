@@ -5,7 +5,13 @@ reranker's ``YesNoHead`` reads two rows of the output layer (``output_layer.weig
 word embedding when tied) on the last stage; the sequence-classification reranker's
 ``SeqClsHead`` reads its one-row classifier (``output_layer.weight`` ``[1, h]``). Under pipeline parallelism each stage holds its
 slice of layers; the first stage owns the word embedding (``pre_process``), the last owns
-the final norm and pooling (``post_process``).
+the final norm and pooling (``post_process``). Tied under pipeline parallelism, the last stage
+holds a copy of the word embedding as ``output_layer.weight``, as megatron's ``GPTModel`` does
+(``share_embeddings_and_output_weights``): equal to the first stage's from the start (filled
+from the same checkpoint tensor, or an all-reduce over the embedding group at build), its
+gradient all-reduced with the first stage's by ``finalize_model_grads`` (so both take the
+same update), marked ``shared`` (the gradient norm counts it once), and checkpointed as a
+replica of ``embedding.word_embeddings.weight`` (no second tensor on disk).
 
 The input is a ``TextBatch`` of ``n`` texts, padded ``[n, s]`` or packed ``[1, T]`` (see
 ``megaemb.data.batching``); the layout lives in the batch, the model has no branch on it
@@ -23,7 +29,10 @@ s must divide by tp under SP, which the batch builders ensure):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -49,7 +58,9 @@ class EmbeddingModel(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.model_type = "encoder_or_decoder"  # read by megatron's schedules
-        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads (no output layer)
+        # read by finalize_model_grads: all-reduce the word embedding's gradient with the last
+        # stage's copy (a tied head under pipeline parallelism; a no-op on one stage)
+        self.share_embeddings_and_output_weights = output_layer == "lm_head" and shape.tie_word_embeddings
         if pre_process:
             self.embedding = LanguageModelEmbedding(
                 config=config, vocab_size=shape.padded_vocab_size,
@@ -68,15 +79,51 @@ class EmbeddingModel(MegatronModule):
     def _attach_output_layer(self, kind: str) -> None:
         """The weight the head reads on the last stage (``tasks.Task.output_layer``): ``"score"``,
         the one-row classifier; ``"lm_head"``, ``W``: an untied output layer (megatron's
-        ``output_layer.weight``), or tied, the word embedding (this stage must hold it)."""
+        ``output_layer.weight``), or tied, the word embedding: this stage's, or on a last stage
+        without it, a copy of the first stage's (see the module docstring)."""
         if kind == "score":
             self.output_layer = heads.score_layer(self.config, self.shape)
-        elif not self.shape.tie_word_embeddings:
-            self.output_layer = heads.output_layer(self.config, self.shape)
-        elif not self.pre_process:
-            raise ValueError("a model with tied embeddings scores with the word embedding, which "
-                             "pipeline parallelism puts on another stage: use "
-                             "--pipeline_model_parallel_size 1 (or an untied model)")
+            return
+        if self.shape.tie_word_embeddings and self.pre_process:
+            return
+        self.output_layer = heads.output_layer(self.config, self.shape)
+        if self.shape.tie_word_embeddings:  # megatron's marks: the gradient norm counts it once,
+            self.output_layer.weight.shared = True  # and its gradient is all-reduced with stage 1's
+            self.output_layer.weight.shared_embedding = True
+
+    @property
+    def holds_embedding_copy(self) -> bool:
+        """Whether ``output_layer.weight`` is this last stage's copy of the word embedding."""
+        return self.share_embeddings_and_output_weights and hasattr(self, "output_layer")
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """The tied ``W`` this stage holds (megatron's name, read by ``finalize_model_grads``):
+        the word embedding on the first stage, its copy on the last, None elsewhere."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight if self.holds_embedding_copy else None
+
+    def checkpoint_source(self, name: str) -> str:
+        """The parameter whose checkpoint tensor fills ``name``: the word embedding's for the
+        last stage's tied copy, else ``name`` itself."""
+        if name == "output_layer.weight" and self.holds_embedding_copy:
+            return "embedding.word_embeddings.weight"
+        return name
+
+    def sync_embedding_copy(self) -> None:
+        """Collective over megatron's embedding group (the first and last pipeline stages; a
+        no-op elsewhere and when untied): the last stage's copy of a tied word embedding takes
+        the first stage's values (zeroed, then all-reduced, as megatron's ``GPTModel``)."""
+        group = parallel_state.get_embedding_group(check_initialized=False)
+        if (not self.share_embeddings_and_output_weights or group is None
+                or dist.get_world_size(group) == 1
+                or dist.get_rank() not in dist.get_process_group_ranks(group)):
+            return
+        weight = self.shared_embedding_or_output_weight()
+        with torch.no_grad():
+            if not self.pre_process:
+                weight.zero_()
+            dist.all_reduce(weight.data, group=group)
 
     def output_shape(self, n: int, dim: int | None = None) -> tuple[int, ...]:
         """What the last stage returns for ``n`` texts: scores ``(n,)`` with a head, else
@@ -97,6 +144,12 @@ class EmbeddingModel(MegatronModule):
     # checkpoint has none for TE attention, which megatron's load would report as missing.
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.holds_embedding_copy:  # a replica of the first stage's tensor (megatron's tie)
+            key = f"{prefix}output_layer.weight"
+            tensor = state[key]
+            state[key] = dataclasses.replace(
+                tensor, key=f"{prefix}embedding.word_embeddings.weight",
+                replica_id=(1, *tensor.replica_id[1:]), allow_shape_mismatch=True)
         return {k: v for k, v in state.items() if not _is_extra_state(k)}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -170,4 +223,6 @@ def build_model(config, shape: Qwen3Shape, *, attention: str = "auto",
         config, shape, attention=attention,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(), head=head, output_layer=output_layer)
-    return model.to(platform.device())
+    model = model.to(platform.device())
+    model.sync_embedding_copy()
+    return model

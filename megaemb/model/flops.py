@@ -1,9 +1,13 @@
 """Training FLOPs of one forward+backward, for MFU (nanochat style: next to the model).
 
 FLOPs = 6 * N_matmul * tokens + 6 * layers * heads * head_dim * sum(len_i^2)
+        + 6 * head_rows * hidden * texts
   N_matmul: weights used in matmuls per token (attention projections, MLP or the top-k
             experts' MLPs, router), no embedding lookup and no vocabulary GEMM (there is none).
   attention: QK^T and AV are 2 * 2 * s^2 * heads * head_dim forward, x3 with backward, /2 causal.
+  head:     a task's head multiplies each text's last hidden state by ``head_rows`` rows of
+            the output layer (the generative reranker: 2, "yes" and "no"): 2 * 2h forward per
+            pair, x3 with backward (``tasks.Task.head_rows``; 0 for pooled embeddings).
 """
 from __future__ import annotations
 
@@ -22,11 +26,13 @@ def matmul_params_per_token(shape: Qwen3Shape) -> int:
     return total
 
 
-def train_flops(shape: Qwen3Shape, lengths: list[int]) -> float:
-    """FLOPs of forward+backward over sequences of the given real lengths."""
+def train_flops(shape: Qwen3Shape, lengths: list[int], head_rows: int = 0) -> float:
+    """FLOPs of forward+backward over sequences of the given real lengths, each scored by a
+    head of ``head_rows`` output-layer rows at its last token (0: none)."""
     tokens = sum(lengths)
     attn = 6 * shape.num_layers * shape.num_heads * shape.head_dim * sum(n * n for n in lengths)
-    return 6.0 * matmul_params_per_token(shape) * tokens + attn
+    head = 6 * head_rows * shape.hidden_size * len(lengths)
+    return 6.0 * matmul_params_per_token(shape) * tokens + attn + head
 
 
 def vocab_logits_bytes(shape: Qwen3Shape, tokens: int, tensor_parallel: int = 1,

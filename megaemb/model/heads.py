@@ -21,8 +21,8 @@ instead of gathering the whole ``[s, b, h]`` sequence.
 The head sits on the last pipeline stage, after the final norm, on ``EmbeddingModel`` (built
 by ``tasks.reranker.yes_no_head``), which owns the output layer (``output_layer.weight``,
 megatron's ``GPTModel`` name, see ``megaemb.convert.mapping``) and passes ``W`` here. Tied
-under pipeline parallelism, the last stage would need megatron's shared copy of the word
-embedding (its gradients all-reduced with the first stage's): not built, refused.
+under pipeline parallelism, ``W`` is the last stage's copy of the word embedding (megatron's
+shared embedding, its gradient all-reduced with the first stage's; see ``EmbeddingModel``).
 """
 from __future__ import annotations
 
@@ -52,12 +52,16 @@ def select_last_tokens(hidden: torch.Tensor, pool_index: torch.Tensor,
 def vocab_rows(weight: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
     """Rows ``token_ids`` of the vocab-parallel ``W`` whose local shard is ``weight``
     ``[V/tp, h]`` -> ``[len(token_ids), h]``, replicated over TP; their gradient goes to the
-    owner rank's rows of ``weight`` only."""
+    owner rank's rows of ``weight`` only, as a sparse tensor of those rows (megatron's DDP adds
+    it to the dense ``main_grad`` buffer)."""
     per_rank = weight.shape[0]
     start = parallel_state.get_tensor_model_parallel_rank() * per_rank
     local = torch.tensor(token_ids, device=weight.device) - start
     owned = (local >= 0) & (local < per_rank)
-    rows = torch.where(owned[:, None], weight[local.clamp(0, per_rank - 1)], 0.0)
+    # a lookup with a sparse gradient: 2 rows, not a dense [V/tp, h] zeros-but-two tensor that
+    # would live through the backward pass (tied, until the word embedding's own gradient)
+    rows = torch.nn.functional.embedding(local.clamp(0, per_rank - 1), weight, sparse=True)
+    rows = torch.where(owned[:, None], rows, 0.0)
     return tensor_parallel.reduce_from_tensor_model_parallel_region(rows)
 
 

@@ -27,9 +27,10 @@ _RERANKING = dict(  # what both rerankers share: losses, Qwen3-Reranker prompts,
         ("mrl_dims", "a reranker gives one score per pair, no embedding to truncate"),
         ("query_instruction", "the reranker prompt's instruction is --instruction")))
 GENERATIVE_RERANKER = Task(name="generative_reranker", head="megaemb.tasks.reranker:yes_no_head",
-                           output_layer="lm_head", causal_lm=True, **_RERANKING)
+                           output_layer="lm_head", head_rows=2, causal_lm=True,
+                           **_RERANKING)
 RERANKER = Task(name="reranker", head="megaemb.tasks.reranker:seq_cls_head",
-                output_layer="score", seq_cls=True, **_RERANKING)
+                output_layer="score", head_rows=1, seq_cls=True, **_RERANKING)
 TASKS = {t.name: t for t in (EMBEDDING, GENERATIVE_RERANKER, RERANKER)}
 DEFAULT = EMBEDDING.name
 

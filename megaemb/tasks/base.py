@@ -31,6 +31,8 @@ class Task:
     train_data      None (the embedding token store and ``GroupLoss``), or ``"module:Class"``
                     built as ``Class(cfg, tokenizer, log)``: rows, per-step micro-batches whose
                     groups stay whole, and each step's loss
+    head_rows       output-layer rows its head multiplies each text's last hidden state by
+                    (counted in the MFU's FLOPs, ``model.flops.train_flops``)
     causal_lm       its HF export is a ``*ForCausalLM`` (with ``lm_head`` when untied)
     hf_files        ``"module:function"`` of ``(out_dir, config, max_seq_length, seq_cls)``:
                     the files beside an HF export that its users' loaders need (tokenizer
@@ -56,6 +58,7 @@ class Task:
     losses: tuple[str, ...]
     head: str | None = None
     output_layer: str | None = None
+    head_rows: int = 0
     train_data: str | None = None
     causal_lm: bool = False
     hf_files: str = "megaemb.convert.st_files:embedder_files"
