@@ -101,7 +101,7 @@ def test_reranker_step_memory_is_the_embedders(parallel, tied):
     torch.manual_seed(0)
     peaks = {}
     for name, kw in (("embedder", {}), ("reranker", dict(
-            head=YesNoHead(vocab_size=shape.vocab_size), output_layer=True))):
+            head=YesNoHead(vocab_size=shape.vocab_size), output_layer="lm_head"))):
         model = DistributedDataParallel(config, ddp, build_model(config, shape, attention="sdpa", **kw))
         peaks[name] = _peak(_megaemb_step(model, name == "reranker"))
         del model
