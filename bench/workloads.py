@@ -8,6 +8,11 @@ the pooled ``<|endoftext|>``.
     mix    every step: ``groups`` debian-desc rows (query, positive, 3 hard negatives),
            tokenised with the real Qwen3 tokenizer, cut to ``max_length`` tokens; mean about
            70 tokens, so padded batches are mostly padding (the case packing is for)
+
+A reranker's step (``reranker=True``) holds ``m`` lists, one per group, each its query's
+prompts ``[prompt(q, p), prompt(q, n_1) .. prompt(q, n_k)]`` (the positive first): ``mix``
+builds them as ``sft --task_type generative_reranker`` does (Qwen3-Reranker template,
+``tasks.reranker_prompt``); ``dense`` reads its random texts as ``texts / 2`` lists of two.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from megaemb.data.tokenize import EmbeddingTokenizer
+from megaemb.tasks.reranker_prompt import RerankPromptTokenizer
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "debian-desc-train-2k.jsonl")
 
@@ -59,9 +65,10 @@ def dense(num_steps: int, *, texts: int = 16, length: int = 512, vocab: int = 15
 
 
 def mix(num_steps: int, tokenizer_dir: str, *, groups: int = 8, max_length: int = 512,
-        path: str = DATA, seed: int = 0) -> Workload:
+        path: str = DATA, seed: int = 0, reranker: bool = False) -> Workload:
     """``groups`` rows per step, drawn without replacement in a seeded order (the file must
-    hold ``num_steps * groups`` rows)."""
+    hold ``num_steps * groups`` rows); ``reranker``: as Qwen3-Reranker prompts (module
+    docstring)."""
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     need = num_steps * groups
@@ -70,12 +77,18 @@ def mix(num_steps: int, tokenizer_dir: str, *, groups: int = 8, max_length: int 
                          f"the file has {len(rows)}")
     random.Random(seed).shuffle(rows)
     tok = EmbeddingTokenizer(tokenizer_dir, max_length)
+    if reranker:
+        prompts = RerankPromptTokenizer(tok.tokenizer, max_length)
     steps = []
     for i in range(num_steps):
         chunk = rows[i * groups:(i + 1) * groups]
-        texts = ([r["query"] for r in chunk] + [r["response"] for r in chunk]
-                 + [n for r in chunk for n in r["rejected_response"]])
-        steps.append(Step(tok.encode(texts), groups))
+        if reranker:
+            seqs = [ids for j, r in enumerate(chunk) for ids in prompts.encode_group(
+                r["query"], [r["response"], *r["rejected_response"]], source=f"{path}[{j}]")]
+        else:
+            seqs = tok.encode([r["query"] for r in chunk] + [r["response"] for r in chunk]
+                              + [n for r in chunk for n in r["rejected_response"]])
+        steps.append(Step(seqs, groups))
     return Workload("mix", steps, tok.pad_id)
 
 
@@ -88,6 +101,7 @@ def info_nce(emb: torch.Tensor, m: int, temperature: float = 0.05) -> torch.Tens
 
 def listwise(scores: torch.Tensor, m: int) -> torch.Tensor:
     """A reranker's scores ``[n]`` -> scalar loss: the step's texts as ``m`` lists of ``n / m``
-    prompts (the first of each the positive), cross-entropy over each list."""
+    prompts (the first of each the positive), cross-entropy over each list (as
+    ``--loss_type listwise_reranker`` at temperature 1)."""
     lists = scores.float().view(m, -1)
     return F.cross_entropy(lists, torch.zeros(m, dtype=torch.long, device=scores.device))

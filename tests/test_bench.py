@@ -42,6 +42,39 @@ def test_throughput_tiny_reports_both_sides_and_they_agree(tmp_path):
     assert "| tiny | mix |" in r.stdout and "tiny mix megaemb: top operators by self time" in r.stdout
 
 
+@pytest.mark.timeout(150)
+def test_throughput_tiny_reranker_scores_agree_and_count_the_head(tmp_path, monkeypatch):
+    """``--task generative_reranker``: Qwen3-Reranker prompts of debian-desc groups, megaemb's
+    yes/no head vs ``Qwen3ForCausalLM`` with ``logits_to_keep=1``: the same scores (fp32), and
+    the MFU's FLOPs hold the head's two rows per prompt."""
+    from megaemb.model.flops import train_flops
+    from megaemb.shape import Qwen3Shape
+    from megaemb.tiny import tiny_config
+
+    out = tmp_path / "result.json"
+    flags = ["--tiny", "--task", "generative_reranker", "--workloads", "mix", "--output", str(out)]
+    r = subprocess.run([sys.executable, "bench/throughput.py", *flags], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=140)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    w = report["mix"]
+    assert report["task"] == "generative_reranker" and w["texts_per_step"] == 2 * 4  # (q, p), 3 (q, n)
+    assert w["max_score_diff"] <= 1e-5 * max(1.0, w["max_abs_score"]) and w["max_abs_score"] > 0
+    assert w["megaemb_tokens_per_s"] > 0 and w["baseline_tokens_per_s"] > 0
+    assert 0 <= w["megaemb_padding"] <= w["baseline_padding"]
+    # the same steps rebuilt here: FLOPs per timed step = the model's + 2 rows x 2h x 3 per prompt
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import throughput
+
+    args = throughput.parse_args(flags)
+    timed = throughput.build_workloads(args)[0].steps[args.warmup:]
+    shape = Qwen3Shape.from_hf(tiny_config().to_dict())
+    assert [s.lengths for s in timed][0] != [s.lengths for s in timed][1]
+    for rows, ok in ((2, True), (0, False)):
+        expect = sum(train_flops(shape, s.lengths, rows) for s in timed) / len(timed)
+        assert (w["train_flops_per_step"] == pytest.approx(expect, rel=1e-12)) is ok
+
+
 @pytest.mark.timeout(240)
 def test_gpu_smoke_runs_on_cpu(tmp_path):
     env = dict(ENV, SMOKE_DEVICE="cpu", SMOKE_OUT=str(tmp_path / "smoke"), PYTHON=sys.executable)
@@ -126,13 +159,14 @@ def test_gpu_check_dry_run_runs_the_whole_plan(tmp_path):
     checks = report["checks"]
     assert report["ok"] and report["dry_run"] and list(checks) == [
         "versions", "spec_parity", "flex", "lora_te", "gpu_smoke", "throughput",
-        "throughput_recompute", "global_negatives"]
+        "throughput_recompute", "throughput_reranker", "global_negatives"]
     assert all(checks[k]["ok"] for k in checks)
     assert checks["lora_te"]["fp32_packed_grad_max_rel_diff"] <= 1e-3
     assert checks["flex"]["fp32_max_out_diff"] <= 1e-4 and checks["flex"]["graphs_added"] <= 2
     assert checks["spec_parity"]["fp32_sdpa_packed"] <= 1e-4
     assert checks["spec_parity"]["bf16_sdpa_packed"] >= 0.999
     assert checks["throughput_recompute"]["dense_megaemb_embedding_backward_ms_per_step"] > 0
+    assert checks["throughput_reranker"]["mix_max_score_diff"] <= 1e-5
     assert r.stdout.strip().splitlines()[-1].startswith("gpu_check: ok")
 
 
