@@ -166,7 +166,7 @@ class ServeFlags:
     max_length: int | None = None  # longest input in tokens, end token included; longer ones get a 400 (a reranker's prompt: its document is cut to fit); none = 8192 or the model's max_position_embeddings
     batch_size: int = 32  # texts per forward micro-batch
     task_type: str | None = None  # embedding (POST /v1/embeddings) | generative_reranker (POST /v1/rerank); none = what a megaemb checkpoint records, embedding for an HF model
-    instruction: str | None = None  # generative_reranker: the prompt's <Instruct> when a request gives no 'instruction'; none = Qwen3-Reranker's default
+    instruction: str | None = None  # rerankers: the prompt's <Instruct> when a request gives no 'instruction'; none = Qwen3-Reranker's default
 
 
 @dataclass
@@ -179,11 +179,11 @@ class SFTConfig:
     val_dataset: list[str] = field(default_factory=list)  # eval files (retrieval or pair metrics) or a BEIR folder
     split_dataset_ratio: float = 0.0  # hold out this share of --dataset for eval instead
     task_type: str = "embedding"  # embedding | generative_reranker (Qwen3-Reranker: yes/no logits at the last token) | reranker (Qwen3ForSequenceClassification: one logit)
-    loss_type: str = "infonce"  # embedding: infonce | cosine_similarity | contrastive | online_contrastive; generative_reranker: pointwise_reranker | listwise_reranker | listwise_distill_reranker (KL to every row's teacher 'scores')
+    loss_type: str = "infonce"  # embedding: infonce | cosine_similarity | contrastive | online_contrastive; generative_reranker, reranker: pointwise_reranker | listwise_reranker | listwise_distill_reranker (KL to every row's teacher 'scores')
     bad_rows: str = "error"  # error (stop at file:line) | skip (count in the log)
     max_length: int = 512  # tokens per text, end token included (longer texts are cut)
     query_instruction: str = ""  # task for 'Instruct: {task}\nQuery:{query}'; documents get none
-    instruction: str = ""  # generative_reranker: the prompt's <Instruct> (a row's system message wins); none = Qwen3-Reranker's default
+    instruction: str = ""  # rerankers: the prompt's <Instruct> (a row's system message wins); none = Qwen3-Reranker's default
     data_cache_dir: str = ""  # tokenised-data stores, reused across runs; none = $MEGAEMB_CACHE or ~/.cache/megaemb/tokens
     # parallelism
     tensor_model_parallel_size: int = 1  # TP: layers split over this many GPUs

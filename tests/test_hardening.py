@@ -240,8 +240,11 @@ def _configs_one_step(rank, world, models):
 
     out = {}
     for path in CONFIGS:
-        model = models["moe"] if "moe" in os.path.basename(path) else models["dense"]
-        cfg = sft_config(build_parser().parse_args(["sft", "--config", path, "--model", model, *OVERRIDES]))
+        name = os.path.basename(path)  # a reranker's config: a tied model scores with its embedding
+        model = models["moe"] if "moe" in name else models["tied"] if "reranker" in name else models["dense"]
+        prompt = ["--max_length", "128"] if "reranker" in name else []  # the template takes 72
+        cfg = sft_config(build_parser().parse_args(["sft", "--config", path, "--model", model,
+                                                    *OVERRIDES, *prompt]))
         trainer = Trainer(cfg)
         model = trainer.module.config  # what megatron was given, not only what was asked
         out[os.path.basename(path)] = (trainer.run()["losses"], model.bf16, model.recompute_granularity,
