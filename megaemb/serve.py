@@ -201,7 +201,11 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", parse: Callable[[by
     answer once the model thread has run the job. Another task's routes get a 404 saying
     which kind of model this is."""
     lock = threading.Lock()
-    others = {r: t.name for t in tasks.TASKS.values() if t is not task for r in t.serve_routes}
+    others: dict[str, list[str]] = {}  # another task's route -> the tasks that answer it
+    for other in tasks.TASKS.values():
+        for r in other.serve_routes:
+            if r not in task.serve_routes:
+                others.setdefault(r, []).append(other.name)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -245,7 +249,7 @@ def make_handler(cfg: ServeConfig, jobs: "queue.Queue[Job]", parse: Callable[[by
                 also = f" (or {', '.join(aliases)})" if aliases else ""
                 self._send(404, RequestError(
                     404, f"`{cfg.name}` is a model of --task_type {task.name}: use POST {first}{also}; "
-                    f"{route} is for --task_type {others[route]} models", code="wrong_model_task").body())
+                    f"{route} is for --task_type {' or '.join(others[route])} models", code="wrong_model_task").body())
                 return
             self._send(404, RequestError(404, f"no route {route or '/'}", code="not_found").body())
 

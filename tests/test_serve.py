@@ -172,7 +172,7 @@ def test_serve_openai_http_errors_and_load(tiny_models, tmp_path):
         status, reply = server.post({"query": "a", "documents": ["b"]}, route="/v1/rerank")
         assert status == 404 and reply["error"]["code"] == "wrong_model_task", reply
         assert "`tiny` is a model of --task_type embedding: use POST /v1/embeddings; /v1/rerank is for " \
-            "--task_type generative_reranker models" \
+            "--task_type generative_reranker or reranker models" \
             in reply["error"]["message"], reply
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # no Content-Length
         conn.putrequest("POST", "/v1/embeddings")
@@ -485,7 +485,7 @@ def test_rerank_answer_order_ties_and_top_n():
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("flags, message", [
     (["--instruction", "x"], "--instruction is not supported with --task_type embedding"),
-    (["--task_type", "reranker"], "--task_type 'reranker': expected one of"),
+    (["--task_type", "cross_encoder"], "--task_type 'cross_encoder': expected one of"),
 ])
 def test_bad_serve_task_flags_are_one_line(tiny_models, flags, message):
     r = _megaemb("serve", "--model", tiny_models["dense"], "--port", "0", *flags)
