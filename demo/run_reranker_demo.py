@@ -29,7 +29,7 @@ def rerank_eval(model: str, retriever: str, queries: int, out: str, nproc: int) 
         return json.load(f)
 
 
-def run(retriever: str, root: str = os.path.join(OUT, "reranker"), train_iters: int = 150,
+def run(retriever: str, root: str = os.path.join(OUT, "reranker"), train_iters: int = 750,
         queries: int = 100, nproc: int = 2) -> dict:
     """The stage, writing under ``root`` (emptied first): returns nDCG@10 of the retriever,
     the untrained and the trained reranker."""
@@ -55,7 +55,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--retriever", default=os.path.join(OUT, "run", "hf_model"),
                    help="an embedder (HF dir or megaemb checkpoint); default: run_demo.py's")
-    p.add_argument("--train_iters", type=int, default=150)
+    p.add_argument("--train_iters", type=int, default=750)
     p.add_argument("--queries", type=int, default=100, help="dev queries to evaluate")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--out", default=os.path.join(OUT, "reranker"), help="folder to write (emptied first)")

@@ -172,7 +172,7 @@ def test_bad_rerank_eval_flags_are_one_line(models, tmp_path):
 @pytest.mark.timeout(900)
 def test_reranker_demo_runs(models, tmp_path):
     """demo/run_reranker_demo.py with a few steps and queries: untrained eval, sft, trained
-    eval, and the nDCG@10 line (the full demo trains 150 steps on 100 dev queries)."""
+    eval, and the nDCG@10 line (the full demo trains 750 steps on 100 dev queries)."""
     proc = subprocess.run([sys.executable, "demo/run_reranker_demo.py", "--retriever", models["embedder"],
                            "--train_iters", "2", "--queries", "12", "--nproc", "1", "--out",
                            str(tmp_path / "demo")], cwd=ROOT, capture_output=True, text=True,
