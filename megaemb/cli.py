@@ -259,9 +259,13 @@ def _load_for_inference(args, task=None):
     """Parallel groups, the model (HF, MCore or LoRA checkpoint of ``task``, default an
     embedder: another task's checkpoint is refused) and its tokenizer, with ``--max_length``
     defaulting to the model's limit (a warning above it)."""
-    from megaemb import tasks
+    from megaemb import preflight, tasks
     from megaemb.data.tokenize import EmbeddingTokenizer
 
+    exported = None if task else preflight.exported_reranker(args.model)
+    if exported:
+        raise ValueError(f"--model {args.model}: a reranker export (--task_type {exported.name}); "
+                         "this command takes an embedder")
     loaded = _load(args, args.model, task or tasks.EMBEDDING)
     return loaded, EmbeddingTokenizer(loaded.hf_dir, args.max_length)
 

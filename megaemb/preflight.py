@@ -128,6 +128,24 @@ def model_task(path: str):
     return tasks.of_hf_config(read_hf_config(path), causal_lm_reranker=not pooled)
 
 
+def exported_reranker(path: str):
+    """The reranker task an HF dir declares itself the export of, else None: a
+    ``*ForSequenceClassification``, or a sentence-transformers ``CrossEncoder`` (megaemb's
+    reranker export). A bare ``*ForCausalLM`` stays readable as an embedder."""
+    from megaemb import tasks
+    from megaemb.shape import read_hf_config
+
+    if checkpoint.is_checkpoint(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    st = os.path.join(path, "config_sentence_transformers.json")
+    cross_encoder = False
+    if os.path.isfile(st):
+        with open(st) as f:
+            cross_encoder = json.load(f).get("model_type") == "CrossEncoder"
+    task = tasks.of_hf_config(read_hf_config(path), causal_lm_reranker=cross_encoder)
+    return None if task is tasks.EMBEDDING else task
+
+
 def model_shape(path: str):
     """The ``Qwen3Shape`` of an HF dir or megaemb checkpoint, from its ``config.json``."""
     from megaemb.shape import Qwen3Shape, read_hf_config

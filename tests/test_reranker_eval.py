@@ -185,3 +185,32 @@ def test_reranker_demo_runs(models, tmp_path):
     for value in (before["retriever"]["ndcg@10"], before["reranked"]["ndcg@10"], after["reranked"]["ndcg@10"]):
         assert f"{value:.4f}" in line, (line, value)
     assert os.path.isfile(tmp_path / "demo" / "run" / "megaemb.json")
+
+
+@pytest.mark.timeout(60)
+def test_an_exported_reranker_is_refused_where_an_embedder_is_read(tmp_path):
+    """``embed`` / ``mine`` / ``eval`` without ``--retriever`` read an embedder: an HF dir that
+    declares itself a reranker (seq-cls architecture, or a sentence-transformers CrossEncoder
+    as megaemb's export writes) is a one-line error; a bare ``*ForCausalLM`` stays an embedder."""
+    from argparse import Namespace
+
+    from megaemb import tasks
+    from megaemb.cli import _load_for_inference
+    from megaemb.preflight import exported_reranker
+
+    def hf_dir(name, architecture, st=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "qwen3", "architectures": [architecture]}))
+        if st:
+            (d / "config_sentence_transformers.json").write_text(json.dumps({"model_type": st}))
+        return str(d)
+
+    cross = hf_dir("cross", "Qwen3ForCausalLM", "CrossEncoder")
+    assert exported_reranker(cross) is tasks.GENERATIVE_RERANKER
+    assert exported_reranker(hf_dir("seqcls", "Qwen3ForSequenceClassification")) is tasks.RERANKER
+    assert exported_reranker(hf_dir("bare", "Qwen3ForCausalLM")) is None
+    assert exported_reranker(hf_dir("st", "Qwen3ForCausalLM", "SentenceTransformer")) is None
+    with pytest.raises(ValueError, match=r"^--model .*cross: a reranker export \(--task_type "
+                                         r"generative_reranker\); this command takes an embedder$"):
+        _load_for_inference(Namespace(model=cross))
