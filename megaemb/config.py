@@ -289,8 +289,11 @@ class SFTConfig:
                    "attention": ("auto", "te", "sdpa", "local")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
+                default = getattr(type(self), name, None)
+                hint = (f" with --task_type {task.name} ({default!r} is the default, the embedder's)"
+                        if name == "loss_type" and getattr(self, name) == default else "")
                 raise ValueError(f"--{name} {getattr(self, name)!r}: expected one of "
-                                 f"{', '.join(repr(a) for a in allowed)}")
+                                 f"{', '.join(repr(a) for a in allowed)}{hint}")
         for name, why in task.unsupported:
             if getattr(self, name):
                 raise ValueError(f"--{name} is not supported with --task_type {task.name}: {why}")

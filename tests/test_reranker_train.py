@@ -230,6 +230,7 @@ def _check_checkpoint(path, m, task):
 
 @pytest.mark.parametrize("flags, message", [
     (["--loss_type", "infonce"], "--loss_type 'infonce': expected one of 'pointwise_reranker'"),
+    ([], "with --task_type generative_reranker .'infonce' is the default, the embedder's"),
     (["--loss_type", "listwise_reranker", "--global_negatives", "true"],
      "--global_negatives is not supported with --task_type generative_reranker"),
     (["--loss_type", "listwise_reranker", "--task_type", "cross_encoder"],
