@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distributed import run_distributed
+from test_reranker_convert import _prompts
 from megaemb.model.heads import QWEN3_NO, QWEN3_YES
 
 PAD = 151643
@@ -47,15 +48,6 @@ def _save_seq_cls(out_dir) -> str:
         model.score.weight.mul_(20)  # scores well away from zero
     model.save_pretrained(out_dir)
     return str(out_dir)
-
-
-def _prompts():
-    """Right-padded random ids (pad never inside a row) and their lengths."""
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.tensor([9, 3, 14, 6])
-    ids = torch.randint(0, PAD - 1, (len(lengths), int(lengths.max())), generator=g)
-    ids[torch.arange(ids.shape[1])[None] >= lengths[:, None]] = PAD
-    return ids, lengths
 
 
 @pytest.fixture(scope="module")
