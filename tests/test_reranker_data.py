@@ -204,6 +204,9 @@ HOSTILE = [
      "field 'label': 1: labelled pairs have no group to rank"),
     ({**MESSAGES, "positive_messages": [[{"role": "system", "content": "s"}] + m("p")]},
      "listwise_reranker", "field 'positive_messages[0]': a system message per candidate"),
+    ({**GROUP, "label": 1}, "pointwise_reranker",
+     "field 'label': 1 on a row with 'rejected_response': a labelled pair is one candidate, its "
+     "negatives would be dropped"),
 ]
 
 
@@ -240,3 +243,39 @@ def test_min_group_size_and_teacher_scores_are_checked_at_load(tmp_path):
         "field 'scores[1]': expected number, got string",
         "field 'scores': missing: listwise_distill_reranker needs a teacher score per candidate "
         "on every row"]
+
+
+@needs_tokenizer
+@pytest.mark.timeout(120)
+def test_train_data_skips_a_too_long_query_only_when_asked(tmp_path, tokenizer):
+    """``--bad_rows skip`` counts a row whose query leaves no room for a document (train and
+    val files alike) and trains on the rest; ``error`` stops at its file:line; the log counts
+    group rows and labelled pairs (pointwise takes both)."""
+    from types import SimpleNamespace
+
+    from megaemb.tasks.reranker import RerankTrainData
+
+    long = {**GROUP, "query": "query " * 200}
+    path = write_jsonl(tmp_path / "t.jsonl", [GROUP, long, {"query": "q", "response": "d",
+                                                           "label": 0}])
+    cfg = SimpleNamespace(loss_type="pointwise_reranker", seed=1, dataset=[path], bad_rows="skip",
+                          split_dataset_ratio=0.0, max_length=128, instruction="",
+                          val_dataset=[path], eval_limit=0)
+    logged = []
+    data = RerankTrainData(cfg, tokenizer, logged.append)
+    assert len(data) == 2 and len(data.eval_rows) == 2
+    assert data.rows[0].positives[0][-5:] == data.rows[1].negatives[0][-5:]  # same suffix
+    assert f"train data: 3 rows read, 1 skipped (1 query too long)" in logged
+    assert f"eval data: 3 rows read, 1 skipped (1 query too long)" in logged
+    assert any(line.startswith(f"  skipped: {path}:2: field 'query': the query with the reranker "
+                               "template takes") for line in logged)
+    assert any("tokenized 2 reranker rows (1 group rows, 1 labelled pairs)" in line
+               for line in logged)
+    with pytest.raises(DataError, match=rf"^{path}:2: field 'query': the query"):
+        RerankTrainData(SimpleNamespace(**{**vars(cfg), "bad_rows": "error"}), tokenizer,
+                        logged.append)
+    only_long = write_jsonl(tmp_path / "l.jsonl", [long])
+    with pytest.raises(DataError, match=r"l\.jsonl: no valid rows \(1 rows read, 1 skipped "
+                       r"\(1 query too long\); every query is too long for --max_length 128\)"):
+        RerankTrainData(SimpleNamespace(**{**vars(cfg), "dataset": [only_long]}), tokenizer,
+                        logged.append)

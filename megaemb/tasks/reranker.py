@@ -48,7 +48,7 @@ from megaemb.tasks.reranker_data import (DISTILL_LOSS, RerankGroup, RerankRow, R
                                          load_rerank_rows, sample_groups)
 from megaemb.tasks.reranker_loss import (ListwiseConfig, listwise_kl_loss, listwise_loss,
                                          pointwise_loss)
-from megaemb.tasks.reranker_prompt import RerankPromptTokenizer, score_token_ids
+from megaemb.tasks.reranker_prompt import QUERY_TOO_LONG, RerankPromptTokenizer, score_token_ids
 
 
 def yes_no_head(tokenizer_dir: str, shape, config):
@@ -97,6 +97,8 @@ class RerankTrainData:
                                         min_group_size=self.listwise.min_group_size,
                                         sampling=self.sampling, bad_rows=cfg.bad_rows,
                                         seed=cfg.seed, teacher=cfg.loss_type == DISTILL_LOSS)
+        prompts = RerankPromptTokenizer(tokenizer, cfg.max_length, cfg.instruction or None)
+        rows = _tokenized_rows(rows, prompts, cfg.bad_rows, report, cfg.dataset)
         log(f"train data: {report.summary()}")
         for msg in report.messages:
             log(f"  skipped: {msg}")
@@ -105,15 +107,16 @@ class RerankTrainData:
             raise DataError(f"{', '.join(cfg.dataset)}: {len(rows)} row(s), all held out by "
                             f"--split_dataset_ratio {cfg.split_dataset_ratio}; none is left to "
                             "train on")
-        prompts = RerankPromptTokenizer(tokenizer, cfg.max_length, cfg.instruction or None)
-        self.rows = [_tokenized(rows[i], prompts) for i in train]
-        log(f"tokenized {len(self.rows)} reranker rows; {prompts.truncated} documents truncated "
-            f"to fit --max_length {cfg.max_length}")
+        self.rows = [rows[i] for i in train]
+        pairs = sum(not (row.positives and row.negatives) for row in self.rows)
+        log(f"tokenized {len(self.rows)} reranker rows ({len(self.rows) - pairs} group rows, "
+            f"{pairs} labelled pairs); {prompts.truncated} documents truncated to fit "
+            f"--max_length {cfg.max_length}")
         if cfg.val_dataset:
             self.eval_rows = self._eval_rows(cfg, prompts, log)
         else:  # --split_dataset_ratio's rows, in split order (none without it)
             held = held[:cfg.eval_limit] if cfg.eval_limit else held
-            self.eval_rows = [_tokenized(rows[i], prompts) for i in held]
+            self.eval_rows = [rows[i] for i in held]
             if len(held):
                 log(f"eval data: {len(held)} rows held out of --dataset "
                     f"(--split_dataset_ratio {cfg.split_dataset_ratio})")
@@ -124,9 +127,10 @@ class RerankTrainData:
                                         min_group_size=self.listwise.min_group_size,
                                         sampling=self.sampling, bad_rows=cfg.bad_rows,
                                         seed=cfg.seed)
-        log(f"eval data: {report.summary()}")
         rows = rows[:cfg.eval_limit] if cfg.eval_limit else rows
-        return [_tokenized(row, prompts) for row in rows]
+        rows = _tokenized_rows(rows, prompts, cfg.bad_rows, report, cfg.val_dataset)
+        log(f"eval data: {report.summary()}")
+        return rows
 
     def evaluate(self, model, layout) -> dict:
         """Collective over the model's ranks: ``evaluate.rerank_metrics`` of every candidate
@@ -237,3 +241,22 @@ def _tokenized(row: RerankRow, prompts: RerankPromptTokenizer) -> RerankRow:
     ids = prompts.encode_group(row.query, row.positives + row.negatives, source=row.source,
                                query_field=row.query_field, instruction=row.instruction)
     return replace(row, positives=ids[:len(row.positives)], negatives=ids[len(row.positives):])
+
+
+def _tokenized_rows(rows: list[RerankRow], prompts: RerankPromptTokenizer, bad_rows: str,
+                    report, specs: list[str]) -> list[RerankRow]:
+    """Every row ``_tokenized``. A row whose query leaves no room for a document raises its
+    ``DataError`` (``file:line``), or with ``bad_rows="skip"`` is counted in ``report`` and
+    dropped; none left is a ``DataError``."""
+    kept = []
+    for row in rows:
+        try:
+            kept.append(_tokenized(row, prompts))
+        except DataError as error:
+            if bad_rows == "error" or error.reason != QUERY_TOO_LONG:
+                raise
+            report.add_skip(error)
+    if not kept:
+        raise DataError(f"{', '.join(specs)}: no valid rows ({report.summary()}; every query "
+                        f"is too long for --max_length {prompts.max_length})")
+    return kept

@@ -13,7 +13,9 @@ Row formats (extra fields are ignored; files and ``#N`` specs as in ``data/forma
                        read as ``data/formats.py`` reads it; a system message in ``messages``
                        is the row's instruction (as ms-swift; it replaces ``--instruction``).
     labelled pairs     {"query": str, "response": str, "label": 0 | 1} (or the messages form
-                       with a label): one candidate; ``pointwise_reranker`` only.
+                       with a label): one candidate; ``pointwise_reranker`` only, which also
+                       takes group rows in the same files (the log counts each kind); a
+                       labelled row with negatives is a bad row (they would be dropped).
     teacher scores     with ``teacher=True`` (``--loss_type listwise_distill_reranker``) every
                        group row carries ``"scores": [number, ...]``, one per candidate,
                        positives first then negatives (for the KL loss); a row without them
@@ -190,6 +192,10 @@ def parse_row(row: Any, source: str, loss_type: str, *, min_group_size: int = 2,
     query, query_field, instruction = _query(row)
     positives = _positives(row)
     if labelled:
+        if row.get(_negatives_field(row)):
+            raise _field("label", f"{row['label']!r} on a row with '{_negatives_field(row)}': a "
+                         "labelled pair is one candidate, its negatives would be dropped (drop "
+                         "'label' to train the row as a group)", WRONG_FORMAT)
         positives, negatives = (positives[:1], []) if label == 1 else ([], positives[:1])
         return RerankRow(query, positives, negatives, None, instruction, source, query_field)
     negatives = _group_negatives(row)
