@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 
 from megaemb import outputs
@@ -684,6 +685,9 @@ def run_command(args) -> int:
             ValueError, TimeoutError) as e:  # incl. DataError; TimeoutError: peers never joined
         launcher.report_error(f"megaemb {args.command}: error: {e}")  # once per job, not per rank
         return 2
+    except KeyboardInterrupt:  # Ctrl-C of a command run in this process: one line, not a traceback
+        launcher.report_error(f"megaemb {args.command}: stopped by SIGINT")
+        return 128 + signal.SIGINT
     except Exception as e:
         full = outputs.disk_full(e)
         if full is None:

@@ -9,7 +9,8 @@ whole files or none, and a full disk as one line.
   gone (same host, and no process with that pid and start time: killed, crashed, rebooted) is
   taken over with a note; a lock held on another host is never broken (its liveness cannot be
   checked from here): the message says to delete it if that job is dead. Same-host take-overs
-  are serialised by ``flock`` on the directory.
+  are serialised by ``flock`` on the directory.  A ``--save`` the job created and
+  left empty (it failed before writing anything) is removed with the lock.
 * **Manifest.** ``export`` lists the entries it wrote in ``megaemb-export.json``;
   ``--overwrite true`` replaces a directory only when every entry in it is listed there.
 * **Atomic files.** ``atomic_file`` writes ``<path>.tmp<pid>`` and renames it over ``path``;
@@ -162,11 +163,24 @@ def release(lock: str, record: dict) -> None:
 def owned(path: str, inside: bool, what: str, command: str):
     """Hold the lock of output ``path`` for the ``with`` block (see the module docstring)."""
     lock, record = lock_path(path, inside), this_process(command)
+    created = _missing_folders(os.path.dirname(lock)) if inside else []
     acquire(lock, record, what)
     try:
         yield lock
     finally:
         release(lock, record)
+        with contextlib.suppress(OSError):  # a job that wrote nothing leaves no empty --save
+            for folder in created:
+                os.rmdir(folder)
+
+
+def _missing_folders(directory: str) -> list[str]:
+    """``directory`` and those of its parents that do not exist, deepest first."""
+    missing = []
+    while directory and not os.path.exists(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    return missing
 
 
 # -------------------------------------------------------------------------------- manifest

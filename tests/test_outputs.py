@@ -269,3 +269,22 @@ def test_full_disk_anywhere_in_a_chain_is_one_line(tmp_path, monkeypatch, capsys
     rust = Exception("Error while serializing: I/O error: Disk quota exceeded (os error 122)")
     assert outputs.disk_full(rust).errno == errno.EDQUOT
     assert outputs.disk_full(Exception("I/O error: File too large (os error 27)")) is None
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_sft_leaves_no_empty_save_it_created(tiny_models, tmp_path):
+    """An sft that stops before writing anything (a bad data file) removes the --save it
+    created; a --save that existed stays, and so does the user's file in it."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q"}\n')
+    new, existing = tmp_path / "new" / "run", tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    for save in (new, existing):
+        one_error(megaemb("sft", "--model", tiny_models["dense"], "--dataset", str(bad), *SFT,
+                          "--save", str(save)), "sft", f"{bad}:1: field 'response'")
+    assert not (tmp_path / "new").exists()  # with the parent it made
+    assert sorted(os.listdir(existing)) == ["notes.txt"]
+    with outputs.owned(str(existing / "empty"), True, "--save x", "megaemb sft"):
+        (existing / "empty" / "ckpt").write_text("saved")
+    assert (existing / "empty" / "ckpt").read_text() == "saved"  # a job that wrote: kept

@@ -433,6 +433,12 @@ def test_rerank_server_scores_as_the_model_card(reranker):
         for docs, reply in answers.values():
             got = {docs[r["index"]]: r["relevance_score"] for r in reply["results"]}
             assert max(abs(got[d] - s) for d, s in zip(DOCS, official)) <= 1e-5, (docs, reply)
+        # Ctrl-C of the single-process server: exit 130, one line, no traceback
+        os.killpg(server.proc.pid, signal.SIGINT)
+        assert server.proc.wait(timeout=60) == 130
+        out = server.proc.stdout.read()
+        assert out.rstrip().endswith("megaemb serve: stopped by SIGINT"), out[-3000:]
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
     finally:
         server.stop()
 
