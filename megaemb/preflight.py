@@ -225,6 +225,8 @@ def resolve_load(cfg) -> str:
                 f"--save {cfg.save}: already holds a run (iteration {done}); resume it with "
                 f"--load {cfg.save} and no --finetune, or pick a new --save directory")
         load = cfg.save
+    if load:  # before any rank tokenises: a run of another task is never resumed
+        checkpoint.check_task(load, cfg.task_type, "--load")
     if load and not cfg.finetune:
         check_resume(load, cfg)
     if load and cfg.train_type == "lora":

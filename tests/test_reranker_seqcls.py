@@ -208,8 +208,9 @@ def test_trained_reranker_exports_to_seq_cls_and_scores_as_megaemb(models, check
 
 
 @pytest.mark.timeout(120)
-def test_bad_seq_cls_inputs_are_one_line(models, tmp_path):
-    """A classifier of two labels, and a reranker checkpoint loaded as another task."""
+def test_bad_seq_cls_inputs_are_one_line(models, tmp_path, capfd):
+    """A classifier of two labels, a seq-cls directory without its classifier, a reranker
+    checkpoint loaded as another task; a classifier that starts from zeros is said."""
     import shutil
 
     from megaemb import checkpoint
@@ -225,6 +226,18 @@ def test_bad_seq_cls_inputs_are_one_line(models, tmp_path):
     tensors = load_file(path)
     tensors["score.weight"] = torch.cat([tensors["score.weight"]] * 2)
     save_file(tensors, path, metadata={"format": "pt"})
+    headless = str(tmp_path / "headless")
+    shutil.copytree(models["seq_cls"], headless)
+    save_file({k: v for k, v in tensors.items() if k != "score.weight"},
+              os.path.join(headless, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"headless: config.json declares "
+                       r"Qwen3ForSequenceClassification but the weights hold no score.weight"):
+        HFCheckpoint(headless, output_layer="score")
+    capfd.readouterr()
+    HFCheckpoint(models["no_head"], output_layer="score")
+    assert "the classifier starts from zeros, every score 0" in capfd.readouterr().err
+    HFCheckpoint(models["untied"], output_layer="score")  # derived from lm_head: nothing to say
+    assert capfd.readouterr().err == ""
     init_parallel(ParallelConfig())
     try:
         ckpt = HFCheckpoint(two, output_layer="score")

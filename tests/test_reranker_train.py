@@ -207,8 +207,8 @@ def _grad_diff(got: dict, ref: dict) -> float:
 
 
 def _check_checkpoint(path, m, task):
-    """megaemb.json records the task; an embedder run (--load, --model) and ``embed`` of the
-    reranker checkpoint are one-line errors."""
+    """megaemb.json records the task; an embedder run (--load, --save to resume, --model) and
+    ``embed`` of the reranker checkpoint are one-line errors, before any data is read."""
     with open(os.path.join(path, "megaemb.json")) as f:
         assert json.load(f)["task"] == task
     env = {**os.environ, "PYTHONPATH": ROOT}
@@ -218,6 +218,7 @@ def _check_checkpoint(path, m, task):
     with open(texts, "w") as f:
         f.write("a text\n")
     for args in ([*sft, "--model", m["untied"], "--load", path], [*sft, "--model", path],
+                 [*sft, "--model", m["untied"], "--save", path],
                  ["embed", "--model", path, "--input", texts, "--output",
                   os.path.join(m["root"], "e.npy")]):
         proc = subprocess.run([sys.executable, "-m", "megaemb.cli", *args], cwd=ROOT, env=env,
@@ -226,6 +227,7 @@ def _check_checkpoint(path, m, task):
         assert proc.returncode == 2 and lines[-1].startswith(f"megaemb {args[0]}: error: "), \
             proc.stderr
         assert f"a checkpoint of --task_type {task}, not embedding" in lines[-1], lines[-1]
+        assert "train data" not in proc.stdout + proc.stderr, proc.stdout[-2000:]
 
 
 @pytest.mark.parametrize("flags, message", [

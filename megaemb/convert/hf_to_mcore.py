@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 
 import torch
 from megatron.core import parallel_state
@@ -48,12 +49,28 @@ class HFCheckpoint:
         missing = [n for n in hf_names_for(self.shape, output_layer) if not self.has(n)]
         self.initial_score = "score.weight" in missing  # derived (initial_score_weight)
         missing = [n for n in missing if n != "score.weight"]
+        if self.initial_score:
+            self._check_initial_score()
         if "lm_head.weight" in missing:
             raise ConversionError(f"{model_dir}: no lm_head.weight, and tie_word_embeddings is false: "
                                   "a generative reranker needs the output layer")
         if missing:
             raise ConversionError(f"{model_dir}: {len(missing)} tensor(s) missing, first {missing[0]!r}")
         self._handles: dict[str, object] = {}
+
+    def _check_initial_score(self) -> None:
+        """A checkpoint that declares itself a sequence classifier must hold its classifier;
+        one with no output layer to derive it from starts from zeros, which is said once."""
+        arch = next((a for a in self.config.get("architectures") or []
+                     if a.endswith("ForSequenceClassification")), None)
+        if arch:
+            raise ConversionError(f"{self.dir}: config.json declares {arch} but the weights hold "
+                                  "no score.weight (an incomplete export?)")
+        if not self.has("lm_head.weight") and not self.shape.tie_word_embeddings \
+                and int(os.environ.get("RANK") or 0) == 0:
+            print(f"note: {self.dir} has no score.weight and no output layer to derive it from "
+                  "(W[yes] - W[no]): the classifier starts from zeros, every score 0 (P = 0.5) "
+                  "until trained", file=sys.stderr, flush=True)
 
     def key(self, name: str) -> str:
         """The stored name of the table's HF tensor ``name`` (prefixed as this checkpoint is)."""
