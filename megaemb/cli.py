@@ -507,6 +507,10 @@ def check_args(args, world: int = 1) -> None:
         cfg = sft_config(args)
         cfg.validate()
         preflight.check_model(cfg.model)
+        from megaemb import checkpoint
+
+        if checkpoint.is_checkpoint(cfg.model):  # before any rank reads the data
+            checkpoint.check_task(cfg.model, cfg.task_type, "--model")
         preflight.check_layout(cfg.model, cfg.parallel(), world, cfg.mrl_dims, "--mrl_dims")
         dp = world // cfg.parallel().model_parallel_size
         cfg.check_batch(dp)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
+from test_reranker_data import official_ids
 from test_train import ROOT
 
 TOL = 1e-5
@@ -36,24 +37,31 @@ def trained(tmp_path_factory):
     return run_distributed(_train_and_score, 1, models, str(data), str(root), timeout=300)[0]
 
 
-def _train_and_score(rank, world, models, data, root):
+def train_one_step(model: str, data: str, save: str, task_type: str, **kw):
+    """A ``Trainer`` of ``task_type`` (listwise, 3 rows a step, lr 1e-2) after one step,
+    saved to ``save`` as step 1, in eval mode. Run on a rank (``run_distributed``)."""
     from megaemb.config import SFTConfig
+    from megaemb.train import Trainer
+
+    trainer = Trainer(SFTConfig(model=model, dataset=[data], task_type=task_type,
+                                loss_type="listwise_reranker", max_length=128, global_batch_size=3,
+                                micro_batch_size=3, train_iters=1, lr=1e-2, save=save, **kw))
+    trainer.step = 0
+    trainer.train_step()
+    trainer.step = 1
+    trainer.save()
+    trainer.module.eval()
+    return trainer
+
+
+def _train_and_score(rank, world, models, data, root):
     from megaemb.evaluate import rerank_metrics
     from megaemb.tasks.reranker_prompt import RerankPromptTokenizer
-    from megaemb.train import Trainer
 
     out = {}
     for name, model in models.items():
         save = os.path.join(root, f"run-{name}")
-        trainer = Trainer(SFTConfig(model=model, dataset=[data], task_type="generative_reranker",
-                                    loss_type="listwise_reranker", max_length=128,
-                                    global_batch_size=3, micro_batch_size=3, train_iters=1,
-                                    lr=1e-2, save=save, val_dataset=[data]))
-        trainer.step = 0
-        trainer.train_step()
-        trainer.step = 1
-        trainer.save()
-        trainer.module.eval()
+        trainer = train_one_step(model, data, save, "generative_reranker", val_dataset=[data])
         prompts = RerankPromptTokenizer(trainer.tokenizer.tokenizer, 128)
         seqs = [prompts.encode_group(q, [d], source="test")[0] for q, d in PAIRS]
         instructed = [prompts.encode_group(q, [d], source="test", instruction=INSTRUCTION)[0]
@@ -88,19 +96,7 @@ def _official_scores(path, pairs=PAIRS, instruction=None):
     token_false_id = tokenizer.convert_tokens_to_ids("no")
     token_true_id = tokenizer.convert_tokens_to_ids("yes")
     max_length = 8192
-    prefix = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the "
-              "Query and the Instruct provided. Note that the answer can only be \"yes\" or "
-              "\"no\".<|im_end|>\n<|im_start|>user\n")
-    suffix = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-    prefix_tokens = tokenizer.encode(prefix, add_special_tokens=False)
-    suffix_tokens = tokenizer.encode(suffix, add_special_tokens=False)
-    task = instruction or "Given a web search query, retrieve relevant passages that answer the query"
-    pairs = [f"<Instruct>: {task}\n<Query>: {q}\n<Document>: {d}" for q, d in pairs]
-    inputs = tokenizer(pairs, padding=False, truncation="longest_first",
-                       return_attention_mask=False,
-                       max_length=max_length - len(prefix_tokens) - len(suffix_tokens))
-    for i, ele in enumerate(inputs["input_ids"]):
-        inputs["input_ids"][i] = prefix_tokens + ele + suffix_tokens
+    inputs = {"input_ids": official_ids(tokenizer, pairs, max_length, instruction)}
     inputs = tokenizer.pad(inputs, padding=True, return_tensors="pt", max_length=max_length)
     with torch.no_grad():
         batch_scores = model(**inputs).logits[:, -1, :]

@@ -12,6 +12,7 @@ import torch
 
 from distributed import run_distributed
 from test_reranker_export import INSTRUCTION, PAIRS, TOL, _check_cross_encoder, _export, _official_scores
+from test_reranker_train import write_group_rows
 from test_train import _close
 
 ROWS = 4
@@ -22,13 +23,8 @@ def setup(tmp_path_factory):
     from megaemb.tiny import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("rerank-lora")
-    data = root / "groups.jsonl"
-    rows = [{"query": f"package for task {i}", "response": f"this package does task {i} well",
-             "rejected_response": [f"an unrelated library number {i + j}" for j in range(1 + i % 2)]}
-            for i in range(ROWS)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"base": make_tiny_checkpoint(str(root / "base"), seed=9, causal_lm=True),
-            "data": str(data), "root": str(root)}
+            "data": write_group_rows(root / "groups.jsonl", ROWS, 2), "root": str(root)}
 
 
 def _cfg(m, **kw):

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from distributed import run_distributed
 from test_reranker_convert import _prompts
+from test_reranker_export import train_one_step
 from megaemb.model.heads import QWEN3_NO, QWEN3_YES
 
 PAD = 151643
@@ -82,11 +83,10 @@ def _scores(model, seqs, packed):
 
 def _checks(rank, world, m):
     from megaemb import checkpoint, export, tasks
-    from megaemb.config import ParallelConfig, SFTConfig
+    from megaemb.config import ParallelConfig
     from megaemb.convert.load import load_model
     from megaemb.parallel import init_parallel
     from megaemb.tasks.reranker_prompt import RerankPromptTokenizer
-    from megaemb.train import Trainer
 
     init_parallel(ParallelConfig())
     root, out = m["root"], {}
@@ -110,15 +110,7 @@ def _checks(rank, world, m):
                              "scores": _scores(model, seqs, False)}
     # one training step from the causal LM, its checkpoint and export
     save = os.path.join(root, "run")
-    trainer = Trainer(SFTConfig(model=m["untied"], dataset=[m["data"]], task_type="reranker",
-                                loss_type="listwise_reranker", max_length=128, global_batch_size=3,
-                                micro_batch_size=3, train_iters=1, lr=1e-2, save=save,
-                                attention="sdpa"))
-    trainer.step = 0
-    trainer.train_step()
-    trainer.step = 1
-    trainer.save()
-    trainer.module.eval()
+    trainer = train_one_step(m["untied"], m["data"], save, "reranker", attention="sdpa")
     prompts = RerankPromptTokenizer(trainer.tokenizer.tokenizer, 128)
     pair_ids = [prompts.encode_group(q, [d], source="test")[0] for q, d in PAIRS]
     trained = os.path.join(root, "trained-hf")

@@ -22,6 +22,16 @@ TOL = 1e-5
 ROWS = 8  # distinct queries: every step sees each of them (global batch 8)
 
 
+def write_group_rows(path, rows: int, spread: int) -> str:
+    """``rows`` group rows ``{query, response, rejected_response}``, row ``i`` with
+    ``1 + i % spread`` negatives, written to ``path``."""
+    path.write_text("".join(json.dumps(
+        {"query": f"package for task {i}", "response": f"this package does task {i} well",
+         "rejected_response": [f"an unrelated library number {i + j}" for j in range(1 + i % spread)]})
+        + "\n" for i in range(rows)))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def rerankers(tmp_path_factory):
     """Tiny random Qwen3ForCausalLM checkpoints (untied with lm_head, tied), an untied
@@ -30,15 +40,11 @@ def rerankers(tmp_path_factory):
     from megaemb.tiny import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("rerankers")
-    data = root / "groups.jsonl"
-    rows = [{"query": f"package for task {i}", "response": f"this package does task {i} well",
-             "rejected_response": [f"an unrelated library number {i + j}" for j in range(1 + i % 3)]}
-            for i in range(ROWS)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_group_rows(root / "groups.jsonl", ROWS, 3)
     return {"untied": make_tiny_checkpoint(str(root / "untied"), seed=4, causal_lm=True),
             "tied": make_tiny_checkpoint(str(root / "tied"), seed=5, causal_lm=True, tied=True),
             "moe": make_tiny_checkpoint(str(root / "moe"), seed=6, causal_lm=True, moe=True),
-            "data": str(data), "root": str(root)}
+            "data": data, "root": str(root)}
 
 
 def _cfg(model, data, **kw):
