@@ -210,6 +210,7 @@ def resolve_load(cfg) -> str:
             raise FileNotFoundError(f"--load {load}: not a megaemb checkpoint (no megaemb.json); "
                                     "to start from HF weights, pass them as --model")
         checkpoint.verify_iteration(checkpoint.iter_dir(load, checkpoint.latest_iteration(load)))
+        checkpoint.check_task(load, cfg.task_type, "--load")  # before any rank reads the data
     if not cfg.save:
         return load
     check_writable_dir(cfg.save, f"--save {cfg.save}")
@@ -225,8 +226,8 @@ def resolve_load(cfg) -> str:
                 f"--save {cfg.save}: already holds a run (iteration {done}); resume it with "
                 f"--load {cfg.save} and no --finetune, or pick a new --save directory")
         load = cfg.save
-    if load:  # before any rank tokenises: a run of another task is never resumed
-        checkpoint.check_task(load, cfg.task_type, "--load")
+    if done is not None:  # resuming --save: a run of another task is never resumed
+        checkpoint.check_task(cfg.save, cfg.task_type, "--save")
     if load and not cfg.finetune:
         check_resume(load, cfg)
     if load and cfg.train_type == "lora":
