@@ -501,14 +501,12 @@ def check_args(args, world: int = 1) -> None:
     """Validate what the flags, the environment (``world`` processes) and the files show,
     before any rank starts or any model loads. Raises ``ValueError`` / ``OSError`` subclasses
     with a one-line message."""
-    from megaemb import preflight
+    from megaemb import checkpoint, preflight
 
     if args.command == "sft":
         cfg = sft_config(args)
         cfg.validate()
         preflight.check_model(cfg.model)
-        from megaemb import checkpoint
-
         if checkpoint.is_checkpoint(cfg.model):  # before any rank reads the data
             checkpoint.check_task(cfg.model, cfg.task_type, "--model")
         preflight.check_layout(cfg.model, cfg.parallel(), world, cfg.mrl_dims, "--mrl_dims")

@@ -9,8 +9,8 @@ whole files or none, and a full disk as one line.
   gone (same host, and no process with that pid and start time: killed, crashed, rebooted) is
   taken over with a note; a lock held on another host is never broken (its liveness cannot be
   checked from here): the message says to delete it if that job is dead. Same-host take-overs
-  are serialised by ``flock`` on the directory.  A ``--save`` the job created and
-  left empty (it failed before writing anything) is removed with the lock.
+  are serialised by ``flock`` on the directory. A ``--save`` the job created and left empty
+  (it failed before writing anything) is removed with the lock.
 * **Manifest.** ``export`` lists the entries it wrote in ``megaemb-export.json``;
   ``--overwrite true`` replaces a directory only when every entry in it is listed there.
 * **Atomic files.** ``atomic_file`` writes ``<path>.tmp<pid>`` and renames it over ``path``;

@@ -102,16 +102,16 @@ class RerankTrainData:
         log(f"train data: {report.summary()}")
         for msg in report.messages:
             log(f"  skipped: {msg}")
+        pairs = sum(not (row.positives and row.negatives) for row in rows)
+        log(f"tokenized {len(rows)} reranker rows ({len(rows) - pairs} group rows, {pairs} "
+            f"labelled pairs); {prompts.truncated} documents truncated to fit --max_length "
+            f"{cfg.max_length}")
         train, held = split_positions(len(rows), cfg.split_dataset_ratio, cfg.seed)
         if not len(train):
             raise DataError(f"{', '.join(cfg.dataset)}: {len(rows)} row(s), all held out by "
                             f"--split_dataset_ratio {cfg.split_dataset_ratio}; none is left to "
                             "train on")
         self.rows = [rows[i] for i in train]
-        pairs = sum(not (row.positives and row.negatives) for row in self.rows)
-        log(f"tokenized {len(self.rows)} reranker rows ({len(self.rows) - pairs} group rows, "
-            f"{pairs} labelled pairs); {prompts.truncated} documents truncated to fit "
-            f"--max_length {cfg.max_length}")
         if cfg.val_dataset:
             self.eval_rows = self._eval_rows(cfg, prompts, log)
         else:  # --split_dataset_ratio's rows, in split order (none without it)
