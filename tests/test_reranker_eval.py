@@ -171,19 +171,26 @@ def test_bad_rerank_eval_flags_are_one_line(models, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_reranker_demo_runs(models, tmp_path):
-    """demo/run_reranker_demo.py with a few steps and queries: untrained eval, sft, trained
-    eval, and the nDCG@10 line (the full demo trains 750 steps on 100 dev queries)."""
+    """demo/run_reranker_demo.py with a few steps and queries: untrained eval, LM pretraining,
+    its eval, sft on the rows with other rows' positives, trained eval, and the nDCG@10 line
+    (the full demo: 1,200 pretraining and 1,500 sft steps, 100 dev queries)."""
     proc = subprocess.run([sys.executable, "demo/run_reranker_demo.py", "--retriever", models["embedder"],
-                           "--train_iters", "2", "--queries", "12", "--nproc", "1", "--out",
+                           "--pretrain_steps", "3", "--train_iters", "2", "--queries", "12", "--nproc", "1", "--out",
                            str(tmp_path / "demo")], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT}, timeout=850)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    before, after = (json.loads((tmp_path / "demo" / f"eval-{n}.json").read_text())
-                     for n in ("untrained", "trained"))
+    before, pretrained, after = (json.loads((tmp_path / "demo" / f"eval-{n}.json").read_text())
+                                 for n in ("untrained", "pretrained", "trained"))
     assert before["top_k"] == after["top_k"] == 20 and before["retriever"] == after["retriever"]
+    assert pretrained["retriever"] == before["retriever"]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("nDCG@10 on 12 dev queries"))
-    for value in (before["retriever"]["ndcg@10"], before["reranked"]["ndcg@10"], after["reranked"]["ndcg@10"]):
+    for value in (before["retriever"]["ndcg@10"], before["reranked"]["ndcg@10"],
+                  pretrained["reranked"]["ndcg@10"], after["reranked"]["ndcg@10"]):
         assert f"{value:.4f}" in line, (line, value)
+    assert "LM pretraining: 3 steps of 32 texts" in proc.stdout
+    sft = next(l for l in proc.stdout.splitlines() if l.startswith("$ NPROC_PER_NODE=1 megaemb sft"))
+    assert f"--model {tmp_path / 'demo' / 'lm-pretrained'} " in sft
+    assert f"--dataset {tmp_path / 'demo' / 'train-with-other-positives.jsonl'} " in sft
     assert os.path.isfile(tmp_path / "demo" / "run" / "megaemb.json")
 
 

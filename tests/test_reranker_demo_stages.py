@@ -1,0 +1,77 @@
+"""The reranker demo's two data stages: LM pretraining over a restricted vocabulary
+(demo/pretrain_reranker_lm.py) and other rows' positives as negatives (run_reranker_demo.py)."""
+import json
+import os
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "demo"))
+TRAIN = os.path.join(ROOT, "demo", "data", "train.jsonl")
+
+
+@pytest.mark.timeout(120)
+def test_restricted_vocabulary_is_the_full_models_and_scatters_back(tmp_path):
+    """``restrict``: on kept tokens the small model's logits are the full model's kept columns;
+    ``scatter_back`` of a trained small model writes exactly its K rows and other weights and
+    leaves the other V - K rows as they were."""
+    from transformers import AutoModelForCausalLM
+
+    from megaemb.tiny import make_tiny_checkpoint
+    from pretrain_reranker_lm import restrict, scatter_back
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_checkpoint(str(tmp_path / "m"), causal_lm=True,
+                                                                      with_tokenizer=False)).eval()
+    kept = torch.tensor(sorted({151643, 9693, 2152, *range(1000, 1300)}))
+    to_small = torch.full((model.config.vocab_size,), len(kept))
+    to_small[kept] = torch.arange(len(kept))
+    ids = kept[torch.randint(len(kept), (2, 9), generator=torch.Generator().manual_seed(0))]
+    small = restrict(model, kept).eval()
+    assert small.config.vocab_size == len(kept) + 1 and small.config.pad_token_id == int((kept == 151643).nonzero())
+    with torch.no_grad():
+        torch.testing.assert_close(small(to_small[ids]).logits[..., :len(kept)], model(ids).logits[..., kept],
+                                   rtol=0, atol=1e-5)
+        for p in small.parameters():  # "train" it
+            p.add_(torch.randn_like(p) * 0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scatter_back(model, small, kept)
+    after, trained = model.state_dict(), small.state_dict()
+    other = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    other[kept] = False
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(after[name][kept], trained[name][:len(kept)])
+        assert torch.equal(after[name][other], before[name][other])
+    assert all(torch.equal(after[k], trained[k]) for k in after if "embed_tokens" not in k and "lm_head" not in k)
+    with torch.no_grad():
+        torch.testing.assert_close(small(to_small[ids]).logits[..., :len(kept)], model(ids).logits[..., kept],
+                                   rtol=0, atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_lm_texts_and_other_positives_of_the_demo_slice(tmp_path):
+    """The demo slice gives 2,000 pair texts + 5,047 distinct other documents; each row gains
+    two positives of other rows, every positive is added exactly twice, nothing else changes."""
+    from pretrain_reranker_lm import lm_texts
+    from run_reranker_demo import with_other_positives
+
+    texts = lm_texts(TRAIN)
+    assert len(texts) == len(set(texts)) == 7047
+    assert sum(t.startswith("<Query>: ") for t in texts) == 2000
+    rows = [json.loads(l) for l in open(TRAIN)]
+    out = [json.loads(l) for l in open(with_other_positives(TRAIN, str(tmp_path / "t.jsonl")))]
+    assert sorted(r["query"] for r in out) == sorted(r["query"] for r in rows)
+    by_query = {r["query"]: r for r in rows}
+    added = Counter()
+    for r in out:
+        src = by_query[r["query"]]
+        assert r["response"] == src["response"] and r["rejected_response"][:3] == src["rejected_response"]
+        assert len(r["rejected_response"]) == 5 and r["response"] not in r["rejected_response"][3:]
+        added.update(r["rejected_response"][3:])
+    assert set(added) == {r["response"] for r in rows} and set(added.values()) == {2}
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match="positives are not distinct"):
+        with_other_positives(str(dup), str(tmp_path / "x.jsonl"))
