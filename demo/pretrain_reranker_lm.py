@@ -18,7 +18,6 @@ process; AdamW, linear warm-up then cosine decay, gradient clipping at 1.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from collections import Counter
@@ -27,14 +26,15 @@ import torch
 
 
 def lm_texts(path: str) -> list[str]:
-    """The pretraining texts of an infonce-format file (``query``/``response``/
-    ``rejected_response``): one per row's pair, then one per distinct other document."""
-    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-    positives = {r["response"] for r in rows}
-    texts = [f"<Query>: {r['query']}\n<Document>: {r['response']}" for r in rows]
-    seen = set(positives)
+    """The pretraining texts of a megaemb training file (any infonce format; a bad row is a
+    ``file:line`` ``DataError``): one per row's pair, then one per distinct other document."""
+    from megaemb.data.formats import load_examples
+
+    rows, _ = load_examples([path], "infonce")
+    texts = [f"<Query>: {r.query}\n<Document>: {r.response}" for r in rows]
+    seen = {r.response for r in rows}
     for r in rows:
-        for d in r.get("rejected_response") or []:
+        for d in r.negatives:
             if d not in seen:
                 seen.add(d)
                 texts.append(f"<Document>: {d}")
@@ -96,7 +96,7 @@ def pretrain(model_dir: str, out_dir: str, data: str, *, steps: int = 1200, batc
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     if model.config.tie_word_embeddings:
-        raise ValueError(f"{model_dir}: pretrain_reranker_lm expects untied embeddings")
+        raise SystemExit(f"{model_dir}: tied embeddings; pretrain_reranker_lm.py needs an untied model")
     texts = lm_texts(data)
     token_ids = [ids + [tokenizer.eos_token_id] for ids in
                  tokenizer(texts, add_special_tokens=False, truncation=True,
@@ -151,8 +151,19 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    pretrain(args.model_dir, args.out_dir, args.data, steps=args.steps, batch_size=args.batch_size,
-             lr=args.lr, seed=args.seed)
+    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        p.error(f"{args.model_dir}: not a transformers model directory (no config.json)")
+    if not os.path.isfile(args.data):
+        p.error(f"--data {args.data}: no such file")
+    if os.path.isfile(args.out_dir) or os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
+        p.error(f"{args.out_dir} exists and is not an empty directory")
+    from megaemb.data.formats import DataError
+
+    try:
+        pretrain(args.model_dir, args.out_dir, args.data, steps=args.steps, batch_size=args.batch_size,
+                 lr=args.lr, seed=args.seed)
+    except DataError as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":
