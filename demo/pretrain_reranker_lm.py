@@ -94,7 +94,7 @@ def pretrain(model_dir: str, out_dir: str, data: str, *, steps: int = 1200, batc
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if model.config.tie_word_embeddings:
         raise SystemExit(f"{model_dir}: tied embeddings; pretrain_reranker_lm.py needs an untied model")
     texts = lm_texts(data)
@@ -151,6 +151,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    for flag in ("steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         p.error(f"{args.model_dir}: not a transformers model directory (no config.json)")
     if not os.path.isfile(args.data):

@@ -92,6 +92,9 @@ def main(argv=None):
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--out", default=os.path.join(OUT, "reranker"), help="folder to write (emptied first)")
     args = p.parse_args(argv)
+    for flag in ("pretrain_steps", "train_iters", "queries", "nproc"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if not os.path.isdir(args.retriever):
         p.error(f"--retriever {args.retriever}: no such directory (run demo/run_demo.py first, "
                 "or give an embedder)")

@@ -75,3 +75,32 @@ def test_lm_texts_and_other_positives_of_the_demo_slice(tmp_path):
     dup.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[0]) + "\n")
     with pytest.raises(ValueError, match="positives are not distinct"):
         with_other_positives(str(dup), str(tmp_path / "x.jsonl"))
+
+
+@pytest.mark.timeout(180)
+def test_demo_scripts_refuse_bad_arguments_in_one_line(tmp_path):
+    """Each mistake is one ``error:`` line and exit code 2, before any training."""
+    import subprocess
+
+    from megaemb.tiny import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(str(tmp_path / "m"), causal_lm=True, with_tokenizer=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "a", "response": "b"}\n{"query": 3}\n')
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("mine")
+    cases = [
+        (["demo/pretrain_reranker_lm.py", str(tmp_path / "nope"), str(tmp_path / "o")], "no config.json"),
+        (["demo/pretrain_reranker_lm.py", model, str(tmp_path / "o"), "--steps", "0"], "--steps must be at least 1"),
+        (["demo/pretrain_reranker_lm.py", model, str(full)], "exists and is not an empty directory"),
+        (["demo/pretrain_reranker_lm.py", model, str(tmp_path / "o"), "--data", str(bad)],
+         f"{bad}:2: field 'query'"),
+        (["demo/run_reranker_demo.py", "--retriever", str(tmp_path / "nope")], "no such directory"),
+        (["demo/run_reranker_demo.py", "--train_iters", "0"], "--train_iters must be at least 1"),
+    ]
+    for argv, message in cases:
+        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "error:" in last and message in last, (argv, proc.stderr[-2000:])
+    assert (full / "x").read_text() == "mine" and not (tmp_path / "o").exists()
