@@ -18,7 +18,23 @@ def megaemb(*args, nproc=2):
     subprocess.run([sys.executable, "-m", "megaemb.cli", *args], env=env, check=True, cwd=ROOT)
 
 
+def exclusive(out: str, script: str):
+    """Hold ``out``'s lock (``out.lock`` beside it) while a demo deletes and rewrites ``out``:
+    a second demo writing there at the same time stops with one line naming the first."""
+    from megaemb.outputs import owned
+
+    return owned(out, False, out, script)
+
+
 def main():
+    try:
+        with exclusive(OUT, "demo/run_demo.py"):
+            run()
+    except FileExistsError as e:
+        sys.exit(f"run_demo.py: error: {e}")
+
+
+def run():
     from megaemb.tiny import make_tiny_checkpoint
 
     shutil.rmtree(OUT, ignore_errors=True)

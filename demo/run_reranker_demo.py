@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pretrain_reranker_lm import pretrain  # noqa: E402
-from run_demo import OUT, ROOT, megaemb  # noqa: E402
+from run_demo import OUT, ROOT, exclusive, megaemb  # noqa: E402
 
 DEV = os.path.join(ROOT, "demo", "data", "dev.jsonl")
 TRAIN = os.path.join(ROOT, "demo", "data", "train.jsonl")
@@ -98,7 +98,11 @@ def main(argv=None):
     if not os.path.isdir(args.retriever):
         p.error(f"--retriever {args.retriever}: no such directory (run demo/run_demo.py first, "
                 "or give an embedder)")
-    run(args.retriever, args.out, args.train_iters, args.queries, args.nproc, args.pretrain_steps)
+    try:
+        with exclusive(os.path.abspath(args.out), "demo/run_reranker_demo.py"):
+            run(args.retriever, args.out, args.train_iters, args.queries, args.nproc, args.pretrain_steps)
+    except FileExistsError as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":

@@ -99,8 +99,15 @@ def test_demo_scripts_refuse_bad_arguments_in_one_line(tmp_path):
         (["demo/run_reranker_demo.py", "--retriever", str(tmp_path / "nope")], "no such directory"),
         (["demo/run_reranker_demo.py", "--train_iters", "0"], "--train_iters must be at least 1"),
     ]
-    for argv, message in cases:
-        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 2 and "error:" in last and message in last, (argv, proc.stderr[-2000:])
-    assert (full / "x").read_text() == "mine" and not (tmp_path / "o").exists()
+    from megaemb.outputs import lock_path, owned
+
+    busy = tmp_path / "busy"  # a demo writing there now: the lock of this (live) process
+    cases.append((["demo/run_reranker_demo.py", "--retriever", model, "--out", str(busy)],
+                  f"{busy}: in use by"))
+    with owned(str(busy), False, str(busy), "test"):
+        assert os.path.isfile(lock_path(str(busy), False))
+        for argv, message in cases:
+            proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            last = proc.stderr.strip().splitlines()[-1]
+            assert proc.returncode == 2 and "error:" in last and message in last, (argv, proc.stderr[-2000:])
+    assert (full / "x").read_text() == "mine" and not (tmp_path / "o").exists() and not busy.exists()
