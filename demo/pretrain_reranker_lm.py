@@ -88,7 +88,8 @@ def pretrain(model_dir: str, out_dir: str, data: str, *, steps: int = 1200, batc
              lr: float = 3e-3, warmup: int = 100, max_length: int = 128, min_count: int = 5,
              seed: int = 0) -> dict:
     """Train ``model_dir`` (an untied ``Qwen3ForCausalLM`` with its tokenizer) as a causal LM on
-    ``lm_texts(data)`` and save it to ``out_dir``: returns the first and last logged losses."""
+    ``lm_texts(data)`` and save it to ``out_dir``: returns the text and kept-token counts and
+    the first loss and the mean of the last 20."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
