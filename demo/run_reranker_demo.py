@@ -27,6 +27,18 @@ from run_demo import OUT, ROOT, exclusive, megaemb  # noqa: E402
 
 DEV = os.path.join(ROOT, "demo", "data", "dev.jsonl")
 TRAIN = os.path.join(ROOT, "demo", "data", "train.jsonl")
+WRITES = ("tiny-qwen3-reranker", "lm-pretrained", "run", "train-with-other-positives.jsonl", "eval-")
+
+
+def check_replaceable(root: str) -> None:
+    """Raise ``FileExistsError`` unless ``root`` is absent or holds only what this stage writes
+    (names starting with ``WRITES``): it is emptied first, and a user's files are never."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise FileExistsError(f"--out {root}: not a directory")
+    foreign = sorted(e for e in os.listdir(root) if not e.startswith(WRITES)) if os.path.isdir(root) else []
+    if foreign:
+        raise FileExistsError(f"--out {root} holds files the demo did not write ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); it empties --out, so give another")
 
 
 def with_other_positives(src: str, dst: str, k: int = 2, seed: int = 0) -> str:
@@ -61,6 +73,7 @@ def run(retriever: str, root: str = os.path.join(OUT, "reranker"), train_iters: 
     the untrained, the LM-pretrained and the trained reranker."""
     from megaemb.tiny import make_tiny_checkpoint
 
+    check_replaceable(root)
     shutil.rmtree(root, ignore_errors=True)
     untrained = make_tiny_checkpoint(os.path.join(root, "tiny-qwen3-reranker"), seed=0, causal_lm=True)
     before = rerank_eval(untrained, retriever, queries, os.path.join(root, "eval-untrained.json"), nproc)

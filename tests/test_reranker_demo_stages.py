@@ -99,6 +99,13 @@ def test_demo_scripts_refuse_bad_arguments_in_one_line(tmp_path):
         (["demo/run_reranker_demo.py", "--retriever", str(tmp_path / "nope")], "no such directory"),
         (["demo/run_reranker_demo.py", "--train_iters", "0"], "--train_iters must be at least 1"),
     ]
+    mine = tmp_path / "mine"  # a user's folder: never emptied
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / "run").mkdir()
+    cases += [(["demo/run_reranker_demo.py", "--retriever", model, "--out", str(mine)],
+               f"--out {mine} holds files the demo did not write (notes.txt)"),
+              (["demo/run_reranker_demo.py", "--retriever", model, "--out", str(bad)], "not a directory")]
     from megaemb.outputs import lock_path, owned
 
     busy = tmp_path / "busy"  # a demo writing there now: the lock of this (live) process
@@ -111,3 +118,4 @@ def test_demo_scripts_refuse_bad_arguments_in_one_line(tmp_path):
             last = proc.stderr.strip().splitlines()[-1]
             assert proc.returncode == 2 and "error:" in last and message in last, (argv, proc.stderr[-2000:])
     assert (full / "x").read_text() == "mine" and not (tmp_path / "o").exists() and not busy.exists()
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "run").is_dir()
