@@ -18,6 +18,7 @@ process; AdamW, linear warm-up then cosine decay, gradient clipping at 1.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from collections import Counter
@@ -155,8 +156,16 @@ def main(argv=None):
     for flag in ("steps", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        p.error(f"--lr must be a positive number, got {args.lr}")
+    config = os.path.join(args.model_dir, "config.json")
+    if not os.path.isfile(config):
         p.error(f"{args.model_dir}: not a transformers model directory (no config.json)")
+    with open(config) as f:
+        architectures = json.load(f).get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in architectures):
+        p.error(f"{args.model_dir}: a {', '.join(architectures) or 'model'}, not a *ForCausalLM "
+                "(python -m megaemb.tiny DIR --reranker makes one)")
     if not os.path.isfile(args.data):
         p.error(f"--data {args.data}: no such file")
     if os.path.isfile(args.out_dir) or os.path.isdir(args.out_dir) and os.listdir(args.out_dir):

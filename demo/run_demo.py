@@ -5,6 +5,7 @@ the reranker stage (run_reranker_demo.py): a tiny reranker trained on the same s
 the trained embedder's top-20."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -13,25 +14,45 @@ OUT = os.path.join(ROOT, "demo_out")
 
 
 def megaemb(*args, nproc=2):
+    """Run ``megaemb ARGS`` on ``nproc`` processes; it gets SIGTERM (and stops its ranks) if
+    this demo dies first, however it dies (Linux)."""
+    from megaemb.launcher import set_parent_death_signal
+
     env = dict(os.environ, NPROC_PER_NODE=str(nproc), PYTHONWARNINGS="ignore")
     print("$", "NPROC_PER_NODE=%d megaemb" % nproc, " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "megaemb.cli", *args], env=env, check=True, cwd=ROOT)
+    demo = os.getpid()
+
+    def stop_with_demo():
+        if sys.platform.startswith("linux") and not set_parent_death_signal(signal.SIGTERM, demo):
+            os.kill(os.getpid(), signal.SIGTERM)
+    subprocess.run([sys.executable, "-m", "megaemb.cli", *args], env=env, check=True, cwd=ROOT,
+                   preexec_fn=stop_with_demo)
 
 
-def exclusive(out: str, script: str):
-    """Hold ``out``'s lock (``out.lock`` beside it) while a demo deletes and rewrites ``out``:
-    a second demo writing there at the same time stops with one line naming the first."""
+def guarded(script: str, out: str, stage) -> None:
+    """Run ``stage()`` holding ``out``'s lock (``out.lock`` beside it; a second demo writing
+    there at the same time stops with one line naming the first); a failed ``megaemb`` step
+    (its error is printed above), a busy ``out`` or Ctrl-C end in one line."""
     from megaemb.outputs import owned
 
-    return owned(out, False, out, script)
+    name = os.path.basename(script)
+    try:
+        with owned(out, False, out, script):
+            stage()
+    except FileExistsError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except subprocess.CalledProcessError as e:
+        print(f"{name}: error: `megaemb {e.cmd[3]}` failed (exit {e.returncode}); its error is above",
+              file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{name}: stopped by SIGINT", file=sys.stderr)
+        sys.exit(130)
 
 
 def main():
-    try:
-        with exclusive(OUT, "demo/run_demo.py"):
-            run()
-    except FileExistsError as e:
-        sys.exit(f"run_demo.py: error: {e}")
+    guarded("demo/run_demo.py", OUT, run)
 
 
 def run():

@@ -23,22 +23,24 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pretrain_reranker_lm import pretrain  # noqa: E402
-from run_demo import OUT, ROOT, exclusive, megaemb  # noqa: E402
+from run_demo import OUT, ROOT, guarded, megaemb  # noqa: E402
 
 DEV = os.path.join(ROOT, "demo", "data", "dev.jsonl")
 TRAIN = os.path.join(ROOT, "demo", "data", "train.jsonl")
-WRITES = ("tiny-qwen3-reranker", "lm-pretrained", "run", "train-with-other-positives.jsonl", "eval-")
+MARKER = ".megaemb-reranker-demo"  # in an --out this stage made: it may empty it again
 
 
-def check_replaceable(root: str) -> None:
-    """Raise ``FileExistsError`` unless ``root`` is absent or holds only what this stage writes
-    (names starting with ``WRITES``): it is emptied first, and a user's files are never."""
+def check_replaceable(root: str, retriever: str) -> None:
+    """Raise ``FileExistsError`` unless ``root`` may be emptied: absent, empty or made by this
+    stage (``MARKER``), and not holding the retriever."""
     if os.path.exists(root) and not os.path.isdir(root):
         raise FileExistsError(f"--out {root}: not a directory")
-    foreign = sorted(e for e in os.listdir(root) if not e.startswith(WRITES)) if os.path.isdir(root) else []
-    if foreign:
-        raise FileExistsError(f"--out {root} holds files the demo did not write ({', '.join(foreign[:3])}"
-                              f"{', ...' if len(foreign) > 3 else ''}); it empties --out, so give another")
+    if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(os.path.join(root, MARKER)):
+        raise FileExistsError(f"--out {root} is not empty and not an earlier run of this demo; "
+                              "the demo empties --out, so give another")
+    inside = os.path.relpath(os.path.realpath(retriever), os.path.realpath(root))
+    if inside == os.curdir or not inside.startswith(os.pardir):
+        raise FileExistsError(f"--retriever {retriever} lies inside --out {root}, which the demo empties")
 
 
 def with_other_positives(src: str, dst: str, k: int = 2, seed: int = 0) -> str:
@@ -73,8 +75,11 @@ def run(retriever: str, root: str = os.path.join(OUT, "reranker"), train_iters: 
     the untrained, the LM-pretrained and the trained reranker."""
     from megaemb.tiny import make_tiny_checkpoint
 
-    check_replaceable(root)
+    root = os.path.abspath(root)
+    check_replaceable(root, retriever)
     shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    open(os.path.join(root, MARKER), "w").close()
     untrained = make_tiny_checkpoint(os.path.join(root, "tiny-qwen3-reranker"), seed=0, causal_lm=True)
     before = rerank_eval(untrained, retriever, queries, os.path.join(root, "eval-untrained.json"), nproc)
     lm = os.path.join(root, "lm-pretrained")
@@ -102,21 +107,24 @@ def main(argv=None):
     p.add_argument("--pretrain_steps", type=int, default=1200, help="causal-LM pretraining steps")
     p.add_argument("--train_iters", type=int, default=1500, help="megaemb sft steps")
     p.add_argument("--queries", type=int, default=100, help="dev queries to evaluate")
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--out", default=os.path.join(OUT, "reranker"), help="folder to write (emptied first)")
+    p.add_argument("--nproc", type=int, default=2, choices=(1, 2),
+                   help="processes (the config's global batch of 8 is micro-batches of 4 per rank)")
+    p.add_argument("--out", default=os.path.join(OUT, "reranker"), help="folder to write: absent, empty, or an earlier run of this demo (emptied first)")
     args = p.parse_args(argv)
-    for flag in ("pretrain_steps", "train_iters", "queries", "nproc"):
+    for flag in ("pretrain_steps", "train_iters", "queries"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    dev_queries = sum(1 for line in open(DEV, encoding="utf-8") if line.strip())
+    if args.queries > dev_queries:
+        p.error(f"--queries {args.queries}: the dev slice has {dev_queries}")
+    if not args.out:
+        p.error("--out: give a folder")
     if not os.path.isdir(args.retriever):
         p.error(f"--retriever {args.retriever}: no such directory (run demo/run_demo.py first, "
                 "or give an embedder)")
-    try:
-        with exclusive(os.path.abspath(args.out), "demo/run_reranker_demo.py"):
-            run(args.retriever, args.out, args.train_iters, args.queries, args.nproc, args.pretrain_steps)
-    except FileExistsError as e:
-        p.error(str(e))
-
+    retriever, out = os.path.abspath(args.retriever), os.path.abspath(args.out)
+    guarded("demo/run_reranker_demo.py", out, lambda: run(retriever, out, args.train_iters, args.queries,
+                                                          args.nproc, args.pretrain_steps))
 
 if __name__ == "__main__":
     main()

@@ -395,13 +395,13 @@ def die_with_parent() -> bool:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if not sys.platform.startswith("linux"):
         return True
-    if not _set_parent_death_signal(signal.SIGKILL, int(parent)):
+    if not set_parent_death_signal(signal.SIGKILL, int(parent)):
         os.kill(os.getpid(), signal.SIGKILL)  # the parent died before the prctl took effect
     _reap_group_on_exit()
     return True
 
 
-def _set_parent_death_signal(sig: int, parent: int) -> bool:
+def set_parent_death_signal(sig: int, parent: int) -> bool:
     """``prctl(PR_SET_PDEATHSIG, sig)``; False when ``parent`` is no longer our parent."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
@@ -423,7 +423,7 @@ def _reap_group_on_exit() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_IGN)  # torchelastic signals the whole group: outlive it
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-        if _set_parent_death_signal(signal.SIGUSR1, leader):
+        if set_parent_death_signal(signal.SIGUSR1, leader):
             signal.sigwait({signal.SIGUSR1})
         os.killpg(leader, signal.SIGKILL)
     finally:
@@ -448,7 +448,7 @@ def reap_descendants_on_exit(poll_s: float = 0.5) -> None:
             signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
         me, known = os.getpid(), {}
-        alive = _set_parent_death_signal(signal.SIGUSR1, leader)
+        alive = set_parent_death_signal(signal.SIGUSR1, leader)
         while alive:
             try:
                 for child in psutil.Process(leader).children(recursive=True):

@@ -2,7 +2,11 @@
 (demo/pretrain_reranker_lm.py) and other rows' positives as negatives (run_reranker_demo.py)."""
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -80,11 +84,10 @@ def test_lm_texts_and_other_positives_of_the_demo_slice(tmp_path):
 @pytest.mark.timeout(180)
 def test_demo_scripts_refuse_bad_arguments_in_one_line(tmp_path):
     """Each mistake is one ``error:`` line and exit code 2, before any training."""
-    import subprocess
-
     from megaemb.tiny import make_tiny_checkpoint
 
     model = make_tiny_checkpoint(str(tmp_path / "m"), causal_lm=True, with_tokenizer=False)
+    embedder = make_tiny_checkpoint(str(tmp_path / "e"), with_tokenizer=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "a", "response": "b"}\n{"query": 3}\n')
     full = tmp_path / "full"
@@ -101,11 +104,22 @@ def test_demo_scripts_refuse_bad_arguments_in_one_line(tmp_path):
     ]
     mine = tmp_path / "mine"  # a user's folder: never emptied
     mine.mkdir()
-    (mine / "notes.txt").write_text("mine")
     (mine / "run").mkdir()
-    cases += [(["demo/run_reranker_demo.py", "--retriever", model, "--out", str(mine)],
-               f"--out {mine} holds files the demo did not write (notes.txt)"),
-              (["demo/run_reranker_demo.py", "--retriever", model, "--out", str(bad)], "not a directory")]
+    (mine / "run" / "notes.txt").write_text("mine")
+    inside = tmp_path / "inside"  # the retriever inside --out
+    shutil.copytree(model, inside / "run" / "retriever")
+    (inside / ".megaemb-reranker-demo").write_text("")
+    demo = ["demo/run_reranker_demo.py", "--retriever", model]
+    cases += [(demo + ["--out", str(mine)], f"--out {mine} is not empty and not an earlier run of this demo"),
+              (demo + ["--out", str(bad)], "not a directory"),
+              (demo + ["--out", ""], "--out: give a folder"),
+              (["demo/run_reranker_demo.py", "--retriever", str(inside / "run" / "retriever"), "--out",
+                str(inside)], "lies inside --out"),
+              (demo + ["--nproc", "3"], "invalid choice: 3"),
+              (demo + ["--queries", "1000"], "--queries 1000: the dev slice has 300"),
+              (["demo/pretrain_reranker_lm.py", model, str(tmp_path / "o"), "--lr", "-1"], "--lr must be a positive"),
+              (["demo/pretrain_reranker_lm.py", model, str(tmp_path / "o"), "--lr", "inf"], "--lr must be a positive"),
+              (["demo/pretrain_reranker_lm.py", embedder, str(tmp_path / "o")], "Qwen3Model, not a *ForCausalLM")]
     from megaemb.outputs import lock_path, owned
 
     busy = tmp_path / "busy"  # a demo writing there now: the lock of this (live) process
@@ -117,5 +131,46 @@ def test_demo_scripts_refuse_bad_arguments_in_one_line(tmp_path):
             proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
             last = proc.stderr.strip().splitlines()[-1]
             assert proc.returncode == 2 and "error:" in last and message in last, (argv, proc.stderr[-2000:])
+    # a failed megaemb step: its own error line, then one line of the demo's, no traceback
+    proc = subprocess.run([sys.executable, demo[0], "--retriever", model, "--out", str(tmp_path / "r")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[-2].startswith("megaemb eval: error: --retriever") and lines[-1] == (
+        "run_reranker_demo.py: error: `megaemb eval` failed (exit 2); its error is above"), lines[-2:]
     assert (full / "x").read_text() == "mine" and not (tmp_path / "o").exists() and not busy.exists()
-    assert (mine / "notes.txt").read_text() == "mine" and (mine / "run").is_dir()
+    assert (mine / "run" / "notes.txt").read_text() == "mine"
+    assert (inside / "run" / "retriever" / "config.json").is_file() and not (tmp_path / "demo_out").exists()
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_demo_leaves_no_megaemb_process_and_can_be_rerun(tmp_path):
+    """SIGTERM to the demo alone (not its process group) during sft: the megaemb job dies
+    with it (parent-death signal), so a rerun into the same --out never meets a live writer."""
+    import psutil
+
+    from megaemb.tiny import make_tiny_checkpoint
+
+    embedder = make_tiny_checkpoint(str(tmp_path / "e"))
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "demo/run_reranker_demo.py", "--retriever", embedder, "--out", str(out),
+           "--pretrain_steps", "2", "--train_iters", "100000", "--queries", "4", "--nproc", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    for line in proc.stdout:
+        if line.startswith("$ NPROC_PER_NODE=1 megaemb sft"):
+            break
+    time.sleep(15)  # the sft job is training
+    jobs = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+    assert any("sft" in p.cmdline() for p in jobs), [p.cmdline() for p in jobs]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(jobs, timeout=60)
+    for p in alive:  # orphans: clean up, then fail
+        p.kill()
+    assert not alive, [p.cmdline() for p in alive]
+    rerun = subprocess.run(cmd[:-8] + ["--pretrain_steps", "1", "--train_iters", "1", "--queries", "4",
+                                       "--nproc", "1"], cwd=ROOT, capture_output=True, text=True, timeout=150,
+                           env={**os.environ, "PYTHONPATH": ROOT})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "taking over the lock" in rerun.stderr and (out / "eval-trained.json").is_file()
