@@ -15,6 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "demo"))
 TRAIN = os.path.join(ROOT, "demo", "data", "train.jsonl")
+# what the demos' megaemb steps see: no rendezvous left in os.environ by an in-process test
+ENV = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
 
 
 @pytest.mark.timeout(120)
@@ -128,12 +130,13 @@ def test_demo_scripts_refuse_bad_arguments_in_one_line(tmp_path):
     with owned(str(busy), False, str(busy), "test"):
         assert os.path.isfile(lock_path(str(busy), False))
         for argv, message in cases:
-            proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                  env=ENV)
             last = proc.stderr.strip().splitlines()[-1]
             assert proc.returncode == 2 and "error:" in last and message in last, (argv, proc.stderr[-2000:])
     # a failed megaemb step: its own error line, then one line of the demo's, no traceback
-    proc = subprocess.run([sys.executable, demo[0], "--retriever", model, "--out", str(tmp_path / "r")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, demo[0], "--retriever", model, "--out", str(tmp_path / "r"),
+                           "--nproc", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert lines[-2].startswith("megaemb eval: error: --retriever") and lines[-1] == (
@@ -156,7 +159,7 @@ def test_a_killed_demo_leaves_no_megaemb_process_and_can_be_rerun(tmp_path):
     cmd = [sys.executable, "demo/run_reranker_demo.py", "--retriever", embedder, "--out", str(out),
            "--pretrain_steps", "2", "--train_iters", "100000", "--queries", "4", "--nproc", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONPATH": ROOT})
+                            env={**ENV, "PYTHONPATH": ROOT})
     for line in proc.stdout:
         if line.startswith("$ NPROC_PER_NODE=1 megaemb sft"):
             break
@@ -171,6 +174,6 @@ def test_a_killed_demo_leaves_no_megaemb_process_and_can_be_rerun(tmp_path):
     assert not alive, [p.cmdline() for p in alive]
     rerun = subprocess.run(cmd[:-8] + ["--pretrain_steps", "1", "--train_iters", "1", "--queries", "4",
                                        "--nproc", "1"], cwd=ROOT, capture_output=True, text=True, timeout=150,
-                           env={**os.environ, "PYTHONPATH": ROOT})
+                           env={**ENV, "PYTHONPATH": ROOT})
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "taking over the lock" in rerun.stderr and (out / "eval-trained.json").is_file()
