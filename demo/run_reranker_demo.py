@@ -109,7 +109,8 @@ def main(argv=None):
     p.add_argument("--queries", type=int, default=100, help="dev queries to evaluate")
     p.add_argument("--nproc", type=int, default=2, choices=(1, 2),
                    help="processes (the config's global batch of 8 is micro-batches of 4 per rank)")
-    p.add_argument("--out", default=os.path.join(OUT, "reranker"), help="folder to write: absent, empty, or an earlier run of this demo (emptied first)")
+    p.add_argument("--out", default=os.path.join(OUT, "reranker"),
+                   help="folder to write: absent, empty, or an earlier run of this demo (emptied first)")
     args = p.parse_args(argv)
     for flag in ("pretrain_steps", "train_iters", "queries"):
         if getattr(args, flag) < 1:
